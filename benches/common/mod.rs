@@ -1,0 +1,33 @@
+//! Data shared by the benches: ResNet-50-shaped gradient sets.
+
+use candle_core::{DType, Device, Tensor};
+
+/// The 161 parameter shapes of ResNet-50 (torchvision layout), from `data/resnet50_shapes.json`.
+pub fn resnet50_shapes() -> Vec<Vec<usize>> {
+    let text = include_str!("../../data/resnet50_shapes.json");
+    let json: serde_json::Value = serde_json::from_str(text).expect("valid shapes file");
+    json["shapes"]
+        .as_array()
+        .expect("a shapes array")
+        .iter()
+        .map(|s| {
+            s.as_array()
+                .expect("a shape")
+                .iter()
+                .map(|d| d.as_u64().expect("a dim") as usize)
+                .collect()
+        })
+        .collect()
+}
+
+/// One f32 gradient per ResNet-50 parameter, N(0, std^2), seeded.
+pub fn resnet50_grads(std: f64) -> Vec<Tensor> {
+    let mut rng = grad_core::Philox::new(2024);
+    resnet50_shapes()
+        .iter()
+        .map(|s| {
+            rng.normal(s.as_slice(), 0.0, std, DType::F32, &Device::Cpu)
+                .expect("a gradient")
+        })
+        .collect()
+}

@@ -1,0 +1,215 @@
+//! Reading and writing a CPU tensor's elements in logical (row-major) order, whatever its layout.
+//!
+//! candle hands a kernel the whole storage plus a [`Layout`] (shape, strides, start offset). A
+//! contiguous tensor is a sub-slice; a transposed, narrowed or broadcast one is not. [`HostView`]
+//! gives kernels the same thing in both cases: consecutive logical ranges as plain slices, borrowed
+//! when contiguous and gathered into a caller-owned scratch buffer otherwise. A kernel that works
+//! on ranges of a fixed size therefore produces bit-identical results for contiguous and
+//! non-contiguous inputs, and for any thread count.
+
+use candle_core::Layout;
+
+/// Elements per work item of the chunked parallel kernels.
+///
+/// 32 Ki elements (128 KiB of f32) keeps a chunk's scratch buffer in L2 and gives a 25M-element
+/// model about 800 work items, plenty for rayon to balance. Results depend on this constant
+/// (it fixes the reduction order), never on the number of threads.
+pub const CHUNK: usize = 32 * 1024;
+
+/// A CPU tensor's elements seen through its layout.
+#[derive(Debug, Clone, Copy)]
+pub struct HostView<'a, T> {
+    data: &'a [T],
+    layout: &'a Layout,
+}
+
+impl<'a, T: Copy> HostView<'a, T> {
+    /// Views `data` (a whole CPU storage) through `layout`.
+    pub fn new(data: &'a [T], layout: &'a Layout) -> Self {
+        Self { data, layout }
+    }
+
+    /// The number of logical elements.
+    pub fn len(&self) -> usize {
+        self.layout.shape().elem_count()
+    }
+
+    /// Whether the view holds no element.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The layout the view reads through.
+    pub fn layout(&self) -> &'a Layout {
+        self.layout
+    }
+
+    /// The elements as one slice when the layout is contiguous.
+    pub fn as_contiguous(&self) -> Option<&'a [T]> {
+        self.layout
+            .contiguous_offsets()
+            .map(|(start, end)| &self.data[start..end])
+    }
+
+    /// The logical elements `start..end` as a slice: borrowed from the storage when the layout is
+    /// contiguous, else gathered into `scratch` (cleared first).
+    ///
+    /// # Panics
+    /// When `start > end` or `end > self.len()`: callers compute ranges from `len()`.
+    pub fn range<'s>(&self, start: usize, end: usize, scratch: &'s mut Vec<T>) -> &'s [T]
+    where
+        'a: 's,
+    {
+        assert!(start <= end && end <= self.len(), "range out of bounds");
+        if let Some(all) = self.as_contiguous() {
+            return &all[start..end];
+        }
+        scratch.clear();
+        scratch.extend(
+            Offsets::new(self.layout, start)
+                .take(end - start)
+                .map(|o| self.data[o]),
+        );
+        scratch
+    }
+
+    /// Copies the elements into a new vector in logical order.
+    pub fn to_vec(&self) -> Vec<T> {
+        match self.as_contiguous() {
+            Some(all) => all.to_vec(),
+            None => Offsets::new(self.layout, 0)
+                .take(self.len())
+                .map(|o| self.data[o])
+                .collect(),
+        }
+    }
+}
+
+/// The storage offsets of a layout's elements in logical order, starting at a logical index.
+#[derive(Debug, Clone)]
+pub struct Offsets<'a> {
+    dims: &'a [usize],
+    stride: &'a [usize],
+    index: Vec<usize>,
+    offset: usize,
+    remaining: usize,
+}
+
+impl<'a> Offsets<'a> {
+    /// The offsets of `layout`'s elements from logical index `start` on.
+    pub fn new(layout: &'a Layout, start: usize) -> Self {
+        let dims = layout.dims();
+        let stride = layout.stride();
+        let total = layout.shape().elem_count();
+        let mut index = vec![0; dims.len()];
+        let mut offset = layout.start_offset();
+        let mut rest = start.min(total);
+        for d in (0..dims.len()).rev() {
+            if dims[d] == 0 {
+                break;
+            }
+            index[d] = rest % dims[d];
+            rest /= dims[d];
+            offset += index[d] * stride[d];
+        }
+        Self {
+            dims,
+            stride,
+            index,
+            offset,
+            remaining: total - start.min(total),
+        }
+    }
+}
+
+impl Iterator for Offsets<'_> {
+    type Item = usize;
+
+    fn next(&mut self) -> Option<usize> {
+        if self.remaining == 0 {
+            return None;
+        }
+        let current = self.offset;
+        self.remaining -= 1;
+        if self.remaining > 0 {
+            // Odometer step: bump the innermost index, carrying into outer dims.
+            for d in (0..self.dims.len()).rev() {
+                self.index[d] += 1;
+                self.offset += self.stride[d];
+                if self.index[d] < self.dims[d] {
+                    break;
+                }
+                self.offset -= self.index[d] * self.stride[d];
+                self.index[d] = 0;
+            }
+        }
+        Some(current)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.remaining, Some(self.remaining))
+    }
+}
+
+impl ExactSizeIterator for Offsets<'_> {}
+
+/// The ranges `[k * CHUNK, min((k + 1) * CHUNK, len))` that cover `0..len`.
+pub fn chunk_ranges(len: usize) -> impl Iterator<Item = (usize, usize)> + Clone {
+    (0..len.div_ceil(CHUNK)).map(move |k| (k * CHUNK, ((k + 1) * CHUNK).min(len)))
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    use super::*;
+
+    fn storage_vec(t: &Tensor) -> Vec<f32> {
+        let (storage, _) = t.storage_and_layout();
+        match &*storage {
+            candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => v.clone(),
+            _ => unreachable!("test tensors are f32 on the CPU"),
+        }
+    }
+
+    #[test]
+    fn strided_view_reads_logical_order() -> candle_core::Result<()> {
+        let base = Tensor::arange(0f32, 60., &Device::Cpu)?.reshape((3, 4, 5))?;
+        for t in [
+            base.transpose(0, 2)?,
+            base.narrow(1, 1, 2)?,
+            base.narrow(2, 3, 2)?.transpose(1, 2)?,
+            base.i_broadcast()?,
+        ] {
+            let data = storage_vec(&t);
+            let view = HostView::new(&data, t.layout());
+            assert_eq!(view.to_vec(), t.flatten_all()?.to_vec1::<f32>()?);
+            let mut scratch = Vec::new();
+            let expected = t.flatten_all()?.to_vec1::<f32>()?;
+            let n = view.len();
+            for (a, b) in [(0, n), (1, n - 1), (n / 2, n)] {
+                assert_eq!(view.range(a, b, &mut scratch), &expected[a..b]);
+            }
+        }
+        Ok(())
+    }
+
+    trait BroadcastExt {
+        fn i_broadcast(&self) -> candle_core::Result<Tensor>;
+    }
+    impl BroadcastExt for Tensor {
+        fn i_broadcast(&self) -> candle_core::Result<Tensor> {
+            self.narrow(0, 1, 1)?.broadcast_as((2, 4, 5))
+        }
+    }
+
+    #[test]
+    fn chunk_ranges_cover_exactly() {
+        let ranges: Vec<_> = chunk_ranges(2 * CHUNK + 3).collect();
+        assert_eq!(
+            ranges,
+            vec![(0, CHUNK), (CHUNK, 2 * CHUNK), (2 * CHUNK, 2 * CHUNK + 3)]
+        );
+        assert_eq!(chunk_ranges(0).count(), 0);
+    }
+}

@@ -1,0 +1,120 @@
+//! Hyper-parameter checks, one function per rule, shared by every gradkit config.
+//!
+//! Each returns [`Error::InvalidHyperParameter`] naming the argument, the value and the allowed
+//! range, so configs validate every field in one fallible step with `?`.
+//!
+//! ```
+//! use grad_core::validate;
+//! assert!(validate::positive("eps", 1e-5).is_ok());
+//! assert!(validate::positive("eps", 0.0).is_err());
+//! assert!(validate::unit_interval("p", f64::NAN).is_err());
+//! ```
+
+use crate::{Error, Result};
+
+fn invalid(name: &'static str, value: f64, allowed: &'static str) -> Error {
+    Error::InvalidHyperParameter {
+        name,
+        value,
+        allowed,
+    }
+}
+
+/// Checks `0 < value < inf`.
+///
+/// # Errors
+/// [`Error::InvalidHyperParameter`] when the value is zero, negative, infinite or NaN.
+pub fn positive(name: &'static str, value: f64) -> Result<()> {
+    if value.is_finite() && value > 0.0 {
+        Ok(())
+    } else {
+        Err(invalid(name, value, "a finite number > 0"))
+    }
+}
+
+/// Checks `0 <= value < inf`.
+///
+/// # Errors
+/// [`Error::InvalidHyperParameter`] when the value is negative, infinite or NaN.
+pub fn non_negative(name: &'static str, value: f64) -> Result<()> {
+    if value.is_finite() && value >= 0.0 {
+        Ok(())
+    } else {
+        Err(invalid(name, value, "a finite number >= 0"))
+    }
+}
+
+/// Checks `0 <= value <= 1` (a probability, a momentum, a smoothing factor).
+///
+/// # Errors
+/// [`Error::InvalidHyperParameter`] when the value is outside `[0, 1]` or NaN.
+pub fn unit_interval(name: &'static str, value: f64) -> Result<()> {
+    if (0.0..=1.0).contains(&value) {
+        Ok(())
+    } else {
+        Err(invalid(name, value, "[0, 1]"))
+    }
+}
+
+/// Checks `0 < value < 1` (a back-off factor).
+///
+/// # Errors
+/// [`Error::InvalidHyperParameter`] when the value is outside the open interval or NaN.
+pub fn open_unit_interval(name: &'static str, value: f64) -> Result<()> {
+    if value > 0.0 && value < 1.0 {
+        Ok(())
+    } else {
+        Err(invalid(name, value, "(0, 1)"))
+    }
+}
+
+/// Checks `1 < value < inf` (a growth factor).
+///
+/// # Errors
+/// [`Error::InvalidHyperParameter`] when the value is at most 1, infinite or NaN.
+pub fn greater_than_one(name: &'static str, value: f64) -> Result<()> {
+    if value.is_finite() && value > 1.0 {
+        Ok(())
+    } else {
+        Err(invalid(name, value, "a finite number > 1"))
+    }
+}
+
+/// Checks that a count is at least one.
+///
+/// # Errors
+/// [`Error::InvalidHyperParameter`] when the count is zero.
+pub fn at_least_one(name: &'static str, value: usize) -> Result<()> {
+    if value >= 1 {
+        Ok(())
+    } else {
+        Err(invalid(name, value as f64, "an integer >= 1"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_accept_and_reject_the_boundaries() {
+        assert!(positive("x", f64::MIN_POSITIVE).is_ok());
+        assert!(positive("x", f64::INFINITY).is_err());
+        assert!(non_negative("x", 0.0).is_ok());
+        assert!(non_negative("x", -0.1).is_err());
+        assert!(unit_interval("x", 0.0).is_ok() && unit_interval("x", 1.0).is_ok());
+        assert!(unit_interval("x", 1.0 + 1e-12).is_err());
+        assert!(open_unit_interval("x", 1.0).is_err() && open_unit_interval("x", 0.0).is_err());
+        assert!(greater_than_one("x", 1.0).is_err() && greater_than_one("x", 2.0).is_ok());
+        assert!(at_least_one("x", 0).is_err() && at_least_one("x", 1).is_ok());
+    }
+
+    #[test]
+    fn message_names_argument_value_and_range() {
+        let err = unit_interval("momentum", 1.5).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "invalid hyper-parameter momentum = 1.5: expected [0, 1]"
+        );
+    }
+}

@@ -1,0 +1,206 @@
+//! Fused multi-tensor norms against a naive f64 reference, across dtypes, layouts and threads.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "a test fails by panicking"
+)]
+
+use candle_core::{DType, Device, Tensor};
+use grad_core::strategies::{LayoutKind, TensorSpec, Values, tensor};
+use grad_core::{Error, NormType, global_norm, multi_norm};
+use proptest::prelude::*;
+
+/// The reference: every element to f64, then the textbook formula.
+fn naive(tensors: &[Tensor], p: f64) -> (f64, Vec<f64>) {
+    let per: Vec<Vec<f64>> = tensors
+        .iter()
+        .map(|t| grad_testkit::values(t).unwrap())
+        .collect();
+    let norm = |v: &[f64]| -> f64 {
+        if p.is_infinite() {
+            v.iter().fold(0.0, |m, x| {
+                if x.is_nan() || m.is_nan() {
+                    f64::NAN
+                } else {
+                    m.max(x.abs())
+                }
+            })
+        } else {
+            v.iter().map(|x| x.abs().powf(p)).sum::<f64>().powf(1.0 / p)
+        }
+    };
+    let per_norms: Vec<f64> = per.iter().map(|v| norm(v)).collect();
+    let all: Vec<f64> = per.concat();
+    (norm(&all), per_norms)
+}
+
+fn close(a: f64, b: f64, rtol: f64) -> bool {
+    (a.is_nan() && b.is_nan()) || a == b || (a - b).abs() <= rtol * b.abs()
+}
+
+fn norm_types() -> impl Strategy<Value = NormType> {
+    prop_oneof![
+        Just(NormType::L1),
+        Just(NormType::L2),
+        Just(NormType::Inf),
+        (0.3f64..6.0).prop_map(NormType::P),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn equals_naive_reference_in_f64(
+        tensors in prop::collection::vec(
+            tensor(TensorSpec { dtypes: vec![DType::F64], max_dim: 9, ..TensorSpec::default() }),
+            1..6,
+        ),
+        norm_type in norm_types(),
+    ) {
+        let got = multi_norm(&tensors, norm_type).unwrap();
+        let (total, per) = naive(&tensors, norm_type.p());
+        prop_assert!(close(got.total, total, 1e-12), "{} vs {}", got.total, total);
+        for (g, w) in got.per_tensor.iter().zip(&per) {
+            prop_assert!(close(g.norm, *w, 1e-12), "{} vs {}", g.norm, w);
+            prop_assert_eq!(g.nan_count + g.inf_count, 0);
+        }
+    }
+
+    #[test]
+    fn half_and_single_precision_accumulate_exactly_in_f64(
+        tensors in prop::collection::vec(tensor(TensorSpec::default()), 1..6),
+        norm_type in norm_types(),
+    ) {
+        // The reference reads the same rounded values, so only summation order differs.
+        let got = global_norm(&tensors, norm_type).unwrap();
+        let (total, _) = naive(&tensors, norm_type.p());
+        prop_assert!(close(got, total, 1e-12), "{got} vs {total}");
+    }
+
+    #[test]
+    fn non_finite_values_are_counted_and_poison_the_norm(
+        tensors in prop::collection::vec(
+            tensor(TensorSpec { values: Values::WithSpecials { lo: -5.0, hi: 5.0 }, ..TensorSpec::default() }),
+            1..5,
+        ),
+        norm_type in norm_types(),
+    ) {
+        let got = multi_norm(&tensors, norm_type).unwrap();
+        let mut nan = 0;
+        let mut inf = 0;
+        for (t, n) in tensors.iter().zip(&got.per_tensor) {
+            let v = grad_testkit::values(t).unwrap();
+            let (tn, ti) = (v.iter().filter(|x| x.is_nan()).count() as u64, v.iter().filter(|x| x.is_infinite()).count() as u64);
+            prop_assert_eq!((n.nan_count, n.inf_count), (tn, ti));
+            nan += tn;
+            inf += ti;
+        }
+        prop_assert_eq!(got.non_finite_count(), nan + inf);
+        if nan > 0 {
+            prop_assert!(got.total.is_nan());
+        } else if inf > 0 {
+            prop_assert_eq!(got.total, f64::INFINITY);
+        } else {
+            prop_assert!(got.total.is_finite());
+        }
+    }
+
+    #[test]
+    fn non_contiguous_gives_bit_identical_results(
+        t in tensor(TensorSpec {
+            max_dim: 40,
+            max_rank: 3,
+            layouts: vec![LayoutKind::Transposed, LayoutKind::Narrowed],
+            ..TensorSpec::default()
+        }),
+        norm_type in norm_types(),
+    ) {
+        let strided = multi_norm(std::slice::from_ref(&t), norm_type).unwrap();
+        let contiguous = multi_norm(&[t.contiguous().unwrap()], norm_type).unwrap();
+        prop_assert_eq!(strided.total.to_bits(), contiguous.total.to_bits());
+    }
+}
+
+#[test]
+fn result_does_not_depend_on_thread_count() {
+    let dev = Device::Cpu;
+    let tensors = vec![
+        Tensor::randn(0f32, 1.0, (300, 700), &dev).unwrap(),
+        Tensor::randn(0f32, 1e-3, (64,), &dev).unwrap(),
+        Tensor::randn(0f64, 10.0, (2048, 33), &dev)
+            .unwrap()
+            .t()
+            .unwrap(),
+        Tensor::randn(0f32, 1.0, (1000, 100), &dev)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap(),
+    ];
+    for norm_type in [NormType::L1, NormType::L2, NormType::Inf, NormType::P(3.5)] {
+        let totals: Vec<u64> = [1, 2, 3, 8]
+            .into_iter()
+            .map(|threads| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap()
+                    .install(|| global_norm(&tensors, norm_type).unwrap().to_bits())
+            })
+            .collect();
+        assert!(
+            totals.windows(2).all(|w| w[0] == w[1]),
+            "{norm_type:?}: {totals:?}"
+        );
+    }
+}
+
+#[test]
+fn large_f64_sum_matches_reference_to_1e12() {
+    let t = Tensor::randn(0f64, 1.0, (3_000_000,), &Device::Cpu).unwrap();
+    let got = global_norm(std::slice::from_ref(&t), NormType::L2).unwrap();
+    let v = t.to_vec1::<f64>().unwrap();
+    // Kahan-compensated reference.
+    let (mut sum, mut c) = (0.0f64, 0.0f64);
+    for x in v {
+        let y = x * x - c;
+        let s = sum + y;
+        c = (s - sum) - y;
+        sum = s;
+    }
+    assert!(close(got, sum.sqrt(), 1e-12), "{got} vs {}", sum.sqrt());
+}
+
+#[test]
+fn empty_tensors_count_as_zero() {
+    let dev = Device::Cpu;
+    let empty = Tensor::zeros((0, 3), DType::F32, &dev).unwrap();
+    let g = Tensor::new(&[3f32, 4.0], &dev).unwrap();
+    assert_eq!(global_norm(&[empty.clone(), g], NormType::L2).unwrap(), 5.0);
+    assert_eq!(global_norm(&[empty], NormType::Inf).unwrap(), 0.0);
+}
+
+#[test]
+fn bad_input_is_an_error_not_a_panic() {
+    let dev = Device::Cpu;
+    let g = Tensor::new(&[1f32], &dev).unwrap();
+    assert!(matches!(
+        global_norm(&[], NormType::L2),
+        Err(Error::EmptyInput { .. })
+    ));
+    for p in [0.0, -1.0, f64::NAN, f64::NEG_INFINITY] {
+        assert!(matches!(
+            global_norm(std::slice::from_ref(&g), NormType::P(p)),
+            Err(Error::InvalidHyperParameter {
+                name: "norm_type",
+                ..
+            })
+        ));
+        assert!(NormType::from_p(p).is_err());
+    }
+    let ints = Tensor::new(&[1u32, 2], &dev).unwrap();
+    assert!(matches!(
+        global_norm(&[g, ints], NormType::L2),
+        Err(Error::UnsupportedDType { .. })
+    ));
+}

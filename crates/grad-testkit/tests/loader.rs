@@ -1,0 +1,150 @@
+//! The loader reads every committed conformance file and maps its values correctly.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "a test fails by panicking"
+)]
+
+use std::collections::BTreeSet;
+
+use candle_core::DType;
+use grad_testkit::{Expected, Precision, RawData, compare_tensor, conformance_dir, load};
+
+const OPS: [&str; 10] = [
+    "activations",
+    "agc",
+    "batch_norm",
+    "clip_grad",
+    "cross_entropy",
+    "grad_scaler",
+    "group_norm",
+    "init",
+    "layer_norm",
+    "rms_norm",
+];
+
+#[test]
+fn every_file_parses_with_shapes_matching_data() {
+    for op in OPS {
+        let file = load(op).unwrap_or_else(|e| panic!("{op}: {e}"));
+        assert_eq!(file.op, op);
+        assert!(file.reference.contains("PyTorch"), "{op}: reference");
+        assert!(!file.semantics.is_empty(), "{op}: semantics");
+        assert!(!file.cases.is_empty(), "{op}: no cases");
+        let names: BTreeSet<_> = file.cases.iter().map(|c| &c.name).collect();
+        assert_eq!(names.len(), file.cases.len(), "{op}: duplicate case names");
+        for case in &file.cases {
+            let mut tensors: Vec<_> = case.inputs.values().collect();
+            let expected = case.expected_tensors();
+            tensors.extend(expected.values());
+            for t in tensors {
+                assert_eq!(
+                    t.shape.iter().product::<usize>(),
+                    t.len(),
+                    "{op}/{}",
+                    case.name
+                );
+                let built = t.to_tensor(DType::F64).unwrap();
+                assert_eq!(built.dims(), t.shape.as_slice());
+            }
+            if let Expected::Error(msg) = &case.expected {
+                assert!(!msg.is_empty());
+            }
+        }
+    }
+}
+
+#[test]
+fn non_finite_strings_map_to_non_finite_values() {
+    // Every "nan", "inf" and "-inf" string in a file becomes exactly one non-finite value.
+    for op in OPS {
+        let text = std::fs::read_to_string(conformance_dir().join(format!("{op}.json"))).unwrap();
+        let strings = |s: &str| text.matches(&format!("\"{s}\"")).count();
+        let file = load(op).unwrap();
+        let mut counts = [0usize; 3];
+        for case in &file.cases {
+            let mut values: Vec<f64> = Vec::new();
+            for t in case.inputs.values().chain(case.expected_tensors().values()) {
+                values.extend(t.values_f64());
+            }
+            for name in case.attrs.keys() {
+                if let Ok(Some(v)) = case.attr_f64(name) {
+                    values.push(v);
+                }
+            }
+            counts[0] += values.iter().filter(|x| x.is_nan()).count();
+            counts[1] += values.iter().filter(|&&x| x == f64::INFINITY).count();
+            counts[2] += values.iter().filter(|&&x| x == f64::NEG_INFINITY).count();
+        }
+        assert_eq!(
+            counts,
+            [strings("nan"), strings("inf"), strings("-inf")],
+            "{op}"
+        );
+    }
+}
+
+#[test]
+fn integer_tensors_stay_integer_and_f64_only_notes_are_read() {
+    let bn = load("batch_norm").unwrap();
+    let nbt = bn.cases[0].input("num_batches_tracked").unwrap();
+    assert!(matches!(nbt.data, RawData::I64(_)));
+    assert_eq!(nbt.to_tensor(DType::F32).unwrap().dtype(), DType::I64);
+
+    let rms = load("rms_norm").unwrap();
+    assert_eq!(rms.f64_only(), ["x3x8_nd1_weight_eps_none_tiny_inputs"]);
+    for op in OPS.iter().filter(|&&o| o != "rms_norm") {
+        assert!(load(op).unwrap().f64_only().is_empty(), "{op}");
+    }
+}
+
+#[test]
+fn attributes_read_with_null_and_non_finite() {
+    let bn = load("batch_norm").unwrap();
+    let m_none = bn
+        .cases
+        .iter()
+        .find(|c| c.name == "rank2_eval_affine_mnone")
+        .unwrap();
+    assert_eq!(m_none.attr_f64("momentum").unwrap(), None);
+    assert!(!m_none.attr_bool("training").unwrap());
+    assert_eq!(m_none.attr_f64("eps").unwrap(), Some(1e-5));
+    assert!(m_none.attr_f64("no_such_attr").is_err());
+}
+
+#[test]
+fn compare_applies_the_readme_tolerances() {
+    let file = load("layer_norm").unwrap();
+    let case = &file.cases[0];
+    let want = &case.expected_tensors()["y"];
+    let exact = want.to_tensor(DType::F64).unwrap();
+    assert!(compare_tensor(&exact, want, Precision::F64).is_ok());
+    let nudged = (&exact * (1.0 + 1e-6)).unwrap();
+    assert!(compare_tensor(&nudged, want, Precision::F64).is_err());
+    assert!(compare_tensor(&nudged, want, Precision::F32).is_ok());
+    let reshaped = exact.flatten_all().unwrap();
+    assert!(compare_tensor(&reshaped, want, Precision::F64).is_err());
+}
+
+#[test]
+fn conformance_dir_follows_the_environment_variable() {
+    // Run in a child process so the variable does not leak into other tests.
+    if std::env::var_os("GRADKIT_LOADER_CHILD").is_some() {
+        assert!(load("layer_norm").is_err());
+        return;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let status = std::process::Command::new(exe)
+        .args([
+            "conformance_dir_follows_the_environment_variable",
+            "--exact",
+            "--nocapture",
+        ])
+        .env("GRADKIT_LOADER_CHILD", "1")
+        .env("GRADKIT_CONFORMANCE_DIR", "/nonexistent/gradkit")
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
