@@ -27,6 +27,8 @@ mod sealed {
 /// `WithDType::to_f64`: that one is not `#[inline]`, so across crates it is a function call per
 /// element and stops the compiler from vectorising a kernel.
 pub trait Float: WithDType + sealed::Sealed {
+    /// The type element-wise arithmetic runs in: `f32` for f16, bf16 and f32; `f64` for f64.
+    type Acc: Real;
     /// Converts to `f32`, exactly for `f16`/`bf16`, rounding for `f64`.
     fn to_f32(self) -> f32;
     /// Converts from `f32`, rounding to nearest for `f16`/`bf16`.
@@ -35,13 +37,18 @@ pub trait Float: WithDType + sealed::Sealed {
     fn as_f64(self) -> f64;
     /// Converts from `f64`, rounding to nearest.
     fn cast_f64(v: f64) -> Self;
+    /// Converts to the arithmetic type, exactly.
+    fn to_acc(self) -> Self::Acc;
+    /// Converts from the arithmetic type, rounding to nearest.
+    fn from_acc(v: Self::Acc) -> Self;
     /// The mutable element slice of a CPU storage of this dtype, `None` for another dtype.
     fn storage_slice_mut(storage: &mut CpuStorage) -> Option<&mut [Self]>;
 }
 
 macro_rules! impl_float {
-    ($ty:ty, $variant:ident, $to_f32:expr, $from_f32:expr, $as_f64:expr, $cast_f64:expr) => {
+    ($ty:ty, $variant:ident, $acc:ty, $to_f32:expr, $from_f32:expr, $as_f64:expr, $cast_f64:expr) => {
         impl Float for $ty {
+            type Acc = $acc;
             #[inline(always)]
             fn to_f32(self) -> f32 {
                 $to_f32(self)
@@ -58,6 +65,14 @@ macro_rules! impl_float {
             fn cast_f64(v: f64) -> Self {
                 $cast_f64(v)
             }
+            #[inline(always)]
+            fn to_acc(self) -> $acc {
+                <$acc>::of_real(self)
+            }
+            #[inline(always)]
+            fn from_acc(v: $acc) -> Self {
+                <$acc>::into_real(v)
+            }
             fn storage_slice_mut(storage: &mut CpuStorage) -> Option<&mut [Self]> {
                 match storage {
                     CpuStorage::$variant(data) => Some(data.as_mut_slice()),
@@ -68,9 +83,49 @@ macro_rules! impl_float {
     };
 }
 
+/// Conversions between an element type and its arithmetic type.
+trait AccConvert<T> {
+    fn of_real(v: T) -> Self;
+    fn into_real(self) -> T;
+}
+
+impl AccConvert<f16> for f32 {
+    #[inline(always)]
+    fn of_real(v: f16) -> Self {
+        v.to_f32()
+    }
+    #[inline(always)]
+    fn into_real(self) -> f16 {
+        f16::from_f32(self)
+    }
+}
+
+impl AccConvert<bf16> for f32 {
+    #[inline(always)]
+    fn of_real(v: bf16) -> Self {
+        v.to_f32()
+    }
+    #[inline(always)]
+    fn into_real(self) -> bf16 {
+        bf16::from_f32(self)
+    }
+}
+
+impl<T> AccConvert<T> for T {
+    #[inline(always)]
+    fn of_real(v: T) -> Self {
+        v
+    }
+    #[inline(always)]
+    fn into_real(self) -> T {
+        self
+    }
+}
+
 impl_float!(
     f16,
     F16,
+    f32,
     f16::to_f32,
     f16::from_f32,
     f16::to_f64,
@@ -79,13 +134,14 @@ impl_float!(
 impl_float!(
     bf16,
     BF16,
+    f32,
     bf16::to_f32,
     bf16::from_f32,
     bf16::to_f64,
     bf16::from_f64
 );
-impl_float!(f32, F32, |v| v, |v| v, f64::from, f64_to_f32);
-impl_float!(f64, F64, f64_to_f32, f64::from, |v| v, |v| v);
+impl_float!(f32, F32, f32, |v| v, |v| v, f64::from, f64_to_f32);
+impl_float!(f64, F64, f64, f64_to_f32, f64::from, |v| v, |v| v);
 
 #[allow(
     clippy::cast_possible_truncation,
@@ -94,6 +150,148 @@ impl_float!(f64, F64, f64_to_f32, f64::from, |v| v, |v| v);
 #[inline(always)]
 fn f64_to_f32(v: f64) -> f32 {
     v as f32
+}
+
+/// The arithmetic types of CPU kernels, `f32` and `f64`, with the operations kernels need.
+///
+/// Every method is `#[inline(always)]` so generic kernels vectorise.
+pub trait Real:
+    Copy
+    + Send
+    + Sync
+    + Default
+    + PartialOrd
+    + std::fmt::Debug
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::Div<Output = Self>
+    + std::ops::Neg<Output = Self>
+    + std::ops::AddAssign
+    + std::ops::SubAssign
+    + std::ops::MulAssign
+    + 'static
+{
+    /// Zero.
+    const ZERO: Self;
+    /// One.
+    const ONE: Self;
+    /// Converts from `f64`, rounding to nearest.
+    fn of(v: f64) -> Self;
+    /// Converts to `f64`, exactly.
+    fn f64(self) -> f64;
+    /// Square root.
+    fn sqrt(self) -> Self;
+    /// Exponential.
+    fn exp(self) -> Self;
+    /// `exp(self) - 1`, accurate near zero.
+    fn exp_m1(self) -> Self;
+    /// Natural logarithm.
+    fn ln(self) -> Self;
+    /// Hyperbolic tangent.
+    fn tanh(self) -> Self;
+    /// Absolute value.
+    fn abs(self) -> Self;
+    /// The larger of two values (the other when one is NaN).
+    fn max(self, other: Self) -> Self;
+    /// The smaller of two values (the other when one is NaN).
+    fn min(self, other: Self) -> Self;
+    /// Whether the value is neither infinite nor NaN.
+    fn is_finite(self) -> bool;
+}
+
+macro_rules! impl_real {
+    ($ty:ty) => {
+        impl Real for $ty {
+            const ZERO: Self = 0.0;
+            const ONE: Self = 1.0;
+            #[inline(always)]
+            #[allow(
+                clippy::cast_possible_truncation,
+                reason = "rounding to the arithmetic type"
+            )]
+            fn of(v: f64) -> Self {
+                v as $ty
+            }
+            #[inline(always)]
+            fn f64(self) -> f64 {
+                f64::from(self)
+            }
+            #[inline(always)]
+            fn sqrt(self) -> Self {
+                <$ty>::sqrt(self)
+            }
+            #[inline(always)]
+            fn exp(self) -> Self {
+                <$ty>::exp(self)
+            }
+            #[inline(always)]
+            fn exp_m1(self) -> Self {
+                <$ty>::exp_m1(self)
+            }
+            #[inline(always)]
+            fn ln(self) -> Self {
+                <$ty>::ln(self)
+            }
+            #[inline(always)]
+            fn tanh(self) -> Self {
+                <$ty>::tanh(self)
+            }
+            #[inline(always)]
+            fn abs(self) -> Self {
+                <$ty>::abs(self)
+            }
+            #[inline(always)]
+            fn max(self, other: Self) -> Self {
+                <$ty>::max(self, other)
+            }
+            #[inline(always)]
+            fn min(self, other: Self) -> Self {
+                <$ty>::min(self, other)
+            }
+            #[inline(always)]
+            fn is_finite(self) -> bool {
+                <$ty>::is_finite(self)
+            }
+        }
+    };
+}
+
+impl_real!(f32);
+impl_real!(f64);
+
+/// Runs `f` compiled with AVX2 enabled when the CPU supports it, else as is.
+///
+/// The closure runs inside a `#[target_feature(enable = "avx2")]` function; mark it
+/// `#[inline(always)]` (and the kernel functions it calls) so that it is compiled there and its
+/// loops vectorise four f64 or eight f32 lanes wide. Rust never contracts `a * b + c` into a
+/// fused multiply-add, so both builds round identically: results do not depend on the CPU.
+///
+/// ```
+/// let sum: f64 = grad_core::float::with_avx2(
+///     #[inline(always)]
+///     || (0..100).map(f64::from).sum(),
+/// );
+/// assert_eq!(sum, 4950.0);
+/// ```
+#[inline(always)]
+pub fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        #[allow(
+            unsafe_code,
+            reason = "calling an AVX2 function after checking AVX2 support"
+        )]
+        // SAFETY: the CPU supports AVX2, checked just above.
+        return unsafe { avx2(f) };
+    }
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn avx2<R>(f: impl FnOnce() -> R) -> R {
+    f()
 }
 
 /// Whether candle's `dtype` is one of the float dtypes gradkit computes with.

@@ -19,7 +19,7 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::float::{Float, ensure_float};
+use crate::float::{Float, ensure_float, with_avx2};
 use crate::host::{HostView, chunk_ranges};
 use crate::{Error, Result};
 
@@ -297,6 +297,7 @@ impl Source<'_> {
         }
     }
 
+    #[inline(always)]
     fn partial(&self, start: usize, end: usize, s: &mut Scratch, norm_type: NormType) -> Partial {
         match self {
             Self::F16(v) => chunk_partial(v.range(start, end, &mut s.f16), norm_type),
@@ -343,7 +344,10 @@ fn fused_partials(tensors: &[Tensor], norm_type: NormType) -> Result<Vec<Partial
     let chunk_partials: Vec<Partial> = items
         .par_iter()
         .map_init(Scratch::default, |scratch, &(i, a, b)| {
-            sources[i].partial(a, b, scratch, norm_type)
+            with_avx2(
+                #[inline(always)]
+                || sources[i].partial(a, b, scratch, norm_type),
+            )
         })
         .collect();
 
@@ -358,31 +362,9 @@ fn fused_partials(tensors: &[Tensor], norm_type: NormType) -> Result<Vec<Partial
 /// independent sums let the compiler vectorise and hide the add latency.
 const LANES: usize = 16;
 
-/// The partial reduction of one contiguous chunk, using AVX2 when the CPU has it.
-///
-/// Rust never contracts `a * b + c` into a fused multiply-add, so both paths round identically:
-/// the AVX2 build only converts and multiplies four lanes per instruction instead of two.
-fn chunk_partial<T: Float>(xs: &[T], norm_type: NormType) -> Partial {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        #[allow(
-            unsafe_code,
-            reason = "calling an AVX2 function after checking AVX2 support"
-        )]
-        // SAFETY: the CPU supports AVX2, checked just above.
-        return unsafe { chunk_partial_avx2(xs, norm_type) };
-    }
-    chunk_partial_portable(xs, norm_type)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn chunk_partial_avx2<T: Float>(xs: &[T], norm_type: NormType) -> Partial {
-    chunk_partial_portable(xs, norm_type)
-}
-
+/// The partial reduction of one contiguous chunk.
 #[inline(always)]
-fn chunk_partial_portable<T: Float>(xs: &[T], norm_type: NormType) -> Partial {
+fn chunk_partial<T: Float>(xs: &[T], norm_type: NormType) -> Partial {
     let acc = match norm_type {
         NormType::L2 => lane_sum(xs, |v| v * v),
         NormType::L1 => lane_sum(xs, f64::abs),
