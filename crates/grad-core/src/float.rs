@@ -322,6 +322,36 @@ pub fn ensure_float(op: &'static str, arg: &'static str, dtype: DType) -> Result
     }
 }
 
+/// A computation generic over the element type, run for a dtype by [`dispatch`].
+pub trait FloatFn {
+    /// What the computation returns.
+    type Output;
+    /// Runs the computation for element type `T`.
+    ///
+    /// # Errors
+    /// Whatever the computation reports.
+    fn call<T: Float>(self) -> Result<Self::Output>;
+}
+
+/// Runs `f` for the element type of `dtype`.
+///
+/// # Errors
+/// [`Error::UnsupportedDType`] naming `op` for a non-float dtype, else `f`'s error.
+pub fn dispatch<F: FloatFn>(op: &'static str, dtype: DType, f: F) -> Result<F::Output> {
+    match dtype {
+        DType::F16 => f.call::<f16>(),
+        DType::BF16 => f.call::<bf16>(),
+        DType::F32 => f.call::<f32>(),
+        DType::F64 => f.call::<f64>(),
+        other => Err(Error::UnsupportedDType {
+            op,
+            arg: "input",
+            dtype: other,
+            expected: "a float dtype (f16, bf16, f32 or f64)",
+        }),
+    }
+}
+
 /// A kernel generic over the element type, run on a CPU storage by [`map_float`].
 pub trait FloatMap {
     /// What the kernel returns.

@@ -7,7 +7,10 @@
 //! on ranges of a fixed size therefore produces bit-identical results for contiguous and
 //! non-contiguous inputs, and for any thread count.
 
-use candle_core::Layout;
+use candle_core::{CpuStorage, Layout, Storage};
+
+use crate::float::Float;
+use crate::{Error, Result};
 
 /// Elements per work item of the chunked parallel kernels.
 ///
@@ -153,6 +156,85 @@ impl Iterator for Offsets<'_> {
 
 impl ExactSizeIterator for Offsets<'_> {}
 
+/// The elements of a contiguous CPU storage of element type `T`, through its layout.
+///
+/// # Errors
+/// [`Error::UnsupportedDType`] when the storage holds another dtype; a candle error when the
+/// layout is not contiguous (kernels make their inputs contiguous first).
+pub fn cpu_slice<'a, T: Float>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [T]> {
+    let all = T::cpu_storage_as_slice(storage)?;
+    layout
+        .contiguous_offsets()
+        .map(|(start, end)| &all[start..end])
+        .ok_or_else(|| Error::Candle(candle_core::Error::RequiresContiguous { op: "cpu_slice" }))
+}
+
+/// As [`cpu_slice`] for a storage that must be on the CPU (the guard of
+/// [`Tensor::storage_and_layout`](candle_core::Tensor::storage_and_layout)).
+///
+/// # Errors
+/// As [`cpu_slice`], and [`Error::DeviceMismatch`] for a storage on another device.
+pub fn storage_slice<'a, T: Float>(storage: &'a Storage, layout: &Layout) -> Result<&'a [T]> {
+    match storage {
+        Storage::Cpu(cpu) => cpu_slice(cpu, layout),
+        _ => Err(Error::DeviceMismatch {
+            op: "storage_slice",
+            first: "cpu".into(),
+            other: "another device".into(),
+        }),
+    }
+}
+
+/// An output vector filled in parallel without being zeroed first.
+///
+/// `vec![0.0; n]` costs a full extra write pass whenever the allocator recycles memory (calloc
+/// must clear it), about 3 ms for 25 MB here, which is as much as the kernel that then overwrites
+/// it. Kernels write every element through [`as_uninit_mut`](Self::as_uninit_mut) and then
+/// [`assume_init`](Self::assume_init).
+///
+/// ```
+/// use grad_core::host::UninitVec;
+/// let mut out = UninitVec::<f32>::new(3);
+/// for (i, slot) in out.as_uninit_mut().iter_mut().enumerate() {
+///     slot.write(i as f32);
+/// }
+/// // SAFETY: the loop above wrote all three elements.
+/// let v = unsafe { out.assume_init() };
+/// assert_eq!(v, [0.0, 1.0, 2.0]);
+/// ```
+#[derive(Debug)]
+pub struct UninitVec<T> {
+    vec: Vec<T>,
+    len: usize,
+}
+
+impl<T> UninitVec<T> {
+    /// Room for `len` elements, none initialised.
+    pub fn new(len: usize) -> Self {
+        Self {
+            vec: Vec::with_capacity(len),
+            len,
+        }
+    }
+
+    /// The `len` slots to write.
+    pub fn as_uninit_mut(&mut self) -> &mut [std::mem::MaybeUninit<T>] {
+        &mut self.vec.spare_capacity_mut()[..self.len]
+    }
+
+    /// The finished vector.
+    ///
+    /// # Safety
+    /// Every slot of [`as_uninit_mut`](Self::as_uninit_mut) must have been written.
+    #[allow(unsafe_code, reason = "the caller guarantees every slot was written")]
+    pub unsafe fn assume_init(mut self) -> Vec<T> {
+        // SAFETY: capacity is at least `len` (reserved in `new`) and the caller guarantees that
+        // the first `len` elements are initialised.
+        unsafe { self.vec.set_len(self.len) };
+        self.vec
+    }
+}
+
 /// The ranges `[k * CHUNK, min((k + 1) * CHUNK, len))` that cover `0..len`.
 pub fn chunk_ranges(len: usize) -> impl Iterator<Item = (usize, usize)> + Clone {
     (0..len.div_ceil(CHUNK)).map(move |k| (k * CHUNK, ((k + 1) * CHUNK).min(len)))
@@ -167,7 +249,7 @@ mod tests {
     fn storage_vec(t: &Tensor) -> Vec<f32> {
         let (storage, _) = t.storage_and_layout();
         match &*storage {
-            candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => v.clone(),
+            Storage::Cpu(CpuStorage::F32(v)) => v.clone(),
             _ => unreachable!("test tensors are f32 on the CPU"),
         }
     }

@@ -44,6 +44,7 @@ pub mod host;
 mod inplace;
 mod norm;
 mod params;
+pub mod reduce;
 pub mod rng;
 #[cfg(feature = "proptest")]
 pub mod strategies;

@@ -8,7 +8,7 @@
 //! same pass, and runs in parallel across tensors and within large ones.
 //!
 //! Reduction order is fixed: each tensor is cut into [`CHUNK`](crate::host::CHUNK)-element ranges
-//! in logical order, each range is summed with sixteen interleaved accumulators, and partial sums
+//! in logical order, each range is summed by [`reduce::sum_by`](crate::reduce::sum_by), and partial sums
 //! are combined in index order. The result therefore does not depend on the thread count or on
 //! the tensors' memory layout.
 //!
@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::float::{Float, ensure_float, with_avx2};
 use crate::host::{HostView, chunk_ranges};
+use crate::reduce::{max_abs, sum_by};
 use crate::{Error, Result};
 
 const OP: &str = "global_norm";
@@ -358,21 +359,17 @@ fn fused_partials(tensors: &[Tensor], norm_type: NormType) -> Result<Vec<Partial
     Ok(partials)
 }
 
-/// Lanes of interleaved accumulators: element `j` of a chunk goes to lane `j % LANES`. Sixteen
-/// independent sums let the compiler vectorise and hide the add latency.
-const LANES: usize = 16;
-
 /// The partial reduction of one contiguous chunk.
 #[inline(always)]
 fn chunk_partial<T: Float>(xs: &[T], norm_type: NormType) -> Partial {
     let acc = match norm_type {
-        NormType::L2 => lane_sum(xs, |v| v * v),
-        NormType::L1 => lane_sum(xs, f64::abs),
-        NormType::P(p) => lane_sum(xs, |v| v.abs().powf(p)),
+        NormType::L2 => sum_by(xs, |v| v * v),
+        NormType::L1 => sum_by(xs, f64::abs),
+        NormType::P(p) => sum_by(xs, |v| v.abs().powf(p)),
         NormType::Inf => {
             // A max ignores NaN, so poison a sum with `x * 0` (NaN for NaN and for inf).
-            let poison = lane_sum(xs, |v| v * 0.0);
-            let max = lane_max_abs(xs);
+            let poison = sum_by(xs, |v| v * 0.0);
+            let max = max_abs(xs);
             if poison.is_finite() { max } else { poison }
         }
     };
@@ -391,36 +388,6 @@ fn chunk_partial<T: Float>(xs: &[T], norm_type: NormType) -> Partial {
         inf += u64::from(v.is_infinite());
     }
     Partial { acc, nan, inf }
-}
-
-#[inline(always)]
-fn lane_sum<T: Float>(xs: &[T], f: impl Fn(f64) -> f64) -> f64 {
-    let mut lanes = [0f64; LANES];
-    let mut blocks = xs.chunks_exact(LANES);
-    for block in &mut blocks {
-        for (lane, x) in lanes.iter_mut().zip(block) {
-            *lane += f(x.as_f64());
-        }
-    }
-    for (lane, x) in lanes.iter_mut().zip(blocks.remainder()) {
-        *lane += f(x.as_f64());
-    }
-    lanes.iter().sum()
-}
-
-#[inline(always)]
-fn lane_max_abs<T: Float>(xs: &[T]) -> f64 {
-    let mut lanes = [0f64; LANES];
-    let mut blocks = xs.chunks_exact(LANES);
-    for block in &mut blocks {
-        for (lane, x) in lanes.iter_mut().zip(block) {
-            *lane = lane.max(x.as_f64().abs());
-        }
-    }
-    for (lane, x) in lanes.iter_mut().zip(blocks.remainder()) {
-        *lane = lane.max(x.as_f64().abs());
-    }
-    lanes.iter().copied().fold(0.0, f64::max)
 }
 
 /// The same reduction with candle ops, for devices without a fused kernel.

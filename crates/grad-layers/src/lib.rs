@@ -1,10 +1,59 @@
 //! # grad-layers
 //!
-//! Layers that keep activations and gradients in a healthy range through depth, for candle:
-//! batch norm and the batch-independent normalisers (layer, group and RMS norm), the seeded
-//! dropout family, Leaky ReLU and related activations, and weight initialisation. Built on
-//! [`grad_core`]; never depends on the other gradkit crates.
+//! Layers that keep activations and gradients in a healthy range through depth, for candle,
+//! with PyTorch's semantics (checked against PyTorch's own outputs in `conformance/`):
 //!
-//! This crate is being built: see the project's open issues for what lands here next.
+//! - [`BatchNorm`] over `[N, C]` to `[N, C, D, H, W]`, with running statistics, momentum or the
+//!   cumulative average, and candle-nn's parameter names;
+//! - the batch-independent normalisers [`LayerNorm`], [`GroupNorm`] and [`RmsNorm`], whose
+//!   gradients reach every input and weight;
+//! - functional forms in [`ops`], each with a composed candle-op oracle.
+//!
+//! On the CPU every forward and backward is a fused kernel (statistics in one read, the
+//! normalisation in one read and one write, the backward in two passes, parallel with rayon);
+//! other devices use the composed candle ops. Built on [`grad_core`]; never depends on the other
+//! gradkit crates.
+//!
+//! ```
+//! use candle_core::{DType, Device, Module, ModuleT, Tensor};
+//! use candle_nn::{VarBuilder, VarMap};
+//! use grad_layers::{BatchNormConfig, batch_norm, layer_norm};
+//!
+//! let map = VarMap::new();
+//! let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+//! let bn = batch_norm(8, BatchNormConfig::default(), vb.pp("bn"))?;
+//! let ln = layer_norm(8, Default::default(), vb.pp("ln"))?;
+//! let x = Tensor::randn(0f32, 1.0, (32, 8), &Device::Cpu)?;
+//! let y = ln.forward(&bn.forward_t(&x, true)?)?;
+//! assert_eq!(y.dims(), [32, 8]);
+//! # Ok::<(), grad_layers::Error>(())
+//! ```
 
-pub use grad_core;
+mod batch_norm;
+mod check;
+mod error;
+mod group_norm;
+mod kernels;
+mod layer_norm;
+pub mod ops;
+mod rms_norm;
+
+pub use batch_norm::{BatchNorm, BatchNormConfig, batch_norm};
+pub use error::{Error, Result};
+pub use group_norm::{GroupNorm, GroupNormConfig, group_norm};
+pub use layer_norm::{LayerNorm, LayerNormConfig, layer_norm};
+pub use rms_norm::{RmsNorm, RmsNormConfig, rms_norm};
+
+#[cfg(test)]
+mod autotraits {
+    fn assert_send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn layers_and_errors_are_send_and_sync() {
+        assert_send_sync::<crate::Error>();
+        assert_send_sync::<crate::BatchNorm>();
+        assert_send_sync::<crate::LayerNorm>();
+        assert_send_sync::<crate::GroupNorm>();
+        assert_send_sync::<crate::RmsNorm>();
+    }
+}

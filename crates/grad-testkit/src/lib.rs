@@ -28,4 +28,4 @@ pub use case::{
     Case, ConformanceFile, Expected, LoadError, RawData, RawTensor, conformance_dir, load,
 };
 pub use runner::{CaseError, Outputs, Precision, Summary, compare_tensor, run};
-pub use values::values;
+pub use values::{grads_of, values};

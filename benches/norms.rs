@@ -1,0 +1,217 @@
+//! The normalisation layers against candle: batch norm (2d training step and evaluation, 1d
+//! training step), layer norm, group norm and RMS norm training steps (forward, then backward of
+//! `(y * upstream).sum_all()` to the input and every parameter).
+//!
+//! `candle` is what a candle user writes today: candle-nn's `BatchNorm` and `GroupNorm`, and
+//! candle-nn's composed `layer_norm_slow`/`rms_norm_slow` (its fused layer and RMS norms have no
+//! backward). `bandwidth` is the memory traffic the step cannot avoid, as plain parallel passes
+//! over reused buffers: evaluation reads `x` and writes `y`; the training step additionally
+//! reads `grad_y` and `x` and writes `grad_x`.
+//!
+//! `floor` is the same training step with the norm replaced by candle's cheapest differentiable
+//! op (`x.affine(1, 0)`): the cost of candle's autograd for `(y * upstream).sum_all()` (zero-filled
+//! gradient accumulators, a broadcast add, two products), which every function pays. The norm's
+//! own share of a step is its time minus `floor`.
+
+#![allow(clippy::expect_used, reason = "a bench with broken data should stop")]
+
+use candle_core::{DType, Device, ModuleT, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use criterion::{Criterion, criterion_group, criterion_main};
+use grad_layers::{BatchNormConfig, ops};
+use rayon::prelude::*;
+
+fn randn(shape: &[usize], seed: u64) -> Tensor {
+    grad_core::Philox::new(seed)
+        .normal(shape, 0.0, 1.0, DType::F32, &Device::Cpu)
+        .expect("random data")
+}
+
+/// Forward, then backward of `(y * upstream).sum_all()`.
+fn step(y: candle_core::Result<Tensor>, upstream: &Tensor) {
+    let loss = (y.expect("forward") * upstream)
+        .and_then(|t| t.sum_all())
+        .expect("loss");
+    let grads = loss.backward().expect("backward");
+    std::hint::black_box(grads);
+}
+
+/// The training step with the norm replaced by an identity: candle's autograd cost alone.
+fn floor(x: &Var, upstream: &Tensor) {
+    step(x.as_tensor().affine(1.0, 0.0), upstream);
+}
+
+/// One parallel pass `out[i] = f(a[i], b[i])` over reused buffers.
+fn pass(out: &mut [f32], a: &[f32], b: &[f32]) {
+    out.par_chunks_mut(32 * 1024)
+        .zip(a.par_chunks(32 * 1024).zip(b.par_chunks(32 * 1024)))
+        .for_each(|(o, (a, b))| {
+            for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
+                *o = a + b;
+            }
+        });
+}
+
+fn batch_norm_benches(c: &mut Criterion) {
+    let dev = Device::Cpu;
+    for (name, dims, eval) in [
+        (
+            "batch_norm2d_train/32x64x56x56",
+            vec![32, 64, 56, 56],
+            false,
+        ),
+        ("batch_norm2d_eval/32x64x56x56", vec![32, 64, 56, 56], true),
+        ("batch_norm1d_train/512x1024", vec![512, 1024], false),
+    ] {
+        let channels = dims[1];
+        let x = Var::from_tensor(&randn(&dims, 1)).expect("x");
+        let upstream = randn(&dims, 2);
+        let ours_map = VarMap::new();
+        let ours = grad_layers::batch_norm(
+            channels,
+            BatchNormConfig::default(),
+            VarBuilder::from_varmap(&ours_map, DType::F32, &dev),
+        )
+        .expect("gradkit batch norm");
+        let theirs_map = VarMap::new();
+        let theirs = candle_nn::batch_norm(
+            channels,
+            candle_nn::BatchNormConfig::default(),
+            VarBuilder::from_varmap(&theirs_map, DType::F32, &dev),
+        )
+        .expect("candle-nn batch norm");
+
+        let mut group = c.benchmark_group(name);
+        group.sample_size(10);
+        if eval {
+            group.bench_function("gradkit", |b| {
+                b.iter(|| ours.forward_t(x.as_tensor(), false).expect("forward"))
+            });
+            group.bench_function("candle", |b| {
+                b.iter(|| theirs.forward_t(x.as_tensor(), false).expect("forward"))
+            });
+        } else {
+            group.bench_function("gradkit", |b| {
+                b.iter(|| step(ours.forward_t(x.as_tensor(), true), &upstream))
+            });
+            group.bench_function("candle", |b| {
+                b.iter(|| step(theirs.forward_t(x.as_tensor(), true), &upstream))
+            });
+            group.bench_function("floor", |b| b.iter(|| floor(&x, &upstream)));
+        }
+        if name.starts_with("batch_norm2d") {
+            let xs = grad_testkit::values(x.as_tensor()).expect("host x");
+            let xs: Vec<f32> = xs.into_iter().map(|v| v as f32).collect();
+            let mut y = vec![0f32; xs.len()];
+            let mut dx = vec![0f32; xs.len()];
+            group.bench_function("bandwidth", |b| {
+                b.iter(|| {
+                    // Evaluation: read x, write y. Training adds: read g and x, write grad_x
+                    // (statistics and weight gradients ride along in the fused passes).
+                    pass(&mut y, &xs, &xs);
+                    if !eval {
+                        pass(&mut dx, &y, &xs);
+                    }
+                })
+            });
+        }
+        group.finish();
+    }
+}
+
+fn row_norm_benches(c: &mut Criterion) {
+    let dev = Device::Cpu;
+    {
+        let x = Var::from_tensor(&randn(&[4096, 1024], 3)).expect("x");
+        let w = Var::ones(1024, DType::F32, &dev).expect("w");
+        let b = Var::zeros(1024, DType::F32, &dev).expect("b");
+        let up = randn(&[4096, 1024], 4);
+        let mut group = c.benchmark_group("layer_norm_train/4096x1024");
+        group.sample_size(10);
+        group.bench_function("gradkit", |bch| {
+            bch.iter(|| {
+                let y = ops::layer_norm(
+                    x.as_tensor(),
+                    &[1024],
+                    Some(w.as_tensor()),
+                    Some(b.as_tensor()),
+                    1e-5,
+                )
+                .map_err(candle_core::Error::wrap);
+                step(y, &up)
+            })
+        });
+        group.bench_function("candle", |bch| {
+            bch.iter(|| {
+                step(
+                    candle_nn::ops::layer_norm_slow(
+                        x.as_tensor(),
+                        w.as_tensor(),
+                        b.as_tensor(),
+                        1e-5,
+                    ),
+                    &up,
+                )
+            })
+        });
+        group.bench_function("floor", |bch| bch.iter(|| floor(&x, &up)));
+        group.finish();
+    }
+    {
+        let x = Var::from_tensor(&randn(&[32, 256, 28, 28], 5)).expect("x");
+        let up = randn(&[32, 256, 28, 28], 6);
+        let ours_map = VarMap::new();
+        let ours = grad_layers::group_norm(
+            32,
+            256,
+            Default::default(),
+            VarBuilder::from_varmap(&ours_map, DType::F32, &dev),
+        )
+        .expect("gradkit group norm");
+        let theirs_map = VarMap::new();
+        let theirs = candle_nn::group_norm(
+            32,
+            256,
+            1e-5,
+            VarBuilder::from_varmap(&theirs_map, DType::F32, &dev),
+        )
+        .expect("candle-nn group norm");
+        let mut group = c.benchmark_group("group_norm_train/32x256x28x28");
+        group.sample_size(10);
+        group.bench_function("gradkit", |bch| {
+            bch.iter(|| step(candle_core::Module::forward(&ours, x.as_tensor()), &up))
+        });
+        group.bench_function("candle", |bch| {
+            bch.iter(|| step(candle_core::Module::forward(&theirs, x.as_tensor()), &up))
+        });
+        group.bench_function("floor", |bch| bch.iter(|| floor(&x, &up)));
+        group.finish();
+    }
+    {
+        let x = Var::from_tensor(&randn(&[4096, 4096], 7)).expect("x");
+        let w = Var::ones(4096, DType::F32, &dev).expect("w");
+        let up = randn(&[4096, 4096], 8);
+        let mut group = c.benchmark_group("rms_norm_train/4096x4096");
+        group.sample_size(10);
+        group.bench_function("gradkit", |bch| {
+            bch.iter(|| {
+                let y = ops::rms_norm(x.as_tensor(), &[4096], Some(w.as_tensor()), Some(1e-6))
+                    .map_err(candle_core::Error::wrap);
+                step(y, &up)
+            })
+        });
+        group.bench_function("candle", |bch| {
+            bch.iter(|| {
+                step(
+                    candle_nn::ops::rms_norm_slow(x.as_tensor(), w.as_tensor(), 1e-6),
+                    &up,
+                )
+            })
+        });
+        group.bench_function("floor", |bch| bch.iter(|| floor(&x, &up)));
+        group.finish();
+    }
+}
+
+criterion_group!(benches, batch_norm_benches, row_norm_benches);
+criterion_main!(benches);

@@ -1,0 +1,61 @@
+//! Input checks shared by the normalisation ops.
+
+use candle_core::Tensor;
+
+use crate::{Error, Result};
+
+/// Checks that `x` is a non-empty float tensor of a rank in `ranks`.
+pub(crate) fn input(
+    op: &'static str,
+    x: &Tensor,
+    ranks: std::ops::RangeInclusive<usize>,
+    expected: &'static str,
+) -> Result<()> {
+    grad_core::float::ensure_float(op, "input", x.dtype())?;
+    if !ranks.contains(&x.rank()) {
+        return Err(Error::rank(op, "input", expected, x.rank()));
+    }
+    if x.elem_count() == 0 {
+        return Err(Error::empty(op, "input"));
+    }
+    Ok(())
+}
+
+/// Checks an optional affine parameter (or statistic): shape `dims`, the input's dtype and
+/// device.
+pub(crate) fn param(
+    op: &'static str,
+    name: &str,
+    t: Option<&Tensor>,
+    dims: &[usize],
+    x: &Tensor,
+) -> Result<()> {
+    let Some(t) = t else { return Ok(()) };
+    if t.dims() != dims {
+        return Err(Error::shape(op, name, format!("{dims:?}"), t.dims()));
+    }
+    if t.dtype() != x.dtype() {
+        return Err(Error::Core(grad_core::Error::UnsupportedDType {
+            op,
+            arg: "parameter",
+            dtype: t.dtype(),
+            expected: "the input's dtype",
+        }));
+    }
+    grad_core::ensure_same_device(op, x.device(), t.device())?;
+    Ok(())
+}
+
+/// Returns `t`, or a constant tensor of `value` shaped `dims` like `x` when `t` is absent, made
+/// contiguous for the fused kernels.
+pub(crate) fn or_const(
+    t: Option<&Tensor>,
+    value: f64,
+    dims: &[usize],
+    x: &Tensor,
+) -> Result<Tensor> {
+    Ok(match t {
+        Some(t) => t.contiguous()?,
+        None => Tensor::full(value, dims, x.device())?.to_dtype(x.dtype())?,
+    })
+}

@@ -1,0 +1,84 @@
+//! grad-layers' error type.
+
+/// grad-layers' result type.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Everything that can go wrong building or running a grad-layers layer.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A shared check failed: a hyper-parameter, shape, rank, dtype or device (see
+    /// [`grad_core::Error`]).
+    #[error(transparent)]
+    Core(#[from] grad_core::Error),
+
+    /// Batch statistics need more than one value per channel (PyTorch raises the same).
+    #[error(
+        "{op}: expected more than 1 value per channel when using batch statistics, got input of shape {shape:?}"
+    )]
+    TooFewValuesPerChannel {
+        /// The operation.
+        op: &'static str,
+        /// The input's shape.
+        shape: Vec<usize>,
+    },
+
+    /// The channels cannot be split into equal groups.
+    #[error("group_norm: {channels} channels cannot be split into {groups} groups")]
+    IndivisibleGroups {
+        /// The number of channels.
+        channels: usize,
+        /// The number of groups asked for.
+        groups: usize,
+    },
+
+    /// An error raised by candle.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+impl Error {
+    /// A [`grad_core::Error::ShapeMismatch`].
+    pub(crate) fn shape(
+        op: &'static str,
+        arg: &str,
+        expected: impl Into<String>,
+        got: &[usize],
+    ) -> Self {
+        Self::Core(grad_core::Error::ShapeMismatch {
+            op,
+            arg: arg.to_owned(),
+            expected: expected.into(),
+            got: got.to_vec(),
+        })
+    }
+
+    /// A [`grad_core::Error::RankMismatch`].
+    pub(crate) fn rank(
+        op: &'static str,
+        arg: &'static str,
+        expected: &'static str,
+        got: usize,
+    ) -> Self {
+        Self::Core(grad_core::Error::RankMismatch {
+            op,
+            arg,
+            expected,
+            got,
+        })
+    }
+
+    /// A [`grad_core::Error::EmptyInput`].
+    pub(crate) fn empty(op: &'static str, what: &'static str) -> Self {
+        Self::Core(grad_core::Error::EmptyInput { op, what })
+    }
+
+    /// Converts to candle's error type for the `Module`/`ModuleT` traits, keeping this error
+    /// inside (`candle_core::Error::Wrapped`) so callers can downcast to it.
+    pub(crate) fn into_candle(self) -> candle_core::Error {
+        match self {
+            Self::Candle(e) => e,
+            other => candle_core::Error::wrap(other),
+        }
+    }
+}

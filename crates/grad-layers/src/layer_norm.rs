@@ -1,0 +1,125 @@
+//! Layer normalisation with PyTorch's semantics (Ba, Kiros & Hinton 2016).
+//!
+//! Normalises over the trailing `normalized_shape` dims of each input with the biased variance:
+//! `y = (x - mean) / sqrt(var + eps) * weight + bias`. Independent of the batch, so it behaves the
+//! same in training and evaluation and with a batch of one.
+
+use candle_core::{Module, Shape, Tensor};
+use candle_nn::{Init, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// Configuration of [`LayerNorm`]: the arguments of PyTorch's `nn.LayerNorm`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LayerNormConfig {
+    /// Added to the variance before the square root. Default: 1e-5.
+    pub eps: f64,
+    /// Learn a `weight` (initialised to 1) shaped like `normalized_shape`. Default: true.
+    pub elementwise_affine: bool,
+    /// With `elementwise_affine`, also learn a `bias` (initialised to 0). Default: true.
+    pub bias: bool,
+}
+
+impl Default for LayerNormConfig {
+    fn default() -> Self {
+        Self {
+            eps: 1e-5,
+            elementwise_affine: true,
+            bias: true,
+        }
+    }
+}
+
+/// Layer normalisation over the trailing dims; a candle [`Module`] whose gradients reach the
+/// input, the weight and the bias (unlike candle-nn 0.11.1's fused `LayerNorm`, whose backward
+/// drops them: candle issues #2168, #3011, #3752).
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    normalized_shape: Vec<usize>,
+    weight: Option<Tensor>,
+    bias: Option<Tensor>,
+    eps: f64,
+}
+
+/// Builds a [`LayerNorm`] over `normalized_shape`, parameters from or created in `vb` (candle-nn's
+/// names `weight` and `bias`).
+///
+/// # Errors
+/// [`Error::Core`] for `eps` not positive and finite, an empty `normalized_shape`, or stored
+/// parameters of the wrong shape.
+///
+/// ```
+/// use candle_core::{DType, Device, Module, Tensor};
+/// use candle_nn::{VarBuilder, VarMap};
+/// let map = VarMap::new();
+/// let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+/// let ln = grad_layers::layer_norm(16, Default::default(), vb.pp("ln"))?;
+/// let y = ln.forward(&Tensor::randn(0f32, 3.0, (4, 16), &Device::Cpu)?)?;
+/// assert_eq!(y.dims(), [4, 16]);
+/// # Ok::<(), grad_layers::Error>(())
+/// ```
+pub fn layer_norm(
+    normalized_shape: impl Into<Shape>,
+    config: LayerNormConfig,
+    vb: VarBuilder,
+) -> Result<LayerNorm> {
+    grad_core::validate::positive("eps", config.eps)?;
+    let normalized_shape = normalized_shape.into().dims().to_vec();
+    if normalized_shape.is_empty() || normalized_shape.contains(&0) {
+        return Err(Error::shape(
+            "LayerNorm",
+            "normalized_shape",
+            "at least one dim, none of size 0",
+            &normalized_shape,
+        ));
+    }
+    let (weight, bias) = if config.elementwise_affine {
+        let w = vb.get_with_hints(normalized_shape.as_slice(), "weight", Init::Const(1.0))?;
+        let b = config
+            .bias
+            .then(|| vb.get_with_hints(normalized_shape.as_slice(), "bias", Init::Const(0.0)))
+            .transpose()?;
+        (Some(w), b)
+    } else {
+        (None, None)
+    };
+    Ok(LayerNorm {
+        normalized_shape,
+        weight,
+        bias,
+        eps: config.eps,
+    })
+}
+
+impl LayerNorm {
+    /// The forward pass with gradkit's error type; [`Module::forward`] wraps it.
+    ///
+    /// # Errors
+    /// As [`ops::layer_norm`](crate::ops::layer_norm()).
+    pub fn try_forward(&self, x: &Tensor) -> Result<Tensor> {
+        crate::ops::layer_norm(
+            x,
+            &self.normalized_shape,
+            self.weight.as_ref(),
+            self.bias.as_ref(),
+            self.eps,
+        )
+    }
+
+    /// The weight, when affine.
+    pub fn weight(&self) -> Option<&Tensor> {
+        self.weight.as_ref()
+    }
+
+    /// The bias, when present.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        self.try_forward(xs).map_err(Error::into_candle)
+    }
+}

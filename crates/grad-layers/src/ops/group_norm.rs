@@ -1,0 +1,114 @@
+//! Functional group normalisation (`torch.nn.functional.group_norm`; Wu & He 2018).
+//!
+//! The `C` channels of `x: [N, C, *]` are split into `G` contiguous groups; for each sample and
+//! group, mean and biased variance are taken over the group's channels and all spatial
+//! positions; `y = (x - mean) / sqrt(var + eps) * weight[c] + bias[c]`.
+
+use candle_core::Tensor;
+
+use super::rows::{compute_dtype, normalize_rows_composed};
+use crate::kernels::row_norm::{AffineIndex, RowNorm};
+use crate::{Error, Result, check};
+
+const OP: &str = "group_norm";
+
+/// Group normalisation of `x` with `num_groups` groups.
+///
+/// On the CPU a fused kernel (each `(sample, group)` is one contiguous row); other devices use
+/// [`group_norm_composed`]. Gradients flow to `x`, `weight` and `bias`.
+///
+/// # Shapes
+/// `x`: `[N, C, *]` (rank at least 2); `weight`, `bias`: `[C]`, same dtype as `x`.
+///
+/// # Errors
+/// [`Error::IndivisibleGroups`] when `C % num_groups != 0` (or `num_groups` is 0);
+/// [`Error::Core`] for a rank below 2, an empty input, a parameter of the wrong shape or dtype,
+/// or `eps` not positive and finite.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let x = Tensor::new(&[[1f64, 3.0, 10.0, 30.0]], &Device::Cpu)?;
+/// let y = grad_layers::ops::group_norm(&x, 2, None, None, 1e-12)?;
+/// let v = y.to_vec2::<f64>()?;
+/// assert!((v[0][0] + 1.0).abs() < 1e-9 && (v[0][3] - 1.0).abs() < 1e-9);
+/// # Ok::<(), grad_layers::Error>(())
+/// ```
+pub fn group_norm(
+    x: &Tensor,
+    num_groups: usize,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
+    let (per_group, spatial) = validate(x, num_groups, weight, bias, eps)?;
+    if !x.device().is_cpu() {
+        return group_norm_composed(x, num_groups, weight, bias, eps);
+    }
+    let x = x.contiguous()?;
+    let c = x.dim(1)?;
+    let op = RowNorm::new(
+        "gradkit-group-norm",
+        per_group * spatial,
+        true,
+        eps,
+        AffineIndex::Channel {
+            groups: num_groups,
+            per_group,
+            spatial,
+        },
+        weight.is_some(),
+        bias.is_some(),
+    );
+    let w = check::or_const(weight, 1.0, &[c], &x)?;
+    let b = check::or_const(bias, 0.0, &[c], &x)?;
+    Ok(x.apply_op3(&w, &b, op)?)
+}
+
+/// [`group_norm`] written with candle ops: the test oracle and the path for other devices.
+///
+/// # Errors
+/// As [`group_norm`].
+pub fn group_norm_composed(
+    x: &Tensor,
+    num_groups: usize,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
+    let (per_group, spatial) = validate(x, num_groups, weight, bias, eps)?;
+    let compute = compute_dtype(x.dtype());
+    let (n, c) = (x.dim(0)?, x.dim(1)?);
+    let rows = x
+        .to_dtype(compute)?
+        .reshape((n * num_groups, per_group * spatial))?;
+    let mut y = normalize_rows_composed(&rows, true, eps)?.reshape((n, c, spatial))?;
+    if let Some(w) = weight {
+        y = y.broadcast_mul(&w.to_dtype(compute)?.reshape((1, c, 1))?)?;
+    }
+    if let Some(b) = bias {
+        y = y.broadcast_add(&b.to_dtype(compute)?.reshape((1, c, 1))?)?;
+    }
+    Ok(y.reshape(x.shape())?.to_dtype(x.dtype())?)
+}
+
+/// Checks everything and returns `(channels per group, spatial size)`.
+fn validate(
+    x: &Tensor,
+    num_groups: usize,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f64,
+) -> Result<(usize, usize)> {
+    grad_core::validate::positive("eps", eps)?;
+    check::input(OP, x, 2..=usize::MAX, "at least 2 ([N, C, *])")?;
+    let c = x.dim(1)?;
+    if num_groups == 0 || c % num_groups != 0 {
+        return Err(Error::IndivisibleGroups {
+            channels: c,
+            groups: num_groups,
+        });
+    }
+    check::param(OP, "weight", weight, &[c], x)?;
+    check::param(OP, "bias", bias, &[c], x)?;
+    Ok((c / num_groups, x.dims()[2..].iter().product()))
+}

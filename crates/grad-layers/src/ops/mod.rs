@@ -1,0 +1,16 @@
+//! Functional forms of the layers, in PyTorch's `torch.nn.functional` style, each with its
+//! composed candle-op version (`*_composed`): the test oracle, and the path devices without a
+//! fused kernel take.
+
+mod batch_norm;
+mod group_norm;
+mod layer_norm;
+mod rms_norm;
+mod rows;
+
+pub use batch_norm::{
+    BatchMoments, BatchNormOutput, BatchNormStats, batch_norm, batch_norm_composed,
+};
+pub use group_norm::{group_norm, group_norm_composed};
+pub use layer_norm::{layer_norm, layer_norm_composed};
+pub use rms_norm::{default_rms_eps, rms_norm, rms_norm_composed};

@@ -1,0 +1,91 @@
+//! Functional RMS normalisation (`torch.nn.functional.rms_norm`; Zhang & Sennrich 2019).
+//!
+//! For every leading index, `y = x / sqrt(mean(x^2) + eps) * weight` over the trailing
+//! `normalized_shape` dims: no mean subtraction, no bias.
+
+use candle_core::{DType, Tensor};
+
+use super::layer_norm;
+use super::rows::{compute_dtype, normalize_rows_composed};
+use crate::Result;
+use crate::check;
+use crate::kernels::row_norm::{AffineIndex, RowNorm};
+
+/// The `eps` PyTorch uses for `eps=None`: the machine epsilon of the input's dtype, f32's for
+/// f16 and bf16 (which compute in f32).
+pub fn default_rms_eps(dtype: DType) -> f64 {
+    if dtype == DType::F64 {
+        f64::EPSILON
+    } else {
+        f64::from(f32::EPSILON)
+    }
+}
+
+/// RMS normalisation over the trailing dims `normalized_shape` of `x`. `eps = None` is
+/// PyTorch's `eps=None` ([`default_rms_eps`]).
+///
+/// On the CPU a fused kernel; other devices use [`rms_norm_composed`]. Gradients flow to `x` and
+/// `weight`.
+///
+/// # Shapes
+/// `x`: `[*, normalized_shape]`; `weight`: `normalized_shape`, same dtype as `x`.
+///
+/// # Errors
+/// As [`layer_norm`](super::layer_norm()).
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let x = Tensor::new(&[[3f64, 4.0]], &Device::Cpu)?;
+/// let y = grad_layers::ops::rms_norm(&x, &[2], None, Some(1e-12))?;
+/// let v = y.to_vec2::<f64>()?;
+/// let rms = (12.5f64).sqrt();
+/// assert!((v[0][0] - 3.0 / rms).abs() < 1e-9);
+/// # Ok::<(), grad_layers::Error>(())
+/// ```
+pub fn rms_norm(
+    x: &Tensor,
+    normalized_shape: &[usize],
+    weight: Option<&Tensor>,
+    eps: Option<f64>,
+) -> Result<Tensor> {
+    let eps = eps.unwrap_or_else(|| default_rms_eps(x.dtype()));
+    let row_len = layer_norm::validate(x, normalized_shape, weight, None, eps)?;
+    if !x.device().is_cpu() {
+        return rms_norm_composed(x, normalized_shape, weight, Some(eps));
+    }
+    let x = x.contiguous()?;
+    let op = RowNorm::new(
+        "gradkit-rms-norm",
+        row_len,
+        false,
+        eps,
+        AffineIndex::Element,
+        weight.is_some(),
+        false,
+    );
+    let w = check::or_const(weight, 1.0, normalized_shape, &x)?;
+    let b = check::or_const(None, 0.0, normalized_shape, &x)?;
+    Ok(x.apply_op3(&w, &b, op)?)
+}
+
+/// [`rms_norm`] written with candle ops: the test oracle and the path for other devices.
+///
+/// # Errors
+/// As [`rms_norm`].
+pub fn rms_norm_composed(
+    x: &Tensor,
+    normalized_shape: &[usize],
+    weight: Option<&Tensor>,
+    eps: Option<f64>,
+) -> Result<Tensor> {
+    let eps = eps.unwrap_or_else(|| default_rms_eps(x.dtype()));
+    let row_len = layer_norm::validate(x, normalized_shape, weight, None, eps)?;
+    let compute = compute_dtype(x.dtype());
+    let rows = x.elem_count() / row_len;
+    let mut y =
+        normalize_rows_composed(&x.to_dtype(compute)?.reshape((rows, row_len))?, false, eps)?;
+    if let Some(w) = weight {
+        y = y.broadcast_mul(&w.to_dtype(compute)?.reshape((1, row_len))?)?;
+    }
+    Ok(y.reshape(x.shape())?.to_dtype(x.dtype())?)
+}

@@ -1,0 +1,173 @@
+//! The normalisation layers against PyTorch's vectors: every case, in f64 and in f32.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "a test fails by panicking"
+)]
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use grad_layers::{BatchNormConfig, batch_norm, ops};
+use grad_testkit::{Case, CaseError, Outputs, Precision, grads_of, run};
+
+/// Builds the case's input `name` as a variable (so it receives a gradient).
+fn var(case: &Case, name: &str, p: Precision) -> Result<Var, CaseError> {
+    Ok(Var::from_tensor(&case.input(name)?.to_tensor(p.dtype())?)?)
+}
+
+fn opt_var(case: &Case, name: &str, p: Precision) -> Result<Option<Var>, CaseError> {
+    case.input_opt(name).map(|_| var(case, name, p)).transpose()
+}
+
+/// `y`, then `grad_<name>` for every named input that received a gradient, when the case has a
+/// `grad_output`.
+fn with_grads(
+    case: &Case,
+    p: Precision,
+    y: Tensor,
+    wrt: &[(&str, &Tensor)],
+) -> Result<Outputs, CaseError> {
+    let mut out = Outputs::new();
+    if let Some(g) = case.input_opt("grad_output") {
+        let upstream = g.to_tensor(p.dtype())?;
+        let tensors: Vec<&Tensor> = wrt.iter().map(|(_, t)| *t).collect();
+        for ((name, _), grad) in wrt.iter().zip(grads_of(&y, &upstream, &tensors)?) {
+            if let Some(grad) = grad {
+                out.insert(format!("grad_{name}"), grad);
+            }
+        }
+    }
+    out.insert("y".into(), y);
+    Ok(out)
+}
+
+fn batch_norm_case(case: &Case, p: Precision) -> Result<Outputs, CaseError> {
+    let x = var(case, "x", p)?;
+    let c = x.dim(1)?;
+    let config = BatchNormConfig {
+        eps: case.attr_f64("eps")?.ok_or("eps is null")?,
+        momentum: case.attr_f64("momentum")?,
+        affine: case.attr_bool("affine")?,
+        track_running_stats: true,
+    };
+    // Build the layer in a VarMap, then overwrite its parameters and buffers with the case's.
+    let mut map = VarMap::new();
+    let vb = VarBuilder::from_varmap(&map, p.dtype(), &Device::Cpu);
+    let bn = batch_norm(c, config, vb)?;
+    for name in ["weight", "bias", "running_mean", "running_var"] {
+        if let Some(t) = case.input_opt(name) {
+            map.set_one(name, t.to_tensor(p.dtype())?)?;
+        }
+    }
+    map.set_one(
+        "num_batches_tracked",
+        case.input("num_batches_tracked")?.to_tensor(DType::I64)?,
+    )?;
+    let y = bn.try_forward(x.as_tensor(), case.attr_bool("training")?)?;
+    let mut wrt = vec![("x", x.as_tensor())];
+    if let (Some(w), Some(b)) = (bn.weight(), bn.bias()) {
+        wrt.extend([("weight", w), ("bias", b)]);
+    }
+    let mut out = with_grads(case, p, y, &wrt)?;
+    out.insert("running_mean".into(), bn.running_mean().unwrap().clone());
+    out.insert("running_var".into(), bn.running_var().unwrap().clone());
+    let nbt = bn.num_batches_tracked()?.unwrap();
+    out.insert(
+        "num_batches_tracked".into(),
+        Tensor::new(nbt, &Device::Cpu)?,
+    );
+    Ok(out)
+}
+
+fn layer_norm_case(case: &Case, p: Precision) -> Result<Outputs, CaseError> {
+    let x = var(case, "x", p)?;
+    let k = usize::try_from(case.attr_i64("normalized_ndim")?.ok_or("normalized_ndim")?)?;
+    let shape = x.dims()[x.rank() - k..].to_vec();
+    let (w, b) = (opt_var(case, "weight", p)?, opt_var(case, "bias", p)?);
+    let y = ops::layer_norm(
+        x.as_tensor(),
+        &shape,
+        w.as_ref().map(Var::as_tensor),
+        b.as_ref().map(Var::as_tensor),
+        case.attr_f64("eps")?.ok_or("eps is null")?,
+    )?;
+    let mut wrt = vec![("x", x.as_tensor())];
+    wrt.extend(w.as_ref().map(|w| ("weight", w.as_tensor())));
+    wrt.extend(b.as_ref().map(|b| ("bias", b.as_tensor())));
+    with_grads(case, p, y, &wrt)
+}
+
+fn group_norm_case(case: &Case, p: Precision) -> Result<Outputs, CaseError> {
+    let x = var(case, "x", p)?;
+    let groups = usize::try_from(case.attr_i64("num_groups")?.ok_or("num_groups")?)?;
+    let (w, b) = (opt_var(case, "weight", p)?, opt_var(case, "bias", p)?);
+    let y = ops::group_norm(
+        x.as_tensor(),
+        groups,
+        w.as_ref().map(Var::as_tensor),
+        b.as_ref().map(Var::as_tensor),
+        case.attr_f64("eps")?.ok_or("eps is null")?,
+    )?;
+    let mut wrt = vec![("x", x.as_tensor())];
+    wrt.extend(w.as_ref().map(|w| ("weight", w.as_tensor())));
+    wrt.extend(b.as_ref().map(|b| ("bias", b.as_tensor())));
+    with_grads(case, p, y, &wrt)
+}
+
+fn rms_norm_case(case: &Case, p: Precision) -> Result<Outputs, CaseError> {
+    let x = var(case, "x", p)?;
+    let k = usize::try_from(case.attr_i64("normalized_ndim")?.ok_or("normalized_ndim")?)?;
+    let shape = x.dims()[x.rank() - k..].to_vec();
+    let w = opt_var(case, "weight", p)?;
+    let y = ops::rms_norm(
+        x.as_tensor(),
+        &shape,
+        w.as_ref().map(Var::as_tensor),
+        case.attr_f64("eps")?,
+    )?;
+    let mut wrt = vec![("x", x.as_tensor())];
+    wrt.extend(w.as_ref().map(|w| ("weight", w.as_tensor())));
+    with_grads(case, p, y, &wrt)
+}
+
+#[test]
+fn batch_norm_f64() {
+    run("batch_norm", Precision::F64, batch_norm_case).assert_all_passed();
+}
+
+#[test]
+fn batch_norm_f32() {
+    run("batch_norm", Precision::F32, batch_norm_case).assert_all_passed();
+}
+
+#[test]
+fn layer_norm_f64() {
+    run("layer_norm", Precision::F64, layer_norm_case).assert_all_passed();
+}
+
+#[test]
+fn layer_norm_f32() {
+    run("layer_norm", Precision::F32, layer_norm_case).assert_all_passed();
+}
+
+#[test]
+fn group_norm_f64() {
+    run("group_norm", Precision::F64, group_norm_case).assert_all_passed();
+}
+
+#[test]
+fn group_norm_f32() {
+    run("group_norm", Precision::F32, group_norm_case).assert_all_passed();
+}
+
+#[test]
+fn rms_norm_f64() {
+    run("rms_norm", Precision::F64, rms_norm_case).assert_all_passed();
+}
+
+#[test]
+fn rms_norm_f32() {
+    run("rms_norm", Precision::F32, rms_norm_case).assert_all_passed();
+}

@@ -1,0 +1,346 @@
+//! The normalisation layers inside models: gradients reach upstream layers, checkpoints move
+//! between candle-nn and gradkit, running statistics evolve, and bad input is an error.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "a test fails by panicking"
+)]
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Module, ModuleT, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use grad_layers::{
+    BatchNormConfig, Error, GroupNormConfig, LayerNormConfig, RmsNormConfig, batch_norm,
+    group_norm, layer_norm, ops, rms_norm,
+};
+
+fn vals(t: &Tensor) -> Vec<f64> {
+    grad_testkit::values(t).unwrap()
+}
+
+/// The gradient of the first linear layer's weight in `linear -> norm -> (y * w).sum()`, with
+/// fixed weights and data.
+fn first_layer_grad(dtype: DType, norm: &dyn Fn(&Tensor) -> Tensor) -> Option<Vec<f64>> {
+    let mut rng = grad_core::Philox::new(4);
+    let w =
+        candle_core::Var::from_tensor(&rng.normal((8, 6), 0.0, 0.5, dtype, &Device::Cpu).unwrap())
+            .unwrap();
+    let lin = candle_nn::Linear::new(w.as_tensor().clone(), None);
+    let x = rng.normal((5, 6), 0.0, 1.0, dtype, &Device::Cpu).unwrap();
+    let up = rng.normal((5, 8), 0.0, 1.0, dtype, &Device::Cpu).unwrap();
+    let y = norm(&lin.forward(&x).unwrap());
+    let store = (y * up).unwrap().sum_all().unwrap().backward().unwrap();
+    store.get(w.as_tensor()).map(vals)
+}
+
+#[test]
+fn gradients_reach_the_layer_before_the_norm() {
+    let map = VarMap::new();
+    let vb = VarBuilder::from_varmap(&map, DType::F64, &Device::Cpu);
+    let ln = layer_norm(8, LayerNormConfig::default(), vb.pp("ln")).unwrap();
+    let rms = rms_norm(
+        8,
+        RmsNormConfig {
+            eps: Some(1e-6),
+            elementwise_affine: true,
+        },
+        vb.pp("rms"),
+    )
+    .unwrap();
+
+    let ours =
+        first_layer_grad(DType::F64, &|h| ln.forward(h).unwrap()).expect("a gradient upstream");
+    let oracle = first_layer_grad(DType::F64, &|h| {
+        ops::layer_norm_composed(h, &[8], ln.weight(), ln.bias(), 1e-5).unwrap()
+    })
+    .unwrap();
+    assert!(ours.iter().any(|g| g.abs() > 1e-3));
+    for (a, b) in ours.iter().zip(&oracle) {
+        assert!((a - b).abs() <= 1e-10 * (1.0 + b.abs()));
+    }
+    let ours =
+        first_layer_grad(DType::F64, &|h| rms.forward(h).unwrap()).expect("a gradient upstream");
+    let oracle = first_layer_grad(DType::F64, &|h| {
+        ops::rms_norm_composed(h, &[8], rms.weight(), Some(1e-6)).unwrap()
+    })
+    .unwrap();
+    assert!(ours.iter().any(|g| g.abs() > 1e-3));
+    for (a, b) in ours.iter().zip(&oracle) {
+        assert!((a - b).abs() <= 1e-10 * (1.0 + b.abs()));
+    }
+
+    // What this replaces: candle-nn 0.11.1's fused LayerNorm and RmsNorm let `backward()` succeed
+    // while no gradient reaches the layer before them.
+    // (Its fused ops take f32 only.)
+    let vb32 = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+    let cnn_ln = candle_nn::layer_norm(8, 1e-5, vb32.pp("cnn_ln")).unwrap();
+    assert!(first_layer_grad(DType::F32, &|h| cnn_ln.forward(h).unwrap()).is_none());
+    let cnn_rms = candle_nn::rms_norm(8, 1e-6, vb32.pp("cnn_rms")).unwrap();
+    assert!(first_layer_grad(DType::F32, &|h| cnn_rms.forward(h).unwrap()).is_none());
+    let ln32 = layer_norm(8, LayerNormConfig::default(), vb32.pp("ln32")).unwrap();
+    assert!(first_layer_grad(DType::F32, &|h| ln32.forward(h).unwrap()).is_some());
+}
+
+fn temp_file(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("gradkit-{}-{name}", std::process::id()))
+}
+
+#[test]
+fn candle_nn_checkpoints_load_both_ways() {
+    let dev = Device::Cpu;
+    let x = grad_core::Philox::new(2)
+        .normal((16, 4, 3), 1.0, 2.0, DType::F32, &dev)
+        .unwrap();
+
+    // candle-nn's BatchNorm, trained one step, saved.
+    let map = VarMap::new();
+    let cnn = candle_nn::batch_norm(
+        4,
+        candle_nn::BatchNormConfig::default(),
+        VarBuilder::from_varmap(&map, DType::F32, &dev),
+    )
+    .unwrap();
+    cnn.forward_t(&x, true).unwrap();
+    let path = temp_file("candle-nn-bn.safetensors");
+    map.save(&path).unwrap();
+
+    // ... loads into gradkit's BatchNorm unchanged, counter starting at 0.
+    let tensors: HashMap<String, Tensor> = candle_core::safetensors::load(&path, &dev).unwrap();
+    assert!(!tensors.contains_key("num_batches_tracked"));
+    let ours = batch_norm(
+        4,
+        BatchNormConfig::default(),
+        VarBuilder::from_tensors(tensors, DType::F32, &dev),
+    )
+    .unwrap();
+    assert_eq!(ours.num_batches_tracked().unwrap(), Some(0));
+    assert_eq!(vals(ours.running_mean().unwrap()), vals(cnn.running_mean()));
+    let (a, b) = (
+        ours.forward_t(&x, false).unwrap(),
+        cnn.forward_t(&x, false).unwrap(),
+    );
+    for (p, q) in vals(&a).iter().zip(vals(&b)) {
+        assert!((p - q).abs() < 1e-5);
+    }
+
+    // gradkit's checkpoint (with num_batches_tracked) loads into candle-nn too.
+    let map = VarMap::new();
+    let ours = batch_norm(
+        4,
+        BatchNormConfig::default(),
+        VarBuilder::from_varmap(&map, DType::F32, &dev),
+    )
+    .unwrap();
+    ours.forward_t(&x, true).unwrap();
+    let path2 = temp_file("gradkit-bn.safetensors");
+    map.save(&path2).unwrap();
+    let tensors: HashMap<String, Tensor> = candle_core::safetensors::load(&path2, &dev).unwrap();
+    assert_eq!(
+        tensors["num_batches_tracked"].to_scalar::<i64>().unwrap(),
+        1
+    );
+    let cnn = candle_nn::batch_norm(
+        4,
+        candle_nn::BatchNormConfig::default(),
+        VarBuilder::from_tensors(tensors, DType::F32, &dev),
+    )
+    .unwrap();
+    assert_eq!(vals(cnn.running_var()), vals(ours.running_var().unwrap()));
+    std::fs::remove_file(path).unwrap();
+    std::fs::remove_file(path2).unwrap();
+}
+
+#[test]
+fn running_statistics_follow_pytorch_rules() {
+    let dev = Device::Cpu;
+    let map = VarMap::new();
+    let cma = BatchNormConfig {
+        momentum: None,
+        ..BatchNormConfig::default()
+    };
+    let bn = batch_norm(2, cma, VarBuilder::from_varmap(&map, DType::F64, &dev)).unwrap();
+    let batches: Vec<Tensor> = (0..3)
+        .map(|i| {
+            grad_core::Philox::new(i)
+                .normal((10, 2), i as f64, 1.0, DType::F64, &dev)
+                .unwrap()
+        })
+        .collect();
+    for b in &batches {
+        bn.forward_t(b, true).unwrap();
+    }
+    // The cumulative average of the batch means.
+    let mean_of_means: Vec<f64> = (0..2)
+        .map(|c| {
+            batches
+                .iter()
+                .map(|b| {
+                    b.narrow(1, c, 1)
+                        .unwrap()
+                        .mean_all()
+                        .unwrap()
+                        .to_scalar::<f64>()
+                        .unwrap()
+                })
+                .sum::<f64>()
+                / 3.0
+        })
+        .collect();
+    for (a, b) in vals(bn.running_mean().unwrap()).iter().zip(&mean_of_means) {
+        assert!((a - b).abs() < 1e-12);
+    }
+    assert_eq!(bn.num_batches_tracked().unwrap(), Some(3));
+    // The VarMap sees the same buffers, so saving after training saves the updated statistics.
+    let stored = map.data().lock().unwrap()["running_mean"]
+        .as_tensor()
+        .clone();
+    assert_eq!(vals(&stored), vals(bn.running_mean().unwrap()));
+
+    // Evaluation neither uses nor changes batch statistics; without tracking, batch statistics
+    // are used in both modes.
+    let before = vals(bn.running_var().unwrap());
+    bn.forward_t(&batches[0], false).unwrap();
+    assert_eq!(before, vals(bn.running_var().unwrap()));
+    let untracked = batch_norm(
+        2,
+        BatchNormConfig {
+            track_running_stats: false,
+            ..BatchNormConfig::default()
+        },
+        VarBuilder::from_varmap(&VarMap::new(), DType::F64, &dev),
+    )
+    .unwrap();
+    assert_eq!(untracked.num_batches_tracked().unwrap(), None);
+    let (t, e) = (
+        untracked.forward_t(&batches[1], true).unwrap(),
+        untracked.forward_t(&batches[1], false).unwrap(),
+    );
+    assert_eq!(vals(&t), vals(&e));
+}
+
+#[test]
+fn rank_five_inputs_normalise_per_channel() {
+    let dev = Device::Cpu;
+    let bn = batch_norm(
+        3,
+        BatchNormConfig::default(),
+        VarBuilder::from_varmap(&VarMap::new(), DType::F32, &dev),
+    )
+    .unwrap();
+    let x = grad_core::Philox::new(0)
+        .normal((2, 3, 2, 3, 4), 5.0, 3.0, DType::F32, &dev)
+        .unwrap();
+    let y = bn.forward_t(&x, true).unwrap();
+    let per_channel = y
+        .transpose(0, 1)
+        .unwrap()
+        .contiguous()
+        .unwrap()
+        .reshape((3, ()))
+        .unwrap();
+    for row in per_channel.to_vec2::<f32>().unwrap() {
+        let mean = row.iter().sum::<f32>() / row.len() as f32;
+        assert!(mean.abs() < 1e-5);
+    }
+}
+
+#[test]
+fn bad_input_is_an_error_not_a_panic() {
+    let dev = Device::Cpu;
+    let vb = VarBuilder::from_varmap(&VarMap::new(), DType::F32, &dev);
+    let bn = batch_norm(4, BatchNormConfig::default(), vb.pp("bn")).unwrap();
+    let rank1 = Tensor::zeros(4, DType::F32, &dev).unwrap();
+    let rank6 = Tensor::zeros((2, 4, 1, 1, 1, 2), DType::F32, &dev).unwrap();
+    let wrong_c = Tensor::zeros((2, 3), DType::F32, &dev).unwrap();
+    let empty = Tensor::zeros((0, 4), DType::F32, &dev).unwrap();
+    let one = Tensor::zeros((1, 4), DType::F32, &dev).unwrap();
+    assert!(matches!(
+        bn.try_forward(&rank1, true),
+        Err(Error::Core(grad_core::Error::RankMismatch { .. }))
+    ));
+    assert!(matches!(
+        bn.try_forward(&rank6, true),
+        Err(Error::Core(grad_core::Error::RankMismatch { .. }))
+    ));
+    assert!(matches!(
+        bn.try_forward(&wrong_c, true),
+        Err(Error::Core(grad_core::Error::ShapeMismatch { .. }))
+    ));
+    assert!(matches!(
+        bn.try_forward(&empty, true),
+        Err(Error::Core(grad_core::Error::EmptyInput { .. }))
+    ));
+    assert!(matches!(
+        bn.try_forward(&one, true),
+        Err(Error::TooFewValuesPerChannel { .. })
+    ));
+    assert!(bn.try_forward(&one, false).is_ok());
+    // The error also comes through candle's ModuleT, downcastable.
+    let err = bn.forward_t(&one, true).unwrap_err();
+    assert!(err.to_string().contains("more than 1 value per channel"));
+
+    for (eps, momentum) in [
+        (0.0, Some(0.1)),
+        (-1e-5, Some(0.1)),
+        (f64::NAN, Some(0.1)),
+        (1e-5, Some(1.5)),
+        (1e-5, Some(-0.1)),
+        (1e-5, Some(f64::NAN)),
+    ] {
+        let cfg = BatchNormConfig {
+            eps,
+            momentum,
+            ..BatchNormConfig::default()
+        };
+        assert!(
+            matches!(
+                batch_norm(4, cfg, vb.pp("x")),
+                Err(Error::Core(grad_core::Error::InvalidHyperParameter { .. }))
+            ),
+            "eps {eps}, momentum {momentum:?}"
+        );
+    }
+    assert!(batch_norm(0, BatchNormConfig::default(), vb.pp("zero")).is_err());
+
+    let bad_eps = LayerNormConfig {
+        eps: 0.0,
+        ..LayerNormConfig::default()
+    };
+    assert!(layer_norm(4, bad_eps, vb.pp("ln")).is_err());
+    let ln = layer_norm(4, LayerNormConfig::default(), vb.pp("ln2")).unwrap();
+    assert!(ln.try_forward(&wrong_c).is_err());
+    assert!(
+        ln.try_forward(&Tensor::zeros((0, 4), DType::F32, &dev).unwrap())
+            .is_err()
+    );
+    assert!(matches!(
+        group_norm(4, 6, GroupNormConfig::default(), vb.pp("gn")),
+        Err(Error::IndivisibleGroups {
+            channels: 6,
+            groups: 4
+        })
+    ));
+    assert!(group_norm(0, 6, GroupNormConfig::default(), vb.pp("gn0")).is_err());
+    let gn = group_norm(2, 4, GroupNormConfig::default(), vb.pp("gn2")).unwrap();
+    assert!(gn.try_forward(&rank1).is_err());
+    assert!(gn.try_forward(&wrong_c).is_err());
+    assert!(
+        rms_norm(
+            4,
+            RmsNormConfig {
+                eps: Some(f64::NAN),
+                elementwise_affine: true
+            },
+            vb.pp("r")
+        )
+        .is_err()
+    );
+    let ints = Tensor::zeros((2, 4), DType::U32, &dev).unwrap();
+    assert!(ops::layer_norm(&ints, &[4], None, None, 1e-5).is_err());
+    let w64 = Tensor::ones(4, DType::F64, &dev).unwrap();
+    let x32 = Tensor::ones((2, 4), DType::F32, &dev).unwrap();
+    assert!(ops::layer_norm(&x32, &[4], Some(&w64), None, 1e-5).is_err());
+}
