@@ -15,8 +15,11 @@
 
 #![allow(clippy::expect_used, reason = "a bench with broken data should stop")]
 
+mod common;
+
 use candle_core::{DType, Device, ModuleT, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
+use common::step::{floor, step};
 use criterion::{Criterion, criterion_group, criterion_main};
 use grad_layers::{BatchNormConfig, ops};
 use rayon::prelude::*;
@@ -25,20 +28,6 @@ fn randn(shape: &[usize], seed: u64) -> Tensor {
     grad_core::Philox::new(seed)
         .normal(shape, 0.0, 1.0, DType::F32, &Device::Cpu)
         .expect("random data")
-}
-
-/// Forward, then backward of `(y * upstream).sum_all()`.
-fn step(y: candle_core::Result<Tensor>, upstream: &Tensor) {
-    let loss = (y.expect("forward") * upstream)
-        .and_then(|t| t.sum_all())
-        .expect("loss");
-    let grads = loss.backward().expect("backward");
-    std::hint::black_box(grads);
-}
-
-/// The training step with the norm replaced by an identity: candle's autograd cost alone.
-fn floor(x: &Var, upstream: &Tensor) {
-    step(x.as_tensor().affine(1.0, 0.0), upstream);
 }
 
 /// One parallel pass `out[i] = f(a[i], b[i])` over reused buffers.

@@ -1,4 +1,8 @@
-//! Data shared by the benches: ResNet-50-shaped gradient sets.
+//! Data and helpers shared by the benches.
+
+#![allow(dead_code, reason = "each bench uses part of the helpers")]
+
+pub mod step;
 
 use candle_core::{DType, Device, Tensor};
 

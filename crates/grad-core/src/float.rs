@@ -190,6 +190,8 @@ pub trait Real:
     fn ln(self) -> Self;
     /// Hyperbolic tangent.
     fn tanh(self) -> Self;
+    /// The error function (libm's `erf`/`erff`).
+    fn erf(self) -> Self;
     /// Absolute value.
     fn abs(self) -> Self;
     /// The larger of two values (the other when one is NaN).
@@ -201,7 +203,7 @@ pub trait Real:
 }
 
 macro_rules! impl_real {
-    ($ty:ty) => {
+    ($ty:ty, $erf:path) => {
         impl Real for $ty {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
@@ -238,6 +240,10 @@ macro_rules! impl_real {
                 <$ty>::tanh(self)
             }
             #[inline(always)]
+            fn erf(self) -> Self {
+                $erf(self)
+            }
+            #[inline(always)]
             fn abs(self) -> Self {
                 <$ty>::abs(self)
             }
@@ -257,8 +263,8 @@ macro_rules! impl_real {
     };
 }
 
-impl_real!(f32);
-impl_real!(f64);
+impl_real!(f32, libm::erff);
+impl_real!(f64, libm::erf);
 
 /// Runs `f` compiled with AVX2 enabled when the CPU supports it, else as is.
 ///

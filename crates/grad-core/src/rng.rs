@@ -169,7 +169,7 @@ impl PhiloxState {
 }
 
 /// Writes words `first .. first + out.len()` of the stream for `key`, sequentially.
-#[inline]
+#[inline(always)]
 fn fill_words(key: [u32; 2], first: u64, out: &mut [u32]) {
     let mut block = first / 4;
     let mut skip = (first % 4) as usize;

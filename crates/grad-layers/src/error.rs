@@ -32,6 +32,23 @@ pub enum Error {
         groups: usize,
     },
 
+    /// A nonlinearity name `calculate_gain` does not know.
+    #[error(
+        "unknown nonlinearity {0:?} (expected linear, conv1d, conv2d, conv3d, conv_transpose1d, conv_transpose2d, conv_transpose3d, sigmoid, tanh, relu, leaky_relu or selu)"
+    )]
+    UnknownNonlinearity(String),
+
+    /// LSUV met a layer whose output variance it cannot scale to one.
+    #[error(
+        "lsuv: layer {layer} has output variance {variance} (zero or not finite), cannot rescale it"
+    )]
+    DegenerateVariance {
+        /// The layer's position in the list given to LSUV.
+        layer: usize,
+        /// The variance measured.
+        variance: f64,
+    },
+
     /// An error raised by candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -29,19 +29,27 @@
 //! # Ok::<(), grad_layers::Error>(())
 //! ```
 
+mod activation;
 mod batch_norm;
 mod check;
+mod dropout;
 mod error;
 mod group_norm;
+pub mod init;
 mod kernels;
 mod layer_norm;
+pub mod lsuv;
 pub mod ops;
+mod prelu;
 mod rms_norm;
 
+pub use activation::{Activation, GeluApproximation, SELU_ALPHA, SELU_SCALE};
 pub use batch_norm::{BatchNorm, BatchNormConfig, batch_norm};
+pub use dropout::{Dropout, DropoutConfig, dropout};
 pub use error::{Error, Result};
 pub use group_norm::{GroupNorm, GroupNormConfig, group_norm};
 pub use layer_norm::{LayerNorm, LayerNormConfig, layer_norm};
+pub use prelu::{PRelu, PReluConfig, prelu};
 pub use rms_norm::{RmsNorm, RmsNormConfig, rms_norm};
 
 #[cfg(test)]
@@ -55,5 +63,8 @@ mod autotraits {
         assert_send_sync::<crate::LayerNorm>();
         assert_send_sync::<crate::GroupNorm>();
         assert_send_sync::<crate::RmsNorm>();
+        assert_send_sync::<crate::Dropout>();
+        assert_send_sync::<crate::PRelu>();
+        assert_send_sync::<crate::Activation>();
     }
 }

@@ -1,0 +1,127 @@
+//! Element-wise layers on 16M f32 values: dropout, Leaky ReLU and GELU, forward alone and
+//! forward + backward (`(y * upstream).sum_all()`), against what a candle user writes today
+//! (`candle_nn::ops::dropout`, `candle_nn::ops::leaky_relu`, `Tensor::gelu_erf`).
+//!
+//! `bandwidth` is the forward's unavoidable traffic (read `x`, write `y`) as one parallel pass
+//! over reused buffers; `floor` is candle's autograd cost for the loss alone (see norms.rs).
+
+#![allow(clippy::expect_used, reason = "a bench with broken data should stop")]
+
+mod common;
+
+use candle_core::{DType, Device, Tensor, Var};
+use common::step::{floor, step};
+use criterion::{Criterion, criterion_group, criterion_main};
+use grad_core::Philox;
+use grad_layers::ops::{self, DropoutKind};
+use grad_layers::{Activation, GeluApproximation};
+use rayon::prelude::*;
+
+const N: usize = 16 * 1024 * 1024;
+
+fn bandwidth(out: &mut [f32], x: &[f32]) {
+    out.par_chunks_mut(32 * 1024)
+        .zip(x.par_chunks(32 * 1024))
+        .for_each(|(o, x)| {
+            for (o, x) in o.iter_mut().zip(x) {
+                *o = x * 2.0;
+            }
+        });
+}
+
+fn bench(c: &mut Criterion) {
+    let dev = Device::Cpu;
+    let x = Var::from_tensor(
+        &Philox::new(1)
+            .normal(N, 0.0, 1.0, DType::F32, &dev)
+            .expect("x"),
+    )
+    .expect("var");
+    let up = Philox::new(2)
+        .normal(N, 0.0, 1.0, DType::F32, &dev)
+        .expect("upstream");
+    let host: Vec<f32> = x.as_tensor().to_vec1::<f32>().expect("host x");
+    let mut out = vec![0f32; N];
+    let mut rng = Philox::new(3);
+    let leaky = Activation::LeakyRelu {
+        negative_slope: 0.01,
+    };
+    let gelu = Activation::Gelu {
+        approximate: GeluApproximation::None,
+    };
+
+    let mut group = c.benchmark_group("dropout_train/16M");
+    group.sample_size(10);
+    group.bench_function("gradkit", |b| {
+        b.iter(|| {
+            ops::dropout(x.as_tensor(), 0.5, DropoutKind::Element, &mut rng).expect("dropout")
+        })
+    });
+    group.bench_function("candle", |b| {
+        b.iter(|| candle_nn::ops::dropout(x.as_tensor(), 0.5).expect("dropout"))
+    });
+    group.bench_function("bandwidth", |b| b.iter(|| bandwidth(&mut out, &host)));
+    group.finish();
+
+    let mut group = c.benchmark_group("dropout_train_fwdbwd/16M");
+    group.sample_size(10);
+    group.bench_function("gradkit", |b| {
+        b.iter(|| {
+            step(
+                ops::dropout(x.as_tensor(), 0.5, DropoutKind::Element, &mut rng)
+                    .map_err(candle_core::Error::wrap),
+                &up,
+            )
+        })
+    });
+    group.bench_function("candle", |b| {
+        b.iter(|| step(candle_nn::ops::dropout(x.as_tensor(), 0.5), &up))
+    });
+    group.bench_function("floor", |b| b.iter(|| floor(&x, &up)));
+    group.finish();
+
+    let mut group = c.benchmark_group("leaky_relu/16M");
+    group.sample_size(10);
+    group.bench_function("gradkit", |b| {
+        b.iter(|| ops::activation(x.as_tensor(), leaky).expect("leaky"))
+    });
+    group.bench_function("candle", |b| {
+        b.iter(|| candle_nn::ops::leaky_relu(x.as_tensor(), 0.01).expect("leaky"))
+    });
+    group.bench_function("bandwidth", |b| b.iter(|| bandwidth(&mut out, &host)));
+    group.finish();
+
+    let mut group = c.benchmark_group("leaky_relu_fwdbwd/16M");
+    group.sample_size(10);
+    group.bench_function("gradkit", |b| {
+        b.iter(|| {
+            step(
+                ops::activation(x.as_tensor(), leaky).map_err(candle_core::Error::wrap),
+                &up,
+            )
+        })
+    });
+    group.bench_function("candle", |b| {
+        b.iter(|| step(candle_nn::ops::leaky_relu(x.as_tensor(), 0.01), &up))
+    });
+    group.bench_function("floor", |b| b.iter(|| floor(&x, &up)));
+    group.finish();
+
+    let mut group = c.benchmark_group("gelu_fwdbwd/16M");
+    group.sample_size(10);
+    group.bench_function("gradkit", |b| {
+        b.iter(|| {
+            step(
+                ops::activation(x.as_tensor(), gelu).map_err(candle_core::Error::wrap),
+                &up,
+            )
+        })
+    });
+    group.bench_function("candle", |b| b.iter(|| step(x.as_tensor().gelu_erf(), &up)));
+    group.bench_function("floor", |b| b.iter(|| floor(&x, &up)));
+    group.finish();
+    std::hint::black_box(Tensor::new(0f32, &dev).expect("keep"));
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,124 @@
+//! The dropout family as layers with their own seeded, resumable random stream.
+//!
+//! A layer built with a seed draws its masks from a Philox stream (grad-core's counter-based
+//! generator): the same seed gives the same masks run after run and whatever the thread count;
+//! each training forward advances the stream by the words it used; [`Dropout::state`] and
+//! [`Dropout::set_state`] save and restore the position, so a resumed run draws exactly the masks
+//! it would have drawn. candle cannot seed its CPU generator at all (candle issues #2651, #2216,
+//! #3297).
+//!
+//! Memory: the backward keeps no mask. It regenerates the mask from the `(seed, offset)` the
+//! forward used, so a dropout layer costs no activation memory beyond its output.
+
+use std::sync::{Mutex, PoisonError};
+
+use candle_core::{ModuleT, Tensor};
+use grad_core::{Philox, PhiloxState};
+use serde::{Deserialize, Serialize};
+
+use crate::ops::dropout::words_needed;
+use crate::ops::{DropoutKind, dropout as dropout_fn};
+use crate::{Error, Result};
+
+/// Configuration of a [`Dropout`] layer.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct DropoutConfig {
+    /// Probability of dropping an element (or channel), in `[0, 1]`. Default: 0.5.
+    pub p: f64,
+    /// Which member of the family. Default: [`DropoutKind::Element`].
+    pub kind: DropoutKind,
+    /// Seed of the layer's random stream. Default: 0.
+    pub seed: u64,
+}
+
+impl Default for DropoutConfig {
+    fn default() -> Self {
+        Self {
+            p: 0.5,
+            kind: DropoutKind::Element,
+            seed: 0,
+        }
+    }
+}
+
+/// A dropout layer (any [`DropoutKind`]); a candle [`ModuleT`]: identity in evaluation.
+#[derive(Debug)]
+pub struct Dropout {
+    config: DropoutConfig,
+    rng: Mutex<Philox>,
+}
+
+/// Builds a [`Dropout`] layer.
+///
+/// # Errors
+/// [`Error::Core`] when `p` is outside `[0, 1]` or NaN.
+///
+/// ```
+/// use candle_core::{DType, Device, ModuleT, Tensor};
+/// use grad_layers::{DropoutConfig, dropout};
+/// let layer = dropout(DropoutConfig { p: 0.5, seed: 42, ..Default::default() })?;
+/// let x = Tensor::ones((4, 8), DType::F32, &Device::Cpu)?;
+/// let saved = layer.state();
+/// let a = layer.forward_t(&x, true)?;
+/// layer.set_state(saved); // rewind: the same mask again
+/// let b = layer.forward_t(&x, true)?;
+/// assert_eq!(a.to_vec2::<f32>()?, b.to_vec2::<f32>()?);
+/// assert_eq!(layer.forward_t(&x, false)?.to_vec2::<f32>()?, x.to_vec2::<f32>()?);
+/// # Ok::<(), grad_layers::Error>(())
+/// ```
+pub fn dropout(config: DropoutConfig) -> Result<Dropout> {
+    grad_core::validate::unit_interval("p", config.p)?;
+    Ok(Dropout {
+        rng: Mutex::new(Philox::new(config.seed)),
+        config,
+    })
+}
+
+impl Dropout {
+    /// The forward pass with gradkit's error type; [`ModuleT::forward_t`] wraps it.
+    ///
+    /// # Errors
+    /// As [`ops::dropout`](crate::ops::dropout()).
+    pub fn try_forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if !train {
+            return Ok(x.clone());
+        }
+        let (p, kind) = (self.config.p, self.config.kind);
+        // Reserve this call's words under the lock, then compute without it: threads sharing a
+        // layer get disjoint ranges of the stream and do not wait for each other's kernels.
+        let words = words_needed(x, p, kind)?;
+        let at = self
+            .rng
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .reserve(words as u64);
+        dropout_fn(x, p, kind, &mut Philox::from_state(at))
+    }
+
+    /// The position of the layer's random stream: save it with a checkpoint.
+    pub fn state(&self) -> PhiloxState {
+        self.rng
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .state()
+    }
+
+    /// Moves the layer's random stream to a saved position.
+    pub fn set_state(&self, state: PhiloxState) {
+        self.rng
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .set_state(state);
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &DropoutConfig {
+        &self.config
+    }
+}
+
+impl ModuleT for Dropout {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        self.try_forward(xs, train).map_err(Error::into_candle)
+    }
+}

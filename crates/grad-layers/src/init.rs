@@ -1,0 +1,584 @@
+//! Weight initialisation with PyTorch's formulas (`torch.nn.init`), drawing from grad-core's
+//! seeded Philox generator.
+//!
+//! Whether gradients vanish or explode at step 0 is decided here: Glorot & Bengio (2010) keep the
+//! variance of activations and gradients constant through linear/tanh layers (Xavier), He et al.
+//! (2015) through ReLU-family layers (Kaiming, gain `sqrt(2 / (1 + a^2))`), Saxe et al. (2014)
+//! with orthogonal matrices. Fans follow PyTorch's convention for `[out, in]` and
+//! `[out, in, k...]` weights: `fan_in = in * prod(k)`, `fan_out = out * prod(k)`.
+
+use std::str::FromStr;
+
+use candle_core::{DType, Device, Shape, Tensor, Var};
+use candle_nn::VarMap;
+use grad_core::{NamedVars, Philox};
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// The nonlinearities `calculate_gain` knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Nonlinearity {
+    /// Identity (and the conv/conv-transpose layers): gain 1.
+    Linear,
+    /// Gain 1.
+    Sigmoid,
+    /// Gain 5/3.
+    Tanh,
+    /// Gain `sqrt(2)`.
+    Relu,
+    /// Gain `sqrt(2 / (1 + slope^2))`.
+    LeakyRelu,
+    /// Gain 3/4 (PyTorch's choice for self-normalising networks).
+    Selu,
+}
+
+impl FromStr for Nonlinearity {
+    type Err = Error;
+
+    /// PyTorch's names: `linear`, `conv1d`, `conv2d`, `conv3d`, `conv_transpose1d`,
+    /// `conv_transpose2d`, `conv_transpose3d`, `sigmoid`, `tanh`, `relu`, `leaky_relu`, `selu`.
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "linear" | "conv1d" | "conv2d" | "conv3d" | "conv_transpose1d" | "conv_transpose2d"
+            | "conv_transpose3d" => Self::Linear,
+            "sigmoid" => Self::Sigmoid,
+            "tanh" => Self::Tanh,
+            "relu" => Self::Relu,
+            "leaky_relu" => Self::LeakyRelu,
+            "selu" => Self::Selu,
+            other => return Err(Error::UnknownNonlinearity(other.to_owned())),
+        })
+    }
+}
+
+/// PyTorch's `calculate_gain(nonlinearity, param)`: the recommended scale of a layer's weights.
+/// `param` is Leaky ReLU's negative slope (`None` means 0.01) and is ignored otherwise.
+///
+/// # Errors
+/// [`Error::Core`] for a non-finite `param`.
+///
+/// ```
+/// use grad_layers::init::{Nonlinearity, calculate_gain};
+/// assert_eq!(calculate_gain(Nonlinearity::Relu, None)?, 2f64.sqrt());
+/// assert_eq!(calculate_gain(Nonlinearity::Tanh, None)?, 5.0 / 3.0);
+/// # Ok::<(), grad_layers::Error>(())
+/// ```
+pub fn calculate_gain(nonlinearity: Nonlinearity, param: Option<f64>) -> Result<f64> {
+    Ok(match nonlinearity {
+        Nonlinearity::Linear | Nonlinearity::Sigmoid => 1.0,
+        Nonlinearity::Tanh => 5.0 / 3.0,
+        Nonlinearity::Relu => 2f64.sqrt(),
+        Nonlinearity::LeakyRelu => {
+            let slope = param.unwrap_or(0.01);
+            if !slope.is_finite() {
+                return Err(grad_core::Error::InvalidHyperParameter {
+                    name: "negative_slope",
+                    value: slope,
+                    allowed: "a finite number",
+                }
+                .into());
+            }
+            (2.0 / (1.0 + slope * slope)).sqrt()
+        }
+        Nonlinearity::Selu => 3.0 / 4.0,
+    })
+}
+
+/// `(fan_in, fan_out)` of a weight shape, PyTorch's `_calculate_fan_in_and_fan_out`.
+///
+/// # Errors
+/// [`Error::Core`] with a rank mismatch for fewer than 2 dims (PyTorch raises the same).
+///
+/// ```
+/// assert_eq!(grad_layers::init::fans(&[64, 3, 7, 7])?, (147, 3136));
+/// assert!(grad_layers::init::fans(&[10]).is_err());
+/// # Ok::<(), grad_layers::Error>(())
+/// ```
+pub fn fans(shape: &[usize]) -> Result<(usize, usize)> {
+    if shape.len() < 2 {
+        return Err(Error::rank(
+            "init",
+            "weight",
+            "at least 2 (fan in and fan out need [out, in, ...])",
+            shape.len(),
+        ));
+    }
+    let receptive: usize = shape[2..].iter().product();
+    Ok((shape[1] * receptive, shape[0] * receptive))
+}
+
+/// Which fan Kaiming initialisation preserves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub enum FanMode {
+    /// The variance of activations in the forward pass (PyTorch's default).
+    #[default]
+    FanIn,
+    /// The variance of gradients in the backward pass.
+    FanOut,
+}
+
+/// A weight initialisation rule: the arguments of PyTorch's `torch.nn.init` functions.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum Initializer {
+    /// All zeros.
+    Zeros,
+    /// All ones.
+    Ones,
+    /// A constant.
+    Constant {
+        /// The value.
+        value: f64,
+    },
+    /// `U[lo, hi)`.
+    Uniform {
+        /// Lower bound.
+        lo: f64,
+        /// Upper bound.
+        hi: f64,
+    },
+    /// `N(mean, std^2)`.
+    Normal {
+        /// Mean.
+        mean: f64,
+        /// Standard deviation.
+        std: f64,
+    },
+    /// `U[-bound, bound]` with `bound = sqrt(3) * gain(nonlinearity, a) / sqrt(fan)`.
+    KaimingUniform {
+        /// Leaky ReLU's negative slope (used when `nonlinearity` is `LeakyRelu`; PyTorch's
+        /// default 0 gives gain `sqrt 2`).
+        a: f64,
+        /// Which fan.
+        mode: FanMode,
+        /// The nonlinearity after the layer.
+        nonlinearity: Nonlinearity,
+    },
+    /// `N(0, std^2)` with `std = gain(nonlinearity, a) / sqrt(fan)`.
+    KaimingNormal {
+        /// As for [`Initializer::KaimingUniform`].
+        a: f64,
+        /// Which fan.
+        mode: FanMode,
+        /// The nonlinearity after the layer.
+        nonlinearity: Nonlinearity,
+    },
+    /// `U[-bound, bound]` with `bound = sqrt(3) * gain * sqrt(2 / (fan_in + fan_out))`.
+    XavierUniform {
+        /// The gain.
+        gain: f64,
+    },
+    /// `N(0, std^2)` with `std = gain * sqrt(2 / (fan_in + fan_out))`.
+    XavierNormal {
+        /// The gain.
+        gain: f64,
+    },
+    /// A (semi-)orthogonal matrix from the QR decomposition of a Gaussian one, times `gain`.
+    Orthogonal {
+        /// The gain.
+        gain: f64,
+    },
+    /// `N(mean, std^2)` truncated to `[a, b]` (inverse-CDF sampling, as PyTorch).
+    TruncNormal {
+        /// Mean.
+        mean: f64,
+        /// Standard deviation.
+        std: f64,
+        /// Lower cut.
+        a: f64,
+        /// Upper cut.
+        b: f64,
+    },
+}
+
+/// Kaiming's `std = gain(nonlinearity, a) / sqrt(fan)` for `shape`.
+///
+/// # Errors
+/// As [`fans`] and [`calculate_gain`].
+pub fn kaiming_std(
+    shape: &[usize],
+    a: f64,
+    mode: FanMode,
+    nonlinearity: Nonlinearity,
+) -> Result<f64> {
+    let (fan_in, fan_out) = fans(shape)?;
+    let fan = match mode {
+        FanMode::FanIn => fan_in,
+        FanMode::FanOut => fan_out,
+    };
+    let gain = calculate_gain(nonlinearity, Some(a))?;
+    #[allow(clippy::cast_precision_loss, reason = "fans are far below 2^52")]
+    Ok(gain / (fan as f64).sqrt())
+}
+
+/// Xavier's `std = gain * sqrt(2 / (fan_in + fan_out))` for `shape`.
+///
+/// # Errors
+/// As [`fans`].
+pub fn xavier_std(shape: &[usize], gain: f64) -> Result<f64> {
+    let (fan_in, fan_out) = fans(shape)?;
+    #[allow(clippy::cast_precision_loss, reason = "fans are far below 2^52")]
+    Ok(gain * (2.0 / (fan_in + fan_out) as f64).sqrt())
+}
+
+impl Initializer {
+    /// Checks the rule's parameters.
+    ///
+    /// # Errors
+    /// [`Error::Core`] naming the parameter: bounds not finite with `lo < hi` (`a < b`), a
+    /// standard deviation or gain that is negative or not finite.
+    pub fn validate(&self) -> Result<()> {
+        use grad_core::validate::non_negative;
+        let ordered = |name, lo: f64, hi: f64| -> Result<()> {
+            if lo.is_finite() && hi.is_finite() && lo < hi {
+                Ok(())
+            } else {
+                Err(grad_core::Error::InvalidHyperParameter {
+                    name,
+                    value: lo,
+                    allowed: "finite bounds with lower < upper",
+                }
+                .into())
+            }
+        };
+        match *self {
+            Self::Zeros | Self::Ones => Ok(()),
+            Self::Constant { value } => finite("value", value),
+            Self::Uniform { lo, hi } => ordered("lo", lo, hi),
+            Self::Normal { mean, std } => {
+                finite("mean", mean)?;
+                Ok(non_negative("std", std)?)
+            }
+            Self::KaimingUniform { a, .. } | Self::KaimingNormal { a, .. } => finite("a", a),
+            Self::XavierUniform { gain }
+            | Self::XavierNormal { gain }
+            | Self::Orthogonal { gain } => Ok(non_negative("gain", gain)?),
+            Self::TruncNormal { mean, std, a, b } => {
+                finite("mean", mean)?;
+                grad_core::validate::positive("std", std)?;
+                ordered("a", a, b)
+            }
+        }
+    }
+
+    /// Samples a tensor of `shape` following the rule.
+    ///
+    /// # Errors
+    /// [`Error::Core`] for invalid parameters or a rank below 2 for the fan-based and orthogonal
+    /// rules.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use grad_core::Philox;
+    /// use grad_layers::init::{FanMode, Initializer, Nonlinearity};
+    /// let rule = Initializer::KaimingUniform { a: 0.0, mode: FanMode::FanIn, nonlinearity: Nonlinearity::Relu };
+    /// let w = rule.sample((256, 128), DType::F32, &Device::Cpu, &mut Philox::new(0))?;
+    /// let bound = (6.0f32 / 128.0).sqrt();
+    /// assert!(w.flatten_all()?.to_vec1::<f32>()?.iter().all(|v| v.abs() <= bound));
+    /// # Ok::<(), grad_layers::Error>(())
+    /// ```
+    pub fn sample(
+        &self,
+        shape: impl Into<Shape>,
+        dtype: DType,
+        device: &Device,
+        rng: &mut Philox,
+    ) -> Result<Tensor> {
+        self.validate()?;
+        let shape = shape.into();
+        let dims = shape.dims().to_vec();
+        let sqrt3 = 3f64.sqrt();
+        let uniform = |rng: &mut Philox, bound: f64| -> Result<Tensor> {
+            if bound == 0.0 {
+                return Ok(Tensor::zeros(dims.as_slice(), dtype, device)?);
+            }
+            Ok(rng.uniform(dims.as_slice(), -bound, bound, dtype, device)?)
+        };
+        Ok(match *self {
+            Self::Zeros => Tensor::zeros(shape, dtype, device)?,
+            Self::Ones => Tensor::ones(shape, dtype, device)?,
+            Self::Constant { value } => Tensor::full(value, shape, device)?.to_dtype(dtype)?,
+            Self::Uniform { lo, hi } => rng.uniform(shape, lo, hi, dtype, device)?,
+            Self::Normal { mean, std } => rng.normal(shape, mean, std, dtype, device)?,
+            Self::KaimingUniform {
+                a,
+                mode,
+                nonlinearity,
+            } => uniform(rng, sqrt3 * kaiming_std(&dims, a, mode, nonlinearity)?)?,
+            Self::KaimingNormal {
+                a,
+                mode,
+                nonlinearity,
+            } => rng.normal(
+                shape,
+                0.0,
+                kaiming_std(&dims, a, mode, nonlinearity)?,
+                dtype,
+                device,
+            )?,
+            Self::XavierUniform { gain } => uniform(rng, sqrt3 * xavier_std(&dims, gain)?)?,
+            Self::XavierNormal { gain } => {
+                rng.normal(shape, 0.0, xavier_std(&dims, gain)?, dtype, device)?
+            }
+            Self::Orthogonal { gain } => orthogonal(&dims, gain, dtype, device, rng)?,
+            Self::TruncNormal { mean, std, a, b } => {
+                trunc_normal(&dims, [mean, std, a, b], dtype, device, rng)?
+            }
+        })
+    }
+
+    /// Overwrites `var` with a sample of its shape and dtype.
+    ///
+    /// # Errors
+    /// As [`sample`](Self::sample).
+    pub fn init_var(&self, var: &Var, rng: &mut Philox) -> Result<()> {
+        let t = self.sample(var.shape(), var.dtype(), var.device(), rng)?;
+        Ok(var.set(&t)?)
+    }
+}
+
+fn finite(name: &'static str, value: f64) -> Result<()> {
+    if value.is_finite() {
+        Ok(())
+    } else {
+        Err(grad_core::Error::InvalidHyperParameter {
+            name,
+            value,
+            allowed: "a finite number",
+        }
+        .into())
+    }
+}
+
+/// Re-initialises the variables of `map` chosen by `rule` (name and shape in, rule or `None`
+/// out), visiting them in natural name order so a seed gives the same weights every run.
+/// Returns the names re-initialised.
+///
+/// # Errors
+/// As [`Initializer::sample`], naming nothing: the first failing rule stops the pass.
+///
+/// ```
+/// use candle_core::{DType, Device};
+/// use candle_nn::{VarBuilder, VarMap};
+/// use grad_core::Philox;
+/// use grad_layers::init::{FanMode, Initializer, Nonlinearity, reinit};
+/// let map = VarMap::new();
+/// let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+/// candle_nn::linear(8, 8, vb.pp("fc1"))?;
+/// candle_nn::linear(8, 2, vb.pp("fc2"))?;
+/// let kaiming = Initializer::KaimingNormal { a: 0.0, mode: FanMode::FanIn, nonlinearity: Nonlinearity::Relu };
+/// let done = reinit(&map, &mut Philox::new(1), |name, _| {
+///     if name.ends_with("weight") { Some(kaiming) } else { Some(Initializer::Zeros) }
+/// })?;
+/// assert_eq!(done, ["fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight"]);
+/// # Ok::<(), grad_layers::Error>(())
+/// ```
+pub fn reinit(
+    map: &VarMap,
+    rng: &mut Philox,
+    rule: impl Fn(&str, &[usize]) -> Option<Initializer>,
+) -> Result<Vec<String>> {
+    let mut done = Vec::new();
+    for (name, var) in NamedVars::from_var_map(map).iter() {
+        if let Some(init) = rule(name, var.dims()) {
+            init.init_var(var, rng)?;
+            done.push(name.to_owned());
+        }
+    }
+    Ok(done)
+}
+
+/// PyTorch's `orthogonal_`: QR of a Gaussian `[rows, prod(rest)]` matrix (transposed when wider
+/// than tall), columns sign-corrected by `diag(R)`, times `gain`.
+fn orthogonal(
+    dims: &[usize],
+    gain: f64,
+    dtype: DType,
+    device: &Device,
+    rng: &mut Philox,
+) -> Result<Tensor> {
+    if dims.len() < 2 {
+        return Err(Error::rank(
+            "orthogonal",
+            "weight",
+            "at least 2",
+            dims.len(),
+        ));
+    }
+    let rows = dims[0];
+    let cols: usize = dims[1..].iter().product();
+    if rows == 0 || cols == 0 {
+        return Ok(Tensor::zeros(dims, dtype, device)?);
+    }
+    let (m, n) = (rows.max(cols), rows.min(cols));
+    // Column-major m x n Gaussian matrix.
+    let a = rng
+        .normal((n, m), 0.0, 1.0, DType::F64, &Device::Cpu)?
+        .flatten_all()?
+        .to_vec1::<f64>()?;
+    let q = householder_q(a, m, n);
+    // q is column-major m x n; element (i, j) at q[j * m + i].
+    let mut out = vec![0.0; rows * cols];
+    for r in 0..rows {
+        for c in 0..cols {
+            let v = if rows >= cols {
+                q[c * m + r]
+            } else {
+                q[r * m + c]
+            };
+            out[r * cols + c] = gain * v;
+        }
+    }
+    Ok(Tensor::from_vec(out, dims, &Device::Cpu)?
+        .to_dtype(dtype)?
+        .to_device(device)?)
+}
+
+/// The `m x n` (m >= n) factor `Q` of a column-major matrix's QR decomposition, with columns
+/// signed so that `R` has a non-negative diagonal (Householder reflections, Golub & Van Loan
+/// algorithm 5.2.1).
+fn householder_q(mut a: Vec<f64>, m: usize, n: usize) -> Vec<f64> {
+    let mut reflectors: Vec<Vec<f64>> = Vec::with_capacity(n);
+    let mut signs = vec![1.0; n];
+    for k in 0..n {
+        let col = &a[k * m + k..k * m + m];
+        let norm = col.iter().map(|v| v * v).sum::<f64>().sqrt();
+        let alpha = if col[0] > 0.0 { -norm } else { norm };
+        let mut v = col.to_vec();
+        v[0] -= alpha;
+        let vnorm = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        if vnorm > 0.0 {
+            v.iter_mut().for_each(|x| *x /= vnorm);
+            for j in k..n {
+                let c = &mut a[j * m + k..j * m + m];
+                let dot: f64 = v.iter().zip(c.iter()).map(|(x, y)| x * y).sum();
+                c.iter_mut().zip(&v).for_each(|(y, x)| *y -= 2.0 * dot * x);
+            }
+        }
+        // After the reflection R[k][k] = alpha (or the untouched value when v vanished).
+        signs[k] = if a[k * m + k] < 0.0 { -1.0 } else { 1.0 };
+        reflectors.push(v);
+    }
+    // Q = H_0 ... H_{n-1} I[:, :n], applied right to left.
+    let mut q = vec![0.0; m * n];
+    for j in 0..n {
+        q[j * m + j] = 1.0;
+    }
+    for (k, v) in reflectors.iter().enumerate().rev() {
+        for j in 0..n {
+            let c = &mut q[j * m + k..j * m + m];
+            let dot: f64 = v.iter().zip(c.iter()).map(|(x, y)| x * y).sum();
+            c.iter_mut().zip(v).for_each(|(y, x)| *y -= 2.0 * dot * x);
+        }
+    }
+    for (j, s) in signs.iter().enumerate() {
+        q[j * m..(j + 1) * m].iter_mut().for_each(|x| *x *= s);
+    }
+    q
+}
+
+/// PyTorch's `trunc_normal_`: uniform in `[2 Phi(alpha) - 1, 2 Phi(beta) - 1]`, then
+/// `erfinv`, scaled and shifted, clamped to `[a, b]`.
+fn trunc_normal(
+    dims: &[usize],
+    [mean, std, a, b]: [f64; 4],
+    dtype: DType,
+    device: &Device,
+    rng: &mut Philox,
+) -> Result<Tensor> {
+    let cdf = |x: f64| (1.0 + libm::erf(x / 2f64.sqrt())) / 2.0;
+    let (l, u) = (cdf((a - mean) / std), cdf((b - mean) / std));
+    let n: usize = dims.iter().product();
+    let v = if l < u {
+        rng.uniform(n, 2.0 * l - 1.0, 2.0 * u - 1.0, DType::F64, &Device::Cpu)?
+            .to_vec1::<f64>()?
+    } else {
+        // The interval lies so far in a tail that both cdfs round to the same value.
+        vec![2.0 * l - 1.0; n]
+    };
+    let out: Vec<f64> = v
+        .into_iter()
+        .map(|p| (erfinv(p) * std * 2f64.sqrt() + mean).clamp(a, b))
+        .collect();
+    Ok(Tensor::from_vec(out, dims, &Device::Cpu)?
+        .to_dtype(dtype)?
+        .to_device(device)?)
+}
+
+/// The inverse error function on `(-1, 1)`: Giles' (2010) approximation refined by two Newton
+/// steps on libm's `erf`, accurate to a few ulps.
+fn erfinv(p: f64) -> f64 {
+    if p <= -1.0 {
+        return f64::NEG_INFINITY;
+    }
+    if p >= 1.0 {
+        return f64::INFINITY;
+    }
+    let w = -((1.0 - p) * (1.0 + p)).ln();
+    let mut x = if w < 5.0 {
+        let w = w - 2.5;
+        let mut r = 2.810_226_36e-08;
+        for c in [
+            3.432_739_39e-07,
+            -3.523_387_7e-06,
+            -4.391_506_54e-06,
+            0.000_218_580_87,
+            -0.001_253_725_03,
+            -0.004_177_681_64,
+            0.246_640_727,
+            1.501_409_41,
+        ] {
+            r = c + r * w;
+        }
+        r * p
+    } else {
+        let w = w.sqrt() - 3.0;
+        let mut r = -0.000_200_214_257;
+        for c in [
+            0.000_100_950_558,
+            0.001_349_343_22,
+            -0.003_673_428_44,
+            0.005_739_507_73,
+            -0.007_622_461_3,
+            0.009_438_870_47,
+            1.001_674_06,
+            2.832_976_82,
+        ] {
+            r = c + r * w;
+        }
+        r * p
+    };
+    let two_over_sqrt_pi = std::f64::consts::FRAC_2_SQRT_PI;
+    for _ in 0..2 {
+        let err = libm::erf(x) - p;
+        x -= err / (two_over_sqrt_pi * (-x * x).exp());
+    }
+    x
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn erfinv_inverts_erf() {
+        for p in [-0.999_999, -0.9, -0.3, 0.0, 1e-9, 0.5, 0.99, 0.999_999_9] {
+            let x = erfinv(p);
+            assert!((libm::erf(x) - p).abs() < 1e-15, "p {p}");
+        }
+    }
+
+    #[test]
+    fn householder_q_has_orthonormal_columns() {
+        let (m, n) = (7, 4);
+        let a: Vec<f64> = (0..m * n).map(|i| ((i * 37 % 11) as f64) - 5.0).collect();
+        let q = householder_q(a, m, n);
+        for i in 0..n {
+            for j in 0..n {
+                let dot: f64 = (0..m).map(|r| q[i * m + r] * q[j * m + r]).sum();
+                let want = if i == j { 1.0 } else { 0.0 };
+                assert!((dot - want).abs() < 1e-12);
+            }
+        }
+    }
+}

@@ -1,0 +1,213 @@
+//! Functional dropout: standard (Srivastava et al. 2014, inverted), channel dropout (Tompson et
+//! al. 2015) and alpha dropout for SELU networks (Klambauer et al. 2017), with PyTorch's formulas.
+//!
+//! Masks come from a [`Philox`] stream: one 32-bit word per element (per channel plane for the
+//! channel kinds), kept when below `(1 - p) * 2^32`. The same `(seed, offset)` gives the same mask
+//! on any device and any thread count.
+
+use candle_core::Tensor;
+use grad_core::rng::bernoulli_threshold;
+use grad_core::{Philox, PhiloxState};
+use serde::{Deserialize, Serialize};
+
+use crate::kernels::dropout::DropoutOp;
+use crate::{Error, Result};
+
+/// SELU's `scale * alpha`: the value a SELU unit saturates to (negated).
+const SELU_SCALE_ALPHA: f64 = 1.758_099_340_847_376_6;
+
+/// Which member of the dropout family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum DropoutKind {
+    /// `nn.Dropout`: independent elements, kept ones scaled by `1 / (1 - p)`.
+    Element,
+    /// `nn.Dropout1d`: whole channels of `[N, C, L]` (or unbatched `[C, L]`).
+    Channel1d,
+    /// `nn.Dropout2d`: whole channels of `[N, C, H, W]` (or unbatched `[C, H, W]`).
+    Channel2d,
+    /// `nn.Dropout3d`: whole channels of `[N, C, D, H, W]` (or unbatched `[C, D, H, W]`).
+    Channel3d,
+    /// `nn.AlphaDropout`: independent elements set to SELU's saturation value, then an affine
+    /// correction that keeps the mean and variance of a standard-normal input.
+    Alpha,
+    /// `nn.FeatureAlphaDropout`: alpha dropout of whole channels of `[N, C, *]`.
+    FeatureAlpha,
+}
+
+impl DropoutKind {
+    /// The number of random words (masked units) for `dims`, and the elements per unit.
+    fn units(self, dims: &[usize]) -> Result<(usize, usize)> {
+        let rank = dims.len();
+        let (batched, unbatched, expected) = match self {
+            Self::Element | Self::Alpha => return Ok((dims.iter().product(), 1)),
+            Self::Channel1d => (3, 2, "2 or 3 ([C, L] or [N, C, L])"),
+            Self::Channel2d => (4, 3, "3 or 4 ([C, H, W] or [N, C, H, W])"),
+            Self::Channel3d => (5, 4, "4 or 5 ([C, D, H, W] or [N, C, D, H, W])"),
+            Self::FeatureAlpha if rank >= 2 => {
+                return Ok((dims[0] * dims[1], dims[2..].iter().product()));
+            }
+            Self::FeatureAlpha => {
+                return Err(Error::rank(
+                    "feature_alpha_dropout",
+                    "input",
+                    "at least 2 ([N, C, *])",
+                    rank,
+                ));
+            }
+        };
+        if rank == batched {
+            Ok((dims[0] * dims[1], dims[2..].iter().product()))
+        } else if rank == unbatched {
+            Ok((dims[0], dims[1..].iter().product()))
+        } else {
+            Err(Error::rank("dropout", "input", expected, rank))
+        }
+    }
+
+    fn is_alpha(self) -> bool {
+        matches!(self, Self::Alpha | Self::FeatureAlpha)
+    }
+}
+
+/// The element-wise map of a dropout with drop probability `p`: `(keep_scale, keep_shift,
+/// drop_value)`.
+fn coefficients(kind: DropoutKind, p: f64) -> (f64, f64, f64) {
+    if p >= 1.0 {
+        // Everything dropped: zeros (PyTorch multiplies by 0), never 0 * inf = NaN.
+        return (0.0, 0.0, 0.0);
+    }
+    if kind.is_alpha() {
+        let alpha = SELU_SCALE_ALPHA;
+        let a = 1.0 / ((alpha * alpha * p + 1.0) * (1.0 - p)).sqrt();
+        (a, alpha * a * p, alpha * a * (p - 1.0))
+    } else {
+        (1.0 / (1.0 - p), 0.0, 0.0)
+    }
+}
+
+/// Applies dropout of `kind` with drop probability `p` to `x`, as in training, drawing the mask
+/// from `rng` (which advances by one word per element, or per channel plane).
+///
+/// `p = 0` returns `x` itself and draws nothing; `p = 1` returns zeros. On the CPU a fused kernel
+/// that keeps no mask: the backward regenerates it from the generator state. Other devices use
+/// [`dropout_composed`].
+///
+/// # Errors
+/// [`Error::Core`] for `p` outside `[0, 1]` or NaN, or a non-float input;
+/// a rank mismatch for the channel kinds.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use grad_core::Philox;
+/// use grad_layers::ops::{DropoutKind, dropout};
+/// let x = Tensor::ones(1000, candle_core::DType::F32, &Device::Cpu)?;
+/// let mut rng = Philox::new(7);
+/// let y = dropout(&x, 0.25, DropoutKind::Element, &mut rng)?;
+/// let kept = y.to_vec1::<f32>()?.iter().filter(|v| **v > 0.0).count();
+/// assert!((650..850).contains(&kept));
+/// assert_eq!(rng.state().offset, 1000);
+/// # Ok::<(), grad_layers::Error>(())
+/// ```
+pub fn dropout(x: &Tensor, p: f64, kind: DropoutKind, rng: &mut Philox) -> Result<Tensor> {
+    let Some((op, units)) = plan(x, p, kind, rng.state())? else {
+        return Ok(x.clone());
+    };
+    if !x.device().is_cpu() {
+        return dropout_composed(x, p, kind, rng);
+    }
+    rng.reserve(units as u64);
+    Ok(x.contiguous()?.apply_op1(op)?)
+}
+
+/// [`dropout`] written with candle ops (the mask built on the host from the same words): the
+/// test oracle and the path for other devices.
+///
+/// # Errors
+/// As [`dropout`].
+pub fn dropout_composed(x: &Tensor, p: f64, kind: DropoutKind, rng: &mut Philox) -> Result<Tensor> {
+    let Some((op, units)) = plan(x, p, kind, rng.state())? else {
+        return Ok(x.clone());
+    };
+    let mut words = vec![0u32; units];
+    rng.fill_u32(&mut words);
+    let (mut scale, mut shift) = (
+        Vec::with_capacity(x.elem_count()),
+        Vec::with_capacity(x.elem_count()),
+    );
+    for w in words {
+        let keep = u64::from(w) < op.threshold;
+        let (s, b) = if keep {
+            (op.keep_scale, op.keep_shift)
+        } else {
+            (0.0, op.drop_value)
+        };
+        scale.extend(std::iter::repeat_n(s, op.plane));
+        shift.extend(std::iter::repeat_n(b, op.plane));
+    }
+    let as_x = |v: Vec<f64>| -> Result<Tensor> {
+        Ok(Tensor::from_vec(v, x.shape(), x.device())?.to_dtype(x.dtype())?)
+    };
+    Ok(x.mul(&as_x(scale)?)?.add(&as_x(shift)?)?)
+}
+
+/// The number of words [`dropout`] draws for `x` (0 when it is the identity).
+///
+/// # Errors
+/// As [`dropout`].
+pub(crate) fn words_needed(x: &Tensor, p: f64, kind: DropoutKind) -> Result<usize> {
+    Ok(plan(x, p, kind, PhiloxState::default())?.map_or(0, |(_, units)| units))
+}
+
+/// Validates and builds the kernel for `x`, or `None` when dropout is the identity.
+fn plan(
+    x: &Tensor,
+    p: f64,
+    kind: DropoutKind,
+    at: PhiloxState,
+) -> Result<Option<(DropoutOp, usize)>> {
+    grad_core::validate::unit_interval("p", p)?;
+    grad_core::float::ensure_float("dropout", "input", x.dtype())?;
+    let (units, plane) = kind.units(x.dims())?;
+    if p == 0.0 || x.elem_count() == 0 {
+        return Ok(None);
+    }
+    let (keep_scale, keep_shift, drop_value) = coefficients(kind, p);
+    let op = DropoutOp {
+        state: at,
+        threshold: bernoulli_threshold(1.0 - p)?,
+        plane,
+        keep_scale,
+        keep_shift,
+        drop_value,
+    };
+    Ok(Some((op, units)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alpha_coefficients_match_pytorch() {
+        // PyTorch: a = 1 / sqrt((alpha^2 p + 1)(1 - p)), b = alpha a p for kept values and
+        // alpha a (p - 1) for dropped ones.
+        let (a, b, d) = coefficients(DropoutKind::Alpha, 0.2);
+        let alpha = SELU_SCALE_ALPHA;
+        assert!((a - 1.0 / ((alpha * alpha * 0.2 + 1.0) * 0.8f64).sqrt()).abs() < 1e-15);
+        assert!((b - alpha * a * 0.2).abs() < 1e-15);
+        assert!((d + alpha * a * 0.8).abs() < 1e-15);
+        assert_eq!(coefficients(DropoutKind::Element, 1.0), (0.0, 0.0, 0.0));
+    }
+
+    #[test]
+    fn unit_counts_follow_the_kind() {
+        assert_eq!(
+            DropoutKind::Channel2d.units(&[2, 3, 4, 5]).unwrap(),
+            (6, 20)
+        );
+        assert_eq!(DropoutKind::Channel2d.units(&[3, 4, 5]).unwrap(), (3, 20));
+        assert!(DropoutKind::Channel2d.units(&[3, 4]).is_err());
+        assert_eq!(DropoutKind::FeatureAlpha.units(&[2, 3]).unwrap(), (6, 1));
+        assert_eq!(DropoutKind::Element.units(&[2, 3]).unwrap(), (6, 1));
+    }
+}

@@ -1,0 +1,296 @@
+//! The dropout family: statistics (5-sigma bounds, fixed seeds), reproducibility, the backward's
+//! regenerated mask, and bad input.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "a test fails by panicking"
+)]
+
+use candle_core::{DType, Device, ModuleT, Tensor, Var};
+use grad_core::{Philox, PhiloxState};
+use grad_layers::ops::{DropoutKind, dropout as dropout_op, dropout_composed};
+use grad_layers::{DropoutConfig, dropout};
+
+fn vals(t: &Tensor) -> Vec<f64> {
+    grad_testkit::values(t).unwrap()
+}
+
+fn layer(p: f64, kind: DropoutKind, seed: u64) -> grad_layers::Dropout {
+    dropout(DropoutConfig { p, kind, seed }).unwrap()
+}
+
+const N: usize = 1 << 20;
+
+#[test]
+fn keep_fraction_and_expectation_within_five_sigma() {
+    let x = Tensor::ones(N, DType::F32, &Device::Cpu).unwrap();
+    for p in [0.1, 0.5, 0.9] {
+        let y = vals(
+            &layer(p, DropoutKind::Element, 3)
+                .forward_t(&x, true)
+                .unwrap(),
+        );
+        let kept = y.iter().filter(|v| **v != 0.0).count() as f64 / N as f64;
+        let sd = ((1.0 - p) * p / N as f64).sqrt();
+        assert!((kept - (1.0 - p)).abs() < 5.0 * sd, "p {p}: kept {kept}");
+        // Kept values are exactly 1 / (1 - p), so E[y] = x.
+        let scale = 1.0 / (1.0 - p);
+        assert!(
+            y.iter()
+                .all(|v| *v == 0.0 || (v - scale).abs() < 1e-6 * scale)
+        );
+        let mean = y.iter().sum::<f64>() / N as f64;
+        assert!((mean - 1.0).abs() < 5.0 * sd * scale, "p {p}: mean {mean}");
+    }
+}
+
+#[test]
+fn channel_dropout_drops_whole_channels_only() {
+    for (kind, dims) in [
+        (DropoutKind::Channel1d, vec![8, 16, 10]),
+        (DropoutKind::Channel2d, vec![4, 16, 5, 6]),
+        (DropoutKind::Channel2d, vec![16, 5, 6]),
+        (DropoutKind::Channel3d, vec![2, 16, 3, 4, 5]),
+        (DropoutKind::FeatureAlpha, vec![4, 16, 7]),
+    ] {
+        let x = Philox::new(1)
+            .normal(dims.as_slice(), 3.0, 1.0, DType::F32, &Device::Cpu)
+            .unwrap();
+        let y = layer(0.5, kind, 9).forward_t(&x, true).unwrap();
+        let plane: usize = if dims.len() == 3 && kind == DropoutKind::Channel2d {
+            30
+        } else {
+            dims[2..].iter().product()
+        };
+        let (xs, ys) = (vals(&x), vals(&y));
+        let mut dropped = 0;
+        for (xp, yp) in xs.chunks(plane).zip(ys.chunks(plane)) {
+            let first_dropped = (yp[0] - drop_value(kind)).abs() < 1e-6;
+            for (xv, yv) in xp.iter().zip(yp) {
+                if first_dropped {
+                    assert!(
+                        (yv - drop_value(kind)).abs() < 1e-6,
+                        "{kind:?}: partial plane"
+                    );
+                } else {
+                    assert!(
+                        (yv - kept_value(kind, *xv)).abs() < 1e-4,
+                        "{kind:?}: kept value"
+                    );
+                }
+            }
+            dropped += usize::from(first_dropped);
+        }
+        let planes = xs.len() / plane;
+        assert!(
+            dropped > 0 && dropped < planes,
+            "{kind:?}: dropped {dropped} of {planes}"
+        );
+    }
+}
+
+fn alpha_coefficients(p: f64) -> (f64, f64, f64) {
+    let alpha = 1.758_099_340_847_376_6;
+    let a = 1.0 / ((alpha * alpha * p + 1.0) * (1.0 - p)).sqrt();
+    (a, alpha * a * p, alpha * a * (p - 1.0))
+}
+
+fn drop_value(kind: DropoutKind) -> f64 {
+    match kind {
+        DropoutKind::FeatureAlpha | DropoutKind::Alpha => alpha_coefficients(0.5).2,
+        _ => 0.0,
+    }
+}
+
+fn kept_value(kind: DropoutKind, x: f64) -> f64 {
+    match kind {
+        DropoutKind::FeatureAlpha | DropoutKind::Alpha => {
+            let (a, b, _) = alpha_coefficients(0.5);
+            a * x + b
+        }
+        _ => 2.0 * x,
+    }
+}
+
+#[test]
+fn alpha_dropout_keeps_standard_normal_moments() {
+    let x = Philox::new(2)
+        .normal(N, 0.0, 1.0, DType::F64, &Device::Cpu)
+        .unwrap();
+    for p in [0.05, 0.2, 0.5] {
+        let y = vals(&layer(p, DropoutKind::Alpha, 4).forward_t(&x, true).unwrap());
+        let n = y.len() as f64;
+        let mean = y.iter().sum::<f64>() / n;
+        let var = y.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / n;
+        // Mean and variance estimates of a unit-variance sample: sd 1/sqrt(n) and about
+        // sqrt(2/n) (wider here: the output is not Gaussian), 5 sigma.
+        assert!(mean.abs() < 5.0 / n.sqrt(), "p {p}: mean {mean}");
+        assert!(
+            (var - 1.0).abs() < 5.0 * (3.0 / n).sqrt(),
+            "p {p}: var {var}"
+        );
+    }
+}
+
+#[test]
+fn same_seed_same_mask_on_one_and_two_threads() {
+    let x = Tensor::ones((300, 1000), DType::F32, &Device::Cpu).unwrap();
+    let draw = |threads: usize| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(|| {
+                vals(
+                    &layer(0.3, DropoutKind::Element, 11)
+                        .forward_t(&x, true)
+                        .unwrap(),
+                )
+            })
+    };
+    assert_eq!(draw(1), draw(2));
+    let mut a = Philox::from_state(PhiloxState {
+        seed: 11,
+        offset: 0,
+    });
+    let mut b = Philox::from_state(PhiloxState {
+        seed: 11,
+        offset: 1,
+    });
+    let ya = vals(&dropout_op(&x, 0.3, DropoutKind::Element, &mut a).unwrap());
+    let yb = vals(&dropout_op(&x, 0.3, DropoutKind::Element, &mut b).unwrap());
+    assert_ne!(ya, yb, "different offsets, different masks");
+    assert_eq!(ya, draw(1));
+}
+
+#[test]
+fn forwards_advance_and_a_restored_state_repeats() {
+    let d = layer(0.5, DropoutKind::Element, 5);
+    let x = Tensor::ones(1000, DType::F32, &Device::Cpu).unwrap();
+    let first = vals(&d.forward_t(&x, true).unwrap());
+    assert_eq!(
+        d.state(),
+        PhiloxState {
+            seed: 5,
+            offset: 1000
+        }
+    );
+    let saved = d.state();
+    let second = vals(&d.forward_t(&x, true).unwrap());
+    assert_ne!(first, second);
+    d.set_state(saved);
+    assert_eq!(vals(&d.forward_t(&x, true).unwrap()), second);
+    // Evaluation is the identity and draws nothing.
+    let before = d.state();
+    assert_eq!(vals(&d.forward_t(&x, false).unwrap()), vals(&x));
+    assert_eq!(d.state(), before);
+}
+
+#[test]
+fn backward_regenerates_the_forward_mask() {
+    for kind in [
+        DropoutKind::Element,
+        DropoutKind::Channel2d,
+        DropoutKind::Alpha,
+        DropoutKind::FeatureAlpha,
+    ] {
+        let x = Var::from_tensor(
+            &Philox::new(8)
+                .normal((4, 6, 5, 5), 0.0, 1.0, DType::F64, &Device::Cpu)
+                .unwrap(),
+        )
+        .unwrap();
+        let up = Philox::new(9)
+            .normal((4, 6, 5, 5), 0.0, 1.0, DType::F64, &Device::Cpu)
+            .unwrap();
+        let mut rng = Philox::new(10);
+        let y = dropout_op(x.as_tensor(), 0.4, kind, &mut rng).unwrap();
+        let g = grad_testkit::grads_of(&y, &up, &[x.as_tensor()]).unwrap()[0]
+            .clone()
+            .unwrap();
+        // The composed version (mask built on the host, autograd through candle ops) is the oracle.
+        let mut rng2 = Philox::new(10);
+        let y2 = dropout_composed(x.as_tensor(), 0.4, kind, &mut rng2).unwrap();
+        let g2 = grad_testkit::grads_of(&y2, &up, &[x.as_tensor()]).unwrap()[0]
+            .clone()
+            .unwrap();
+        assert_eq!(rng.state(), rng2.state());
+        for (a, b) in vals(&y)
+            .iter()
+            .zip(vals(&y2))
+            .chain(vals(&g).iter().zip(vals(&g2)))
+        {
+            assert!((a - b).abs() < 1e-12, "{kind:?}: {a} vs {b}");
+        }
+    }
+}
+
+#[test]
+fn extreme_probabilities() {
+    let x = Philox::new(1)
+        .normal((64, 64), 0.0, 1.0, DType::F32, &Device::Cpu)
+        .unwrap();
+    let x = Var::from_tensor(&x).unwrap();
+    for kind in [DropoutKind::Element, DropoutKind::Alpha] {
+        let y = layer(1.0, kind, 0).forward_t(x.as_tensor(), true).unwrap();
+        assert!(
+            vals(&y).iter().all(|v| *v == 0.0),
+            "p = 1 gives zeros, never NaN"
+        );
+        let g = grad_testkit::grads_of(&y, &x.ones_like().unwrap(), &[x.as_tensor()]).unwrap()[0]
+            .clone()
+            .unwrap();
+        assert!(vals(&g).iter().all(|v| *v == 0.0));
+        let d = layer(0.0, kind, 0);
+        assert_eq!(
+            vals(&d.forward_t(x.as_tensor(), true).unwrap()),
+            vals(x.as_tensor())
+        );
+        assert_eq!(d.state().offset, 0);
+    }
+}
+
+#[test]
+fn non_contiguous_equals_contiguous() {
+    let base = Philox::new(3)
+        .normal((40, 30), 0.0, 1.0, DType::F32, &Device::Cpu)
+        .unwrap();
+    let strided = base.t().unwrap();
+    let dense = strided.contiguous().unwrap();
+    let a = dropout_op(&strided, 0.5, DropoutKind::Element, &mut Philox::new(1)).unwrap();
+    let b = dropout_op(&dense, 0.5, DropoutKind::Element, &mut Philox::new(1)).unwrap();
+    assert_eq!(vals(&a), vals(&b));
+}
+
+#[test]
+fn bad_input_is_an_error() {
+    for p in [-0.1, 1.1, f64::NAN] {
+        assert!(
+            dropout(DropoutConfig {
+                p,
+                ..Default::default()
+            })
+            .is_err(),
+            "p {p}"
+        );
+    }
+    let x = Tensor::ones((3, 4), DType::F32, &Device::Cpu).unwrap();
+    assert!(
+        layer(0.5, DropoutKind::Channel2d, 0)
+            .try_forward(&x, true)
+            .is_err()
+    );
+    assert!(
+        layer(0.5, DropoutKind::Channel3d, 0)
+            .try_forward(&x, true)
+            .is_err()
+    );
+    let ints = Tensor::ones(4, DType::U32, &Device::Cpu).unwrap();
+    assert!(
+        layer(0.5, DropoutKind::Element, 0)
+            .try_forward(&ints, true)
+            .is_err()
+    );
+}
