@@ -7,7 +7,7 @@
 //! on ranges of a fixed size therefore produces bit-identical results for contiguous and
 //! non-contiguous inputs, and for any thread count.
 
-use candle_core::{CpuStorage, Layout, Storage};
+use candle_core::{CpuStorage, Layout, Storage, WithDType};
 
 use rayon::prelude::*;
 
@@ -158,12 +158,13 @@ impl Iterator for Offsets<'_> {
 
 impl ExactSizeIterator for Offsets<'_> {}
 
-/// The elements of a contiguous CPU storage of element type `T`, through its layout.
+/// The elements of a contiguous CPU storage of element type `T` (any candle dtype), through its
+/// layout.
 ///
 /// # Errors
 /// [`Error::UnsupportedDType`] when the storage holds another dtype; a candle error when the
 /// layout is not contiguous (kernels make their inputs contiguous first).
-pub fn cpu_slice<'a, T: Float>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [T]> {
+pub fn cpu_slice<'a, T: WithDType>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [T]> {
     let all = T::cpu_storage_as_slice(storage)?;
     layout
         .contiguous_offsets()
@@ -176,7 +177,7 @@ pub fn cpu_slice<'a, T: Float>(storage: &'a CpuStorage, layout: &Layout) -> Resu
 ///
 /// # Errors
 /// As [`cpu_slice`], and [`Error::DeviceMismatch`] for a storage on another device.
-pub fn storage_slice<'a, T: Float>(storage: &'a Storage, layout: &Layout) -> Result<&'a [T]> {
+pub fn storage_slice<'a, T: WithDType>(storage: &'a Storage, layout: &Layout) -> Result<&'a [T]> {
     match storage {
         Storage::Cpu(cpu) => cpu_slice(cpu, layout),
         _ => Err(Error::DeviceMismatch {

@@ -17,10 +17,12 @@
 //! On other devices (CUDA) a new tensor is computed with candle ops and replaces `*tensor`; the
 //! old storage is left untouched. Either way, `*tensor` holds the result afterwards.
 
-use candle_core::{CpuStorage, InplaceOp1, Layout, Tensor};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Tensor};
 use rayon::prelude::*;
 
-use crate::float::{Float, ensure_float};
+use crate::float::{Float, ensure_float, with_avx2};
 use crate::host::{CHUNK, Offsets};
 use crate::{Error, Result};
 
@@ -56,6 +58,47 @@ pub fn scale_in_place(tensor: &mut Tensor, factor: f64) -> Result<()> {
     Ok(())
 }
 
+/// [`scale_in_place`] on every tensor, in parallel across tensors (and within large ones): the
+/// multi-tensor form a clipper uses, with no barrier between one gradient and the next.
+///
+/// # Errors
+/// As [`scale_in_place`], for the first tensor that fails.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let mut gs = vec![Tensor::new(&[2f32], &Device::Cpu)?, Tensor::new(&[4f64, 6.0], &Device::Cpu)?];
+/// grad_core::scale_all_in_place(&mut gs, 0.5)?;
+/// assert_eq!(gs[1].to_vec1::<f64>()?, [2.0, 3.0]);
+/// # Ok::<(), grad_core::Error>(())
+/// ```
+pub fn scale_all_in_place(tensors: &mut [Tensor], factor: f64) -> Result<()> {
+    tensors
+        .par_iter_mut()
+        .try_for_each(|t| scale_in_place(t, factor))
+}
+
+/// [`clamp_in_place`] on every tensor, in parallel across tensors.
+///
+/// # Errors
+/// As [`clamp_in_place`], for the first tensor that fails.
+pub fn clamp_all_in_place(tensors: &mut [Tensor], min: f64, max: f64) -> Result<()> {
+    tensors
+        .par_iter_mut()
+        .try_for_each(|t| clamp_in_place(t, min, max))
+}
+
+/// [`unscale_in_place`] on every tensor, in parallel across tensors; true when any result holds
+/// a NaN or infinity.
+///
+/// # Errors
+/// As [`unscale_in_place`], for the first tensor that fails.
+pub fn unscale_all_in_place(tensors: &mut [Tensor], factor: f64) -> Result<bool> {
+    tensors
+        .par_iter_mut()
+        .map(|t| unscale_in_place(t, factor))
+        .try_reduce(|| false, |a, b| Ok(a || b))
+}
+
 /// Clamps a float tensor into `[min, max]`, in place on the CPU (`torch.clamp_`).
 ///
 /// NaN elements stay NaN, as in PyTorch's `clip_grad_value_`.
@@ -89,20 +132,122 @@ pub fn clamp_in_place(tensor: &mut Tensor, min: f64, max: f64) -> Result<()> {
     Ok(())
 }
 
+/// Multiplies each dim-0 slice ("row", a unit of a weight: one output neuron or filter) of a
+/// float tensor by its own factor, in place on the CPU. A rank-0 or rank-1 tensor is one row.
+///
+/// # Errors
+/// [`Error::UnsupportedDType`] for an integer tensor; [`Error::ShapeMismatch`] when `factors`
+/// does not have one entry per row; [`Error::InvalidHyperParameter`] for a NaN factor.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let mut g = Tensor::new(&[[1f32, 1.0], [2.0, 2.0]], &Device::Cpu)?;
+/// grad_core::scale_rows_in_place(&mut g, &[0.5, 2.0])?;
+/// assert_eq!(g.to_vec2::<f32>()?, [[0.5, 0.5], [4.0, 4.0]]);
+/// # Ok::<(), grad_core::Error>(())
+/// ```
+pub fn scale_rows_in_place(tensor: &mut Tensor, factors: &[f64]) -> Result<()> {
+    ensure_float("scale_rows_in_place", "tensor", tensor.dtype())?;
+    let rows = unit_count(tensor);
+    if factors.len() != rows {
+        return Err(Error::ShapeMismatch {
+            op: "scale_rows_in_place",
+            arg: "factors".into(),
+            expected: format!("[{rows}] (one factor per dim-0 slice)"),
+            got: vec![factors.len()],
+        });
+    }
+    if let Some(&bad) = factors.iter().find(|f| f.is_nan()) {
+        return Err(Error::InvalidHyperParameter {
+            name: "factors",
+            value: bad,
+            allowed: "numbers (not NaN)",
+        });
+    }
+    if tensor.device().is_cpu() {
+        tensor.inplace_op1(&Update::ScaleRows(factors.to_vec()))?;
+    } else {
+        let mut shape = vec![1; tensor.rank().max(1)];
+        shape[0] = rows;
+        let f =
+            Tensor::from_vec(factors.to_vec(), shape, tensor.device())?.to_dtype(tensor.dtype())?;
+        *tensor = tensor.broadcast_mul(&f)?;
+    }
+    Ok(())
+}
+
+/// The number of dim-0 slices of a tensor as [`scale_rows_in_place`] sees them (1 for rank 0
+/// and 1).
+pub fn unit_count(tensor: &Tensor) -> usize {
+    if tensor.rank() <= 1 {
+        1
+    } else {
+        tensor.dims()[0]
+    }
+}
+
+/// Multiplies a float tensor by `factor` in place and reports whether the result holds any NaN
+/// or infinity, in one pass: what dynamic loss scaling does to every gradient
+/// (`torch._amp_foreach_non_finite_check_and_unscale_`).
+///
+/// # Errors
+/// As [`scale_in_place`].
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let mut g = Tensor::new(&[1024f32, 2048.0], &Device::Cpu)?;
+/// assert!(!grad_core::unscale_in_place(&mut g, 1.0 / 1024.0)?);
+/// assert_eq!(g.to_vec1::<f32>()?, [1.0, 2.0]);
+/// let mut bad = Tensor::new(&[f32::INFINITY], &Device::Cpu)?;
+/// assert!(grad_core::unscale_in_place(&mut bad, 0.5)?);
+/// # Ok::<(), grad_core::Error>(())
+/// ```
+pub fn unscale_in_place(tensor: &mut Tensor, factor: f64) -> Result<bool> {
+    ensure_float("unscale_in_place", "tensor", tensor.dtype())?;
+    if factor.is_nan() {
+        return Err(Error::InvalidHyperParameter {
+            name: "factor",
+            value: factor,
+            allowed: "a number (not NaN)",
+        });
+    }
+    if tensor.device().is_cpu() {
+        let op = Unscale {
+            factor,
+            non_finite: AtomicBool::new(false),
+        };
+        tensor.inplace_op1(&op)?;
+        return Ok(op.non_finite.load(Ordering::Relaxed));
+    }
+    *tensor = tensor.affine(factor, 0.0)?;
+    let finite = tensor
+        .abs()?
+        .lt(f64::INFINITY)?
+        .to_dtype(DType::F32)?
+        .min_all()?
+        .to_scalar::<f32>()?;
+    Ok(tensor.elem_count() > 0 && finite < 1.0)
+}
+
 /// The element-wise update an in-place op applies.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum Update {
     Scale(f64),
     Clamp(f64, f64),
+    ScaleRows(Vec<f64>),
 }
 
 impl Update {
-    fn apply<T: Float>(self, data: &mut [T], layout: &Layout) {
-        match self {
-            Self::Scale(f) => for_each_mut(data, layout, move |x: T| scale(x, f)),
+    fn apply<T: Float>(&self, data: &mut [T], layout: &Layout) {
+        match *self {
+            Self::Scale(f) => for_each_mut(data, layout, move |_, x: T| scale(x, f)),
+            Self::ScaleRows(ref factors) => {
+                let row = (layout.shape().elem_count() / factors.len().max(1)).max(1);
+                for_each_mut(data, layout, move |i, x: T| scale(x, factors[i / row]));
+            }
             Self::Clamp(lo, hi) => {
                 let (lo, hi) = (T::cast_f64(lo), T::cast_f64(hi));
-                for_each_mut(data, layout, move |x: T| {
+                for_each_mut(data, layout, move |_, x: T| {
                     if x < lo {
                         lo
                     } else if x > hi {
@@ -118,7 +263,7 @@ impl Update {
 
 #[inline(always)]
 fn scale<T: Float>(x: T, factor: f64) -> T {
-    if T::DTYPE == candle_core::DType::F64 {
+    if T::DTYPE == DType::F64 {
         T::cast_f64(x.as_f64() * factor)
     } else {
         // f32, f16 and bf16 scale in f32 as PyTorch does; the factor is rounded once.
@@ -130,22 +275,100 @@ fn scale<T: Float>(x: T, factor: f64) -> T {
     }
 }
 
-/// Applies `f` to each element of `layout` in `data`, in parallel when contiguous.
-fn for_each_mut<T: Float>(data: &mut [T], layout: &Layout, f: impl Fn(T) -> T + Sync) {
+/// Applies `f(logical index, value)` to each element of `layout` in `data`, in parallel when
+/// contiguous.
+fn for_each_mut<T: Float>(data: &mut [T], layout: &Layout, f: impl Fn(usize, T) -> T + Sync) {
     match layout.contiguous_offsets() {
-        Some((start, end)) => data[start..end].par_chunks_mut(CHUNK).for_each(|chunk| {
-            for x in chunk {
-                *x = f(*x);
+        // Small tensors (biases, norms' weights) are not worth a rayon split.
+        Some((start, end)) if end - start <= CHUNK => {
+            for (i, x) in data[start..end].iter_mut().enumerate() {
+                *x = f(i, *x);
             }
-        }),
+        }
+        Some((start, end)) => {
+            data[start..end]
+                .par_chunks_mut(CHUNK)
+                .enumerate()
+                .for_each(|(k, chunk)| {
+                    with_avx2(
+                        #[inline(always)]
+                        || {
+                            for (j, x) in chunk.iter_mut().enumerate() {
+                                *x = f(k * CHUNK + j, *x);
+                            }
+                        },
+                    );
+                })
+        }
         None => {
             // candle refuses in-place ops on layouts with repeated elements, so each offset is
             // visited once.
             let n = layout.shape().elem_count();
-            for o in Offsets::new(layout, 0).take(n) {
-                data[o] = f(data[o]);
+            for (i, o) in Offsets::new(layout, 0).take(n).enumerate() {
+                data[o] = f(i, data[o]);
             }
         }
+    }
+}
+
+/// `x * factor` in place, noting whether any result is not finite.
+#[derive(Debug)]
+struct Unscale {
+    factor: f64,
+    non_finite: AtomicBool,
+}
+
+impl Unscale {
+    /// Scales each cached chunk and checks it before moving on: one pass over memory. The check
+    /// sums `x * 0`, which is NaN exactly when some `x` is NaN or infinite, so the write loop
+    /// stays branch-free.
+    fn apply<T: Float>(&self, data: &mut [T], layout: &Layout) {
+        let factor = self.factor;
+        let bad = match layout.contiguous_offsets() {
+            Some((start, end)) => data[start..end]
+                .par_chunks_mut(CHUNK)
+                .map(|chunk| {
+                    for x in chunk.iter_mut() {
+                        *x = scale(*x, factor);
+                    }
+                    !crate::reduce::sum_by(chunk, |v| v * 0.0).is_finite()
+                })
+                .reduce(|| false, |a, b| a || b),
+            None => {
+                let n = layout.shape().elem_count();
+                let mut bad = false;
+                for o in Offsets::new(layout, 0).take(n) {
+                    data[o] = scale(data[o], factor);
+                    bad |= !data[o].as_f64().is_finite();
+                }
+                bad
+            }
+        };
+        if bad {
+            self.non_finite.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+impl InplaceOp1 for Unscale {
+    fn name(&self) -> &'static str {
+        "gradkit-unscale-in-place"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        match storage {
+            CpuStorage::F16(d) => self.apply(d, layout),
+            CpuStorage::BF16(d) => self.apply(d, layout),
+            CpuStorage::F32(d) => self.apply(d, layout),
+            CpuStorage::F64(d) => self.apply(d, layout),
+            // Unreachable through the public function, which checks the dtype first.
+            other => candle_core::bail!(
+                "{}: unsupported dtype {:?}",
+                self.name(),
+                candle_core::backend::BackendStorage::dtype(other)
+            ),
+        }
+        Ok(())
     }
 }
 
@@ -154,6 +377,7 @@ impl InplaceOp1 for Update {
         match self {
             Self::Scale(_) => "gradkit-scale-in-place",
             Self::Clamp(..) => "gradkit-clamp-in-place",
+            Self::ScaleRows(_) => "gradkit-scale-rows-in-place",
         }
     }
 

@@ -210,6 +210,58 @@ pub fn multi_norm(tensors: &[Tensor], norm_type: NormType) -> Result<MultiNorm> 
     Ok(finish(&partials, norm_type))
 }
 
+/// The L2 norm of each dim-0 slice of a tensor ("unit-wise" norms: one per output neuron of an
+/// `[out, in]` weight, one per filter of `[out, in, kh, kw]`), accumulated in f64; one norm of
+/// the whole tensor for rank 0 or 1. What adaptive gradient clipping (Brock et al. 2021) needs.
+///
+/// # Errors
+/// [`Error::UnsupportedDType`] for an integer tensor.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let w = Tensor::new(&[[3f32, 4.0], [0.0, 1.0]], &Device::Cpu)?;
+/// assert_eq!(grad_core::unit_norms(&w)?, [5.0, 1.0]);
+/// assert_eq!(grad_core::unit_norms(&w.flatten_all()?)?, [26f64.sqrt()]);
+/// # Ok::<(), grad_core::Error>(())
+/// ```
+pub fn unit_norms(t: &Tensor) -> Result<Vec<f64>> {
+    ensure_float("unit_norms", "tensor", t.dtype())?;
+    let units = crate::inplace::unit_count(t);
+    if t.elem_count() == 0 {
+        return Ok(vec![0.0; units]);
+    }
+    let rows = t.reshape((units, ()))?;
+    let rows = if rows.device().is_cpu() {
+        rows.contiguous()?
+    } else {
+        return Ok(rows
+            .to_dtype(DType::F64)?
+            .sqr()?
+            .sum(1)?
+            .sqrt()?
+            .to_vec1::<f64>()?);
+    };
+    struct Rows<'a>(&'a Tensor, usize);
+    impl crate::float::FloatFn for Rows<'_> {
+        type Output = Vec<f64>;
+        fn call<T: Float>(self) -> Result<Vec<f64>> {
+            let (storage, layout) = self.0.storage_and_layout();
+            let data = crate::host::storage_slice::<T>(&storage, layout)?;
+            let len = data.len() / self.1;
+            Ok(data
+                .par_chunks(len.max(1))
+                .map(|row| {
+                    with_avx2(
+                        #[inline(always)]
+                        || sum_by(row, |v| v * v).sqrt(),
+                    )
+                })
+                .collect())
+        }
+    }
+    crate::float::dispatch("unit_norms", t.dtype(), Rows(&rows, units))
+}
+
 /// Checks that `other` is the same device as `first`.
 ///
 /// # Errors

@@ -281,6 +281,41 @@ impl NamedGrads {
             .filter_map(|e| e.grad.as_ref().map(|g| (e.name.as_str(), g)))
     }
 
+    /// Runs `f` on the present gradients as one mutable slice (in order), then stores back what
+    /// `f` left there. In-place CPU updates change the shared storage anyway; updates that
+    /// produce new tensors (other devices) are kept this way.
+    ///
+    /// # Errors
+    /// `f`'s error, or [`Error::ShapeMismatch`] when `f` changed a gradient's shape.
+    ///
+    /// ```
+    /// use candle_core::{Device, Var};
+    /// use grad_core::{NamedVars, scale_in_place};
+    /// let w = Var::new(&[1f32, 2.0], &Device::Cpu)?;
+    /// let store = w.sqr()?.sum_all()?.backward()?;
+    /// let mut grads = NamedVars::new([("w", w.clone())])?.grads(&store)?;
+    /// grads.apply(|gs| gs.iter_mut().try_for_each(|g| scale_in_place(g, 0.5)))?;
+    /// assert_eq!(grads.get("w").unwrap().to_vec1::<f32>()?, [1.0, 2.0]);
+    /// # Ok::<(), grad_core::Error>(())
+    /// ```
+    pub fn apply<R, E: From<Error>>(
+        &mut self,
+        f: impl FnOnce(&mut [Tensor]) -> std::result::Result<R, E>,
+    ) -> std::result::Result<R, E> {
+        let present: Vec<usize> = (0..self.entries.len())
+            .filter(|&i| self.entries[i].grad.is_some())
+            .collect();
+        let mut tensors: Vec<Tensor> = present
+            .iter()
+            .filter_map(|&i| self.entries[i].grad.clone())
+            .collect();
+        let out = f(&mut tensors)?;
+        for (i, t) in present.into_iter().zip(tensors) {
+            self.entries[i].set_grad(t)?;
+        }
+        Ok(out)
+    }
+
     /// Writes every gradient back into `store` under its variable.
     ///
     /// In-place CPU updates already changed the stored tensors; this matters after an update

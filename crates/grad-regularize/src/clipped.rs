@@ -1,0 +1,262 @@
+//! `Clipped<O>`: any candle optimizer, with gradient clipping and non-finite step skipping.
+//!
+//! `backward_step(&loss)` computes the gradients, takes those of the optimizer's parameters
+//! (never the input's or intermediate results'), measures their global norm and counts NaN/Inf
+//! in one read, skips the step when a gradient is non-finite (like optax's `apply_if_finite`,
+//! up to a limit of consecutive skips that then becomes an error), applies the clipping policy
+//! in place, and steps. It keeps the numbers a training loop logs: the last total norm, whether
+//! the last step was clipped or skipped, and counters.
+
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
+use candle_nn::Optimizer;
+use grad_core::{NamedVars, NormType, multi_norm};
+use serde::{Deserialize, Serialize};
+
+use crate::policy::{ClipPolicy, GroupOutcome};
+use crate::{Error, Result};
+
+/// Settings of [`Clipped`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClippedConfig {
+    /// How to clip. No default: choose a rule (`ClipPolicy::single(ClipRule::global_norm(1.0))`
+    /// is the common one).
+    pub policy: ClipPolicy,
+    /// Skip the optimizer step when any gradient holds a NaN or infinity. Default: true.
+    pub skip_non_finite: bool,
+    /// How many consecutive steps may be skipped before [`Clipped::try_step`] fails (a run that
+    /// keeps producing NaN is broken, not unlucky). `None` never fails. Default: `Some(10)`.
+    pub max_consecutive_skips: Option<usize>,
+}
+
+impl ClippedConfig {
+    /// The policy with the defaults for everything else.
+    pub fn new(policy: ClipPolicy) -> Self {
+        Self {
+            policy,
+            skip_non_finite: true,
+            max_consecutive_skips: Some(10),
+        }
+    }
+}
+
+/// What one step did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepReport {
+    /// The global L2 norm of the gradients before clipping (NaN or inf if one is non-finite).
+    pub total_norm: f64,
+    /// NaN and infinite gradient elements.
+    pub non_finite: u64,
+    /// The first parameter (in order) whose gradient is non-finite.
+    pub first_non_finite: Option<String>,
+    /// Whether the optimizer step was skipped.
+    pub skipped: bool,
+    /// Whether any gradient was clipped.
+    pub clipped: bool,
+    /// Per-group outcomes of the policy (empty when skipped).
+    pub groups: Vec<GroupOutcome>,
+}
+
+/// Counters over the wrapper's life.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClipCounters {
+    /// Steps taken by the inner optimizer.
+    pub steps: u64,
+    /// Steps skipped for non-finite gradients.
+    pub skipped: u64,
+    /// Steps in which clipping changed a gradient.
+    pub clipped: u64,
+    /// Skips in a row, up to now.
+    pub consecutive_skips: usize,
+}
+
+/// An optimizer wrapped with a clipping policy and non-finite step skipping.
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use candle_nn::{Module, Optimizer, SGD, VarBuilder, VarMap};
+/// use grad_core::NamedVars;
+/// use grad_regularize::{ClipPolicy, ClipRule, Clipped, ClippedConfig};
+/// let map = VarMap::new();
+/// let net = candle_nn::linear(4, 1, VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu))?;
+/// let params = NamedVars::from_var_map(&map);
+/// let sgd = SGD::new(params.vars().to_vec(), 0.1)?;
+/// let policy = ClipPolicy::single(ClipRule::global_norm(1.0))?;
+/// let mut opt = Clipped::new(sgd, params, ClippedConfig::new(policy));
+/// let x = Tensor::ones((8, 4), DType::F32, &Device::Cpu)?;
+/// let loss = net.forward(&x)?.sqr()?.mean_all()?;
+/// let report = opt.try_backward_step(&loss)?;
+/// assert!(!report.skipped);
+/// assert_eq!(opt.counters().steps, 1);
+/// # Ok::<(), grad_regularize::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct Clipped<O> {
+    inner: O,
+    params: NamedVars,
+    config: ClippedConfig,
+    counters: ClipCounters,
+    last: Option<StepReport>,
+}
+
+impl<O: Optimizer> Clipped<O> {
+    /// Wraps `inner`, which must optimise the variables of `params` (their names select the
+    /// policy's groups).
+    pub fn new(inner: O, params: NamedVars, config: ClippedConfig) -> Self {
+        Self {
+            inner,
+            params,
+            config,
+            counters: ClipCounters::default(),
+            last: None,
+        }
+    }
+
+    /// Computes the gradients of `loss`, then [`try_step`](Self::try_step).
+    ///
+    /// # Errors
+    /// As [`try_step`](Self::try_step), and candle's backward errors.
+    pub fn try_backward_step(&mut self, loss: &Tensor) -> Result<StepReport> {
+        let grads = loss.backward()?;
+        self.try_step(&grads)
+    }
+
+    /// Clips the parameters' gradients from `grads` by the policy, or skips when one is
+    /// non-finite, and steps the inner optimizer. `grads` itself is not modified on other
+    /// devices; on the CPU the clipping writes into the gradients' storage.
+    ///
+    /// # Errors
+    /// [`Error::TooManySkippedSteps`] past the configured limit; a rule's error (a non-finite
+    /// norm with `error_if_nonfinite`); the inner optimizer's error.
+    pub fn try_step(&mut self, grads: &GradStore) -> Result<StepReport> {
+        let mut named = self.params.grads(grads)?;
+        let tensors = named.tensors();
+        let norms = if tensors.is_empty() {
+            None
+        } else {
+            Some(multi_norm(&tensors, NormType::L2)?)
+        };
+        let (total_norm, non_finite, first_non_finite) = match &norms {
+            Some(n) => {
+                let first = n
+                    .first_non_finite()
+                    .and_then(|i| named.present().nth(i).map(|(name, _)| name.to_owned()));
+                (n.total, n.non_finite_count(), first)
+            }
+            None => (0.0, 0, None),
+        };
+        let mut report = StepReport {
+            total_norm,
+            non_finite,
+            first_non_finite,
+            skipped: false,
+            clipped: false,
+            groups: Vec::new(),
+        };
+        if non_finite > 0 && self.config.skip_non_finite {
+            self.counters.skipped += 1;
+            self.counters.consecutive_skips += 1;
+            report.skipped = true;
+            self.last = Some(report.clone());
+            if let Some(limit) = self.config.max_consecutive_skips {
+                if self.counters.consecutive_skips > limit {
+                    return Err(Error::TooManySkippedSteps {
+                        skips: self.counters.consecutive_skips,
+                        limit,
+                        parameter: report.first_non_finite.unwrap_or_default(),
+                    });
+                }
+            }
+            return Ok(report);
+        }
+        self.counters.consecutive_skips = 0;
+        report.groups = self.config.policy.apply(&mut named, norms.as_ref())?;
+        report.clipped = report.groups.iter().any(|g| g.clipped);
+        // The clipped gradients, keyed by variable, for the inner optimizer.
+        let mut store = GradStore::default();
+        named.write_back(&mut store);
+        self.inner.step(&store)?;
+        self.counters.steps += 1;
+        self.counters.clipped += u64::from(report.clipped);
+        self.last = Some(report.clone());
+        Ok(report)
+    }
+
+    /// The last step's report.
+    pub fn last_report(&self) -> Option<&StepReport> {
+        self.last.as_ref()
+    }
+
+    /// The last step's total gradient norm (before clipping).
+    pub fn last_total_norm(&self) -> Option<f64> {
+        self.last.as_ref().map(|r| r.total_norm)
+    }
+
+    /// Whether the last step clipped a gradient.
+    pub fn last_clipped(&self) -> bool {
+        self.last.as_ref().is_some_and(|r| r.clipped)
+    }
+
+    /// Whether the last step was skipped.
+    pub fn last_skipped(&self) -> bool {
+        self.last.as_ref().is_some_and(|r| r.skipped)
+    }
+
+    /// The counters.
+    pub fn counters(&self) -> ClipCounters {
+        self.counters
+    }
+
+    /// The wrapped optimizer.
+    pub fn inner(&self) -> &O {
+        &self.inner
+    }
+
+    /// The wrapped optimizer, mutably.
+    pub fn inner_mut(&mut self) -> &mut O {
+        &mut self.inner
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ClippedConfig {
+        &self.config
+    }
+}
+
+/// The configuration of [`Clipped`] used through candle's [`Optimizer::new`].
+#[derive(Debug, Clone)]
+pub struct ClippedOptimizerConfig<C> {
+    /// The inner optimizer's configuration.
+    pub inner: C,
+    /// The clipping settings.
+    pub clip: ClippedConfig,
+}
+
+impl<O: Optimizer> Optimizer for Clipped<O> {
+    type Config = ClippedOptimizerConfig<O::Config>;
+
+    /// Builds the inner optimizer; the variables are named `param.0`, `param.1`, ... in the
+    /// order given (use [`Clipped::new`] with a [`NamedVars`] to select groups by real names).
+    fn new(vars: Vec<Var>, config: Self::Config) -> candle_core::Result<Self> {
+        let params = NamedVars::new(
+            vars.iter()
+                .enumerate()
+                .map(|(i, v)| (format!("param.{i}"), v.clone())),
+        )
+        .map_err(candle_core::Error::wrap)?;
+        let inner = O::new(vars, config.inner)?;
+        Ok(Self::new(inner, params, config.clip))
+    }
+
+    fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
+        self.try_step(grads).map(|_| ()).map_err(Error::into_candle)
+    }
+
+    fn learning_rate(&self) -> f64 {
+        self.inner.learning_rate()
+    }
+
+    fn set_learning_rate(&mut self, lr: f64) {
+        self.inner.set_learning_rate(lr);
+    }
+}

@@ -1,0 +1,85 @@
+//! grad-regularize's error type.
+
+/// grad-regularize's result type.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Everything that can go wrong clipping, computing a loss or scaling one.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A shared check failed: a hyper-parameter, shape, rank, dtype or device (see
+    /// [`grad_core::Error`]).
+    #[error(transparent)]
+    Core(#[from] grad_core::Error),
+
+    /// The total gradient norm is NaN or infinite and the clipping rule asked to fail on that
+    /// (PyTorch's `error_if_nonfinite=True`).
+    #[error(
+        "the total norm of order {norm_type} of the gradients is non-finite ({total_norm}), so it cannot be clipped; set error_if_nonfinite to false to scale anyway"
+    )]
+    NonFiniteTotalNorm {
+        /// The norm's exponent (`inf` for the max norm).
+        norm_type: f64,
+        /// The total norm found.
+        total_norm: f64,
+    },
+
+    /// The optimizer wrapper skipped more consecutive steps than allowed.
+    #[error(
+        "{skips} consecutive optimizer steps skipped for non-finite gradients (limit {limit}); first non-finite parameter of the last one: {parameter}"
+    )]
+    TooManySkippedSteps {
+        /// Consecutive skipped steps, the last included.
+        skips: usize,
+        /// The configured limit.
+        limit: usize,
+        /// The first parameter (in order) whose gradient held a NaN or infinity.
+        parameter: String,
+    },
+
+    /// A class-index target outside `[0, C)` that is not the ignore index.
+    #[error(
+        "cross_entropy: target {target} at flat position {position} is out of bounds for {classes} classes"
+    )]
+    TargetOutOfRange {
+        /// The offending target value.
+        target: i64,
+        /// Its position in the flattened target tensor.
+        position: usize,
+        /// The number of classes.
+        classes: usize,
+    },
+
+    /// Probability targets do not support `ignore_index` (PyTorch raises the same).
+    #[error("cross_entropy: ignore_index ({0}) is only supported with class-index targets")]
+    IgnoreIndexWithProbabilities(i64),
+
+    /// An error raised by candle.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+impl Error {
+    /// A [`grad_core::Error::ShapeMismatch`].
+    pub(crate) fn shape(
+        op: &'static str,
+        arg: &str,
+        expected: impl Into<String>,
+        got: &[usize],
+    ) -> Self {
+        Self::Core(grad_core::Error::ShapeMismatch {
+            op,
+            arg: arg.to_owned(),
+            expected: expected.into(),
+            got: got.to_vec(),
+        })
+    }
+
+    /// Converts to candle's error type (for the `Optimizer` trait), keeping this error inside.
+    pub(crate) fn into_candle(self) -> candle_core::Error {
+        match self {
+            Self::Candle(e) => e,
+            other => candle_core::Error::wrap(other),
+        }
+    }
+}

@@ -1,0 +1,385 @@
+//! Cross-entropy (fused equals composed, gradcheck, stability, candle agreement) and the loss
+//! scaler (scale then unscale, checkpoints), plus bad input.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "a test fails by panicking"
+)]
+
+use candle_core::{DType, Device, Tensor, Var};
+use grad_core::{GradcheckConfig, NamedVars, Philox, gradcheck};
+use grad_regularize::{
+    CrossEntropyOptions, Error, LossScaler, LossScalerConfig, LossScalerState, Reduction,
+    cross_entropy, cross_entropy_composed, smooth_labels,
+};
+use grad_testkit::grads_of;
+use proptest::prelude::*;
+
+fn vals(t: &Tensor) -> Vec<f64> {
+    grad_testkit::values(t).unwrap()
+}
+
+#[derive(Debug, Clone)]
+struct CeCase {
+    dims: Vec<usize>,
+    soft: bool,
+    weighted: bool,
+    ignore: bool,
+    reduction: Reduction,
+    eps: f64,
+    seed: u64,
+}
+
+fn ce_cases() -> impl Strategy<Value = CeCase> {
+    (
+        prop::sample::select(vec![vec![6, 5], vec![3, 4, 2], vec![2, 3, 2, 2], vec![5]]),
+        any::<bool>(),
+        any::<bool>(),
+        any::<bool>(),
+        prop::sample::select(vec![Reduction::Mean, Reduction::Sum, Reduction::None]),
+        prop::sample::select(vec![0.0, 0.1, 0.3, 1.0]),
+        any::<u64>(),
+    )
+        .prop_map(
+            |(dims, soft, weighted, ignore, reduction, eps, seed)| CeCase {
+                dims,
+                soft,
+                weighted,
+                ignore: ignore && !soft,
+                reduction,
+                eps,
+                seed,
+            },
+        )
+}
+
+/// Logits, targets and options of a case, in `dtype`.
+fn build(c: &CeCase, dtype: DType) -> (Tensor, Tensor, CrossEntropyOptions) {
+    let dev = Device::Cpu;
+    let mut rng = Philox::new(c.seed);
+    let logits = rng
+        .normal(c.dims.as_slice(), 0.0, 3.0, DType::F64, &dev)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap();
+    let class_dim = usize::from(c.dims.len() > 1);
+    let classes = c.dims[class_dim];
+    let targets = if c.soft {
+        candle_nn::ops::softmax(
+            &rng.normal(c.dims.as_slice(), 0.0, 1.0, DType::F64, &dev)
+                .unwrap(),
+            class_dim,
+        )
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+    } else {
+        let mut shape = c.dims.clone();
+        shape.remove(class_dim);
+        let n: usize = shape.iter().product();
+        let u = vals(
+            &rng.uniform(n, 0.0, classes as f64, DType::F64, &dev)
+                .unwrap(),
+        );
+        let idx: Vec<i64> = u
+            .iter()
+            .enumerate()
+            .map(|(i, v)| if c.ignore && i % 3 == 1 { 2 } else { *v as i64 })
+            .collect();
+        Tensor::from_vec(idx, shape, &dev).unwrap()
+    };
+    let weight = c.weighted.then(|| {
+        Tensor::from_vec(
+            (0..classes)
+                .map(|k| 0.5 + k as f64 * 0.3)
+                .collect::<Vec<_>>(),
+            classes,
+            &dev,
+        )
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+    });
+    let options = CrossEntropyOptions {
+        weight,
+        ignore_index: if c.ignore { 2 } else { -100 },
+        reduction: c.reduction,
+        label_smoothing: c.eps,
+    };
+    (logits, targets, options)
+}
+
+fn loss_and_grad(
+    fused: bool,
+    logits: &Tensor,
+    targets: &Tensor,
+    o: &CrossEntropyOptions,
+) -> (Vec<f64>, Vec<f64>) {
+    let x = Var::from_tensor(logits).unwrap();
+    let loss = if fused {
+        cross_entropy(x.as_tensor(), targets, o)
+    } else {
+        cross_entropy_composed(x.as_tensor(), targets, o)
+    }
+    .unwrap();
+    let up = Philox::new(99)
+        .normal(loss.shape(), 0.0, 1.0, DType::F64, &Device::Cpu)
+        .unwrap();
+    let g = grads_of(&loss, &up, &[x.as_tensor()]).unwrap()[0]
+        .clone()
+        .unwrap();
+    (vals(&loss), vals(&g))
+}
+
+fn close(a: &[f64], b: &[f64], tol: f64) -> bool {
+    a.iter()
+        .zip(b)
+        .all(|(x, y)| (x.is_nan() && y.is_nan()) || (x - y).abs() <= tol * (1.0 + y.abs()))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    #[test]
+    fn fused_equals_composed(c in ce_cases()) {
+        let (x, t, o) = build(&c, DType::F64);
+        let (lf, gf) = loss_and_grad(true, &x, &t, &o);
+        let (lc, gc) = loss_and_grad(false, &x, &t, &o);
+        prop_assert!(close(&lf, &lc, 1e-12), "{c:?}: loss {lf:?} vs {lc:?}");
+        prop_assert!(close(&gf, &gc, 1e-12), "{c:?}: grad");
+    }
+
+    #[test]
+    fn single_precision_agrees_with_double(c in ce_cases()) {
+        let (x, t, o) = build(&c, DType::F32);
+        let (l32, g32) = loss_and_grad(true, &x, &t, &o);
+        let x64 = x.to_dtype(DType::F64).unwrap();
+        let t64 = if c.soft { t.to_dtype(DType::F64).unwrap() } else { t.clone() };
+        let o64 = CrossEntropyOptions { weight: o.weight.as_ref().map(|w| w.to_dtype(DType::F64).unwrap()), ..o.clone() };
+        let (l64, g64) = loss_and_grad(true, &x64, &t64, &o64);
+        prop_assert!(close(&l32, &l64, 1e-4));
+        prop_assert!(close(&g32, &g64, 1e-4));
+    }
+
+    #[test]
+    fn smoothed_targets_sum_to_one(n in 1usize..6, c in 2usize..9, eps in 0.0f64..=1.0, seed in any::<u64>()) {
+        let t = candle_nn::ops::softmax(&Philox::new(seed).normal((n, c), 0.0, 1.0, DType::F64, &Device::Cpu).unwrap(), 1).unwrap();
+        let s = smooth_labels(&t, eps).unwrap();
+        for row in s.to_vec2::<f64>().unwrap() {
+            prop_assert!((row.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+            prop_assert!(row.iter().all(|v| *v >= eps / c as f64 - 1e-15));
+        }
+    }
+}
+
+#[test]
+fn gradcheck_with_every_option() {
+    for (soft, weighted, ignore, reduction, eps) in [
+        (false, false, false, Reduction::Mean, 0.1),
+        (false, true, true, Reduction::Mean, 0.25),
+        (false, true, false, Reduction::Sum, 0.0),
+        (false, false, true, Reduction::None, 0.3),
+        (true, true, false, Reduction::Mean, 0.1),
+        (true, false, false, Reduction::None, 0.0),
+    ] {
+        let c = CeCase {
+            dims: vec![4, 3, 2],
+            soft,
+            weighted,
+            ignore,
+            reduction,
+            eps,
+            seed: 7,
+        };
+        let (x, t, o) = build(&c, DType::F64);
+        gradcheck(
+            |a: &[Tensor]| cross_entropy(&a[0], &t, &o),
+            &[x],
+            &GradcheckConfig::default(),
+        )
+        .unwrap_or_else(|e| panic!("{c:?}: {e}"));
+    }
+}
+
+#[test]
+fn without_options_equals_candle_nn() {
+    let mut rng = Philox::new(1);
+    let logits = rng
+        .normal((32, 10), 0.0, 2.0, DType::F32, &Device::Cpu)
+        .unwrap();
+    let targets = Tensor::from_vec(
+        (0..32u32).map(|i| i * 7 % 10).collect::<Vec<_>>(),
+        32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let ours = cross_entropy(&logits, &targets, &CrossEntropyOptions::default()).unwrap();
+    let theirs = candle_nn::loss::cross_entropy(&logits, &targets).unwrap();
+    assert!((ours.to_scalar::<f32>().unwrap() - theirs.to_scalar::<f32>().unwrap()).abs() < 1e-6);
+}
+
+#[test]
+fn huge_logits_stay_finite() {
+    let logits = Var::new(
+        &[[1e4f32, -1e4, 0.0], [-3e4, 3e4, 1e4], [1e30, -1e30, 0.0]],
+        &Device::Cpu,
+    )
+    .unwrap();
+    let targets = Tensor::new(&[1i64, 1, 2], &Device::Cpu).unwrap();
+    let o = CrossEntropyOptions {
+        label_smoothing: 0.1,
+        ..Default::default()
+    };
+    let loss = cross_entropy(logits.as_tensor(), &targets, &o).unwrap();
+    assert!(loss.to_scalar::<f32>().unwrap().is_finite());
+    let g = grads_of(
+        &loss,
+        &Tensor::new(1f32, &Device::Cpu).unwrap(),
+        &[logits.as_tensor()],
+    )
+    .unwrap()[0]
+        .clone()
+        .unwrap();
+    assert!(vals(&g).iter().all(|v| v.is_finite()));
+}
+
+#[test]
+fn scale_then_unscale_is_the_identity_and_state_round_trips() {
+    let w = Var::new(&[0.3f32, -1.5, 2.25, 1e-6], &Device::Cpu).unwrap();
+    let params = NamedVars::new([("w", w.clone())]).unwrap();
+    let mut scaler = LossScaler::new(LossScalerConfig::default()).unwrap();
+    let plain = grads_of(
+        &w.sqr().unwrap().sum_all().unwrap(),
+        &Tensor::new(1f32, &Device::Cpu).unwrap(),
+        &[w.as_tensor()],
+    )
+    .unwrap()[0]
+        .clone()
+        .unwrap();
+    let store = scaler
+        .scale(&w.sqr().unwrap().sum_all().unwrap())
+        .unwrap()
+        .backward()
+        .unwrap();
+    let mut grads = params.grads(&store).unwrap();
+    assert!(!scaler.unscale(&mut grads).unwrap());
+    // Power-of-two scales make the round trip exact.
+    assert_eq!(vals(grads.get("w").unwrap()), vals(&plain));
+    scaler.update();
+    let state = scaler.state();
+    let json = serde_json::to_string(&state).unwrap();
+    let back: LossScalerState = serde_json::from_str(&json).unwrap();
+    let mut other = LossScaler::new(LossScalerConfig::default()).unwrap();
+    other.load_state(back).unwrap();
+    assert_eq!(other.state(), state);
+}
+
+#[test]
+fn f16_gradients_underflow_without_scaling_and_survive_with_it() {
+    // 1e-5 * 1e-3 = 1e-8 is below f16's smallest subnormal (6e-8): unscaled it is zero.
+    let w = Var::from_tensor(
+        &Tensor::new(&[1e-3f32; 4], &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F16)
+            .unwrap(),
+    )
+    .unwrap();
+    let loss = (w.as_tensor() * 1e-5)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let g = loss.backward().unwrap().get(w.as_tensor()).unwrap().clone();
+    assert!(vals(&g).iter().all(|v| *v == 0.0));
+    let params = NamedVars::new([("w", w.clone())]).unwrap();
+    let mut scaler = LossScaler::new(LossScalerConfig {
+        init_scale: 65536.0 * 16.0,
+        ..Default::default()
+    })
+    .unwrap();
+    let store = scaler.scale(&loss).unwrap().backward().unwrap();
+    let mut grads = params.grads(&store).unwrap();
+    scaler.unscale(&mut grads).unwrap();
+    assert!(vals(grads.get("w").unwrap()).iter().all(|v| *v != 0.0));
+}
+
+#[test]
+fn bad_input_is_an_error() {
+    let dev = Device::Cpu;
+    let logits = Tensor::zeros((3, 4), DType::F32, &dev).unwrap();
+    let t = Tensor::new(&[0i64, 4, 1], &dev).unwrap();
+    assert!(matches!(
+        cross_entropy(&logits, &t, &CrossEntropyOptions::default()),
+        Err(Error::TargetOutOfRange {
+            target: 4,
+            position: 1,
+            classes: 4
+        })
+    ));
+    let t = Tensor::new(&[0i64, -1, 1], &dev).unwrap();
+    assert!(cross_entropy(&logits, &t, &CrossEntropyOptions::default()).is_err());
+    let ok = Tensor::new(&[0i64, 1, 2], &dev).unwrap();
+    for eps in [-0.1, 1.5, f64::NAN] {
+        let o = CrossEntropyOptions {
+            label_smoothing: eps,
+            ..Default::default()
+        };
+        assert!(cross_entropy(&logits, &ok, &o).is_err(), "eps {eps}");
+    }
+    let o = CrossEntropyOptions {
+        weight: Some(Tensor::ones(3, DType::F32, &dev).unwrap()),
+        ..Default::default()
+    };
+    assert!(
+        cross_entropy(&logits, &ok, &o).is_err(),
+        "weight of length 3 for 4 classes"
+    );
+    let soft = Tensor::zeros((3, 4), DType::F32, &dev).unwrap();
+    let o = CrossEntropyOptions {
+        ignore_index: 0,
+        ..Default::default()
+    };
+    assert!(matches!(
+        cross_entropy(&logits, &soft, &o),
+        Err(Error::IgnoreIndexWithProbabilities(0))
+    ));
+    assert!(
+        cross_entropy(
+            &logits,
+            &Tensor::new(&[0i64, 1], &dev).unwrap(),
+            &CrossEntropyOptions::default()
+        )
+        .is_err()
+    );
+    for (g, b) in [
+        (1.0, 0.5),
+        (0.5, 0.5),
+        (2.0, 1.0),
+        (2.0, 0.0),
+        (f64::NAN, 0.5),
+    ] {
+        let cfg = LossScalerConfig {
+            growth_factor: g,
+            backoff_factor: b,
+            ..Default::default()
+        };
+        assert!(LossScaler::new(cfg).is_err(), "growth {g}, backoff {b}");
+    }
+    assert!(
+        LossScaler::new(LossScalerConfig {
+            growth_interval: 0,
+            ..Default::default()
+        })
+        .is_err()
+    );
+    assert!(
+        LossScaler::new(LossScalerConfig {
+            init_scale: 1e40,
+            ..Default::default()
+        })
+        .is_err()
+    );
+}
