@@ -7,7 +7,7 @@
 //! on ranges of a fixed size therefore produces bit-identical results for contiguous and
 //! non-contiguous inputs, and for any thread count.
 
-use candle_core::{CpuStorage, Layout, Storage, WithDType};
+use candle_core::{CpuStorage, Layout, Storage, Tensor, WithDType};
 
 use rayon::prelude::*;
 
@@ -186,6 +186,139 @@ pub fn storage_slice<'a, T: WithDType>(storage: &'a Storage, layout: &Layout) ->
             other: "another device".into(),
         }),
     }
+}
+
+/// A per-chunk computation for [`map_chunks`], generic over the element type. Implement `call`
+/// with `#[inline(always)]` so it is compiled inside [`with_avx2`].
+pub trait ChunkFn: Sync {
+    /// What one chunk yields.
+    type Output: Send;
+    /// Runs on chunk `chunk` (consecutive logical elements) of tensor number `tensor`.
+    fn call<T: Float>(&self, tensor: usize, chunk: &[T]) -> Self::Output;
+}
+
+/// A tensor's elements on the host, typed.
+enum Source<'a> {
+    F16(HostView<'a, half::f16>),
+    BF16(HostView<'a, half::bf16>),
+    F32(HostView<'a, f32>),
+    F64(HostView<'a, f64>),
+}
+
+/// Per-thread gather buffers for non-contiguous tensors, one per dtype.
+#[derive(Default)]
+struct Scratch {
+    f16: Vec<half::f16>,
+    bf16: Vec<half::bf16>,
+    f32: Vec<f32>,
+    f64: Vec<f64>,
+}
+
+impl Source<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Self::F16(v) => v.len(),
+            Self::BF16(v) => v.len(),
+            Self::F32(v) => v.len(),
+            Self::F64(v) => v.len(),
+        }
+    }
+
+    #[inline(always)]
+    fn run<F: ChunkFn>(
+        &self,
+        f: &F,
+        tensor: usize,
+        start: usize,
+        end: usize,
+        s: &mut Scratch,
+    ) -> F::Output {
+        match self {
+            Self::F16(v) => f.call(tensor, v.range(start, end, &mut s.f16)),
+            Self::BF16(v) => f.call(tensor, v.range(start, end, &mut s.bf16)),
+            Self::F32(v) => f.call(tensor, v.range(start, end, &mut s.f32)),
+            Self::F64(v) => f.call(tensor, v.range(start, end, &mut s.f64)),
+        }
+    }
+}
+
+/// Runs `f` on every [`CHUNK`]-element range of every tensor (CPU, float), in parallel across
+/// tensors and within large ones, and returns the results per tensor, in chunk order.
+///
+/// One work item per (tensor, chunk): small tensors cost one item, large ones spread over the
+/// threads, and no barrier separates one tensor from the next. A non-contiguous tensor is read
+/// through its layout into a per-thread buffer, one chunk at a time, so `f` sees the same
+/// chunks as for its contiguous copy. The result does not depend on the thread count.
+///
+/// # Errors
+/// [`Error::UnsupportedDType`] for a non-float tensor, [`Error::DeviceMismatch`] for a tensor
+/// not on the CPU.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use grad_core::float::Float;
+/// use grad_core::host::{ChunkFn, map_chunks};
+/// struct Count;
+/// impl ChunkFn for Count {
+///     type Output = usize;
+///     #[inline(always)]
+///     fn call<T: Float>(&self, _tensor: usize, chunk: &[T]) -> usize {
+///         chunk.len()
+///     }
+/// }
+/// let ts = [Tensor::zeros(5, candle_core::DType::F32, &Device::Cpu)?];
+/// assert_eq!(map_chunks("count", &ts, &Count)?, [vec![5]]);
+/// # Ok::<(), grad_core::Error>(())
+/// ```
+pub fn map_chunks<F: ChunkFn>(
+    op: &'static str,
+    tensors: &[Tensor],
+    f: &F,
+) -> Result<Vec<Vec<F::Output>>> {
+    let guards: Vec<_> = tensors.iter().map(Tensor::storage_and_layout).collect();
+    let sources = guards
+        .iter()
+        .map(|(storage, layout)| match &**storage {
+            Storage::Cpu(cpu) => Ok(match cpu {
+                CpuStorage::F16(d) => Source::F16(HostView::new(d.as_slice(), layout)),
+                CpuStorage::BF16(d) => Source::BF16(HostView::new(d.as_slice(), layout)),
+                CpuStorage::F32(d) => Source::F32(HostView::new(d.as_slice(), layout)),
+                CpuStorage::F64(d) => Source::F64(HostView::new(d.as_slice(), layout)),
+                other => {
+                    return Err(Error::UnsupportedDType {
+                        op,
+                        arg: "tensors",
+                        dtype: candle_core::backend::BackendStorage::dtype(other),
+                        expected: "a float dtype (f16, bf16, f32 or f64)",
+                    });
+                }
+            }),
+            _ => Err(Error::DeviceMismatch {
+                op,
+                first: "cpu".into(),
+                other: "another device".into(),
+            }),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let items: Vec<(usize, usize, usize)> = sources
+        .iter()
+        .enumerate()
+        .flat_map(|(i, src)| chunk_ranges(src.len()).map(move |(a, b)| (i, a, b)))
+        .collect();
+    let results: Vec<F::Output> = items
+        .par_iter()
+        .map_init(Scratch::default, |scratch, &(i, a, b)| {
+            with_avx2(
+                #[inline(always)]
+                || sources[i].run(f, i, a, b, scratch),
+            )
+        })
+        .collect();
+    let mut out: Vec<Vec<F::Output>> = tensors.iter().map(|_| Vec::new()).collect();
+    for (&(i, _, _), r) in items.iter().zip(results) {
+        out[i].push(r);
+    }
+    Ok(out)
 }
 
 /// An output vector filled in parallel without being zeroed first.

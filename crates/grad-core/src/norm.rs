@@ -14,13 +14,12 @@
 //!
 //! Tensors on another device (CUDA) take a composed path of candle ops, exact to rounding.
 
-use candle_core::{DType, Device, Storage, Tensor};
-use half::{bf16, f16};
+use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::float::{Float, ensure_float, with_avx2};
-use crate::host::{HostView, chunk_ranges};
+use crate::host::{ChunkFn, map_chunks};
 use crate::reduce::{max_abs, sum_by};
 use crate::{Error, Result};
 
@@ -323,92 +322,27 @@ fn finish(partials: &[Partial], norm_type: NormType) -> MultiNorm {
     }
 }
 
-/// A tensor's elements on the host, typed.
-enum Source<'a> {
-    F16(HostView<'a, f16>),
-    BF16(HostView<'a, bf16>),
-    F32(HostView<'a, f32>),
-    F64(HostView<'a, f64>),
-}
+/// The per-chunk reduction, run by [`map_chunks`].
+struct NormChunks(NormType);
 
-/// Per-thread gather buffers for non-contiguous tensors, one per dtype.
-#[derive(Default)]
-struct Scratch {
-    f16: Vec<f16>,
-    bf16: Vec<bf16>,
-    f32: Vec<f32>,
-    f64: Vec<f64>,
-}
-
-impl Source<'_> {
-    fn len(&self) -> usize {
-        match self {
-            Self::F16(v) => v.len(),
-            Self::BF16(v) => v.len(),
-            Self::F32(v) => v.len(),
-            Self::F64(v) => v.len(),
-        }
-    }
+impl ChunkFn for NormChunks {
+    type Output = Partial;
 
     #[inline(always)]
-    fn partial(&self, start: usize, end: usize, s: &mut Scratch, norm_type: NormType) -> Partial {
-        match self {
-            Self::F16(v) => chunk_partial(v.range(start, end, &mut s.f16), norm_type),
-            Self::BF16(v) => chunk_partial(v.range(start, end, &mut s.bf16), norm_type),
-            Self::F32(v) => chunk_partial(v.range(start, end, &mut s.f32), norm_type),
-            Self::F64(v) => chunk_partial(v.range(start, end, &mut s.f64), norm_type),
-        }
+    fn call<T: Float>(&self, _tensor: usize, chunk: &[T]) -> Partial {
+        chunk_partial(chunk, self.0)
     }
 }
 
 fn fused_partials(tensors: &[Tensor], norm_type: NormType) -> Result<Vec<Partial>> {
-    let guards: Vec<_> = tensors.iter().map(Tensor::storage_and_layout).collect();
-    let sources = guards
-        .iter()
-        .map(|(storage, layout)| match &**storage {
-            Storage::Cpu(cpu) => Ok(match cpu {
-                candle_core::CpuStorage::F16(d) => Source::F16(HostView::new(d, layout)),
-                candle_core::CpuStorage::BF16(d) => Source::BF16(HostView::new(d, layout)),
-                candle_core::CpuStorage::F32(d) => Source::F32(HostView::new(d, layout)),
-                candle_core::CpuStorage::F64(d) => Source::F64(HostView::new(d, layout)),
-                other => {
-                    return Err(Error::UnsupportedDType {
-                        op: OP,
-                        arg: "tensors",
-                        dtype: candle_core::backend::BackendStorage::dtype(other),
-                        expected: "a float dtype (f16, bf16, f32 or f64)",
-                    });
-                }
-            }),
-            _ => Err(Error::DeviceMismatch {
-                op: OP,
-                first: "cpu".into(),
-                other: "another device".into(),
-            }),
+    Ok(map_chunks(OP, tensors, &NormChunks(norm_type))?
+        .into_iter()
+        .map(|parts| {
+            parts
+                .into_iter()
+                .fold(Partial::default(), |a, b| a.merge(b, norm_type))
         })
-        .collect::<Result<Vec<_>>>()?;
-
-    // One work item per (tensor, chunk): small tensors cost one item, large ones spread out.
-    let items: Vec<(usize, usize, usize)> = sources
-        .iter()
-        .enumerate()
-        .flat_map(|(i, src)| chunk_ranges(src.len()).map(move |(a, b)| (i, a, b)))
-        .collect();
-    let chunk_partials: Vec<Partial> = items
-        .par_iter()
-        .map_init(Scratch::default, |scratch, &(i, a, b)| {
-            with_avx2(
-                #[inline(always)]
-                || sources[i].partial(a, b, scratch, norm_type),
-            )
-        })
-        .collect();
-
-    let mut partials = vec![Partial::default(); tensors.len()];
-    for (&(i, _, _), part) in items.iter().zip(chunk_partials) {
-        partials[i] = partials[i].merge(part, norm_type);
-    }
-    Ok(partials)
+        .collect())
 }
 
 /// The partial reduction of one contiguous chunk.

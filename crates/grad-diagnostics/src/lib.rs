@@ -1,10 +1,69 @@
 //! # grad-diagnostics
 //!
-//! The instrument that tells a candle user whether gradients vanish or explode, and where:
-//! gradient, update and activation statistics, detectors naming layers and remedies, JSON Lines
-//! logs, SVG plots and the `gradscope` command-line tool. Built on [`grad_core`]; never depends on
-//! the other gradkit crates.
+//! The instrument that tells a candle user whether their network's gradients vanish or explode,
+//! and where:
 //!
-//! This crate is being built: see the project's open issues for what lands here next.
+//! - [`GradMonitor`]: after `backward`, per-parameter and per-layer gradient statistics (norm,
+//!   largest magnitude, mean, std, zero fraction, NaN/Inf counts), weight norms and
+//!   update-to-weight ratios, in a bounded history;
+//! - [`Probe`]: a pass-through module recording activation statistics (dead and saturated
+//!   units) and the gradient arriving at that point — candle has no hooks;
+//! - detectors ([`detect`]) for vanishing and exploding gradients, NaN/Inf, dead and saturated
+//!   units and update ratios, each naming the layers and a remedy in gradkit's API;
+//! - [`RunReport`] with a plain-text summary, a JSON Lines log ([`JsonlSink`], [`read_log`]),
+//!   SVG plots ([`plot`]) and the `gradscope` command-line tool.
+//!
+//! Built on [`grad_core`]; never depends on the other gradkit crates.
+//!
+//! ```
+//! use candle_core::{DType, Device, Module, Tensor};
+//! use candle_nn::{VarBuilder, VarMap};
+//! use grad_core::NamedVars;
+//! use grad_diagnostics::{GradMonitor, MonitorConfig};
+//!
+//! let map = VarMap::new();
+//! let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+//! let mut layers = candle_nn::seq();
+//! for i in 0..6 {
+//!     layers = layers.add(candle_nn::linear(8, 8, vb.pp(format!("layer.{i}")))?).add(candle_nn::Activation::Sigmoid);
+//! }
+//! let mut monitor = GradMonitor::new(NamedVars::from_var_map(&map), MonitorConfig::default())?;
+//! let x = Tensor::ones((32, 8), DType::F32, &Device::Cpu)?;
+//! for step in 0..3 {
+//!     let grads = layers.forward(&x)?.sqr()?.mean_all()?.backward()?;
+//!     monitor.observe(step, &grads)?;
+//! }
+//! println!("{}", monitor.report().summary_table());
+//! # Ok::<(), grad_diagnostics::Error>(())
+//! ```
 
-pub use grad_core;
+mod detect;
+mod error;
+mod jsonl;
+mod monitor;
+pub mod plot;
+mod probe;
+mod record;
+mod report;
+mod stats;
+
+pub use detect::{DetectorConfig, Finding, FindingKind, Severity, detect};
+pub use error::{Error, Result};
+pub use jsonl::{BadLine, JsonlSink, LogContents, read_log};
+pub use monitor::{GradMonitor, LayerGrouping, MonitorConfig};
+pub use probe::Probe;
+pub use record::{LayerStats, ParamStats, ProbeKind, ProbeStats, StepRecord};
+pub use report::{LayerSummary, RunReport};
+
+#[cfg(test)]
+mod autotraits {
+    fn assert_send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn public_types_are_send_and_sync() {
+        assert_send_sync::<crate::GradMonitor>();
+        assert_send_sync::<crate::Probe>();
+        assert_send_sync::<crate::Error>();
+        assert_send_sync::<crate::RunReport>();
+    }
+}

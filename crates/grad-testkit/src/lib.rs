@@ -21,6 +21,7 @@
 //! ```
 
 mod case;
+pub mod digits;
 mod runner;
 mod values;
 

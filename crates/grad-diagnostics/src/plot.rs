@@ -1,0 +1,366 @@
+//! SVG plots of a run, drawn with plotters:
+//!
+//! - [`gradient_flow`]: per-layer gradient norm (log scale) against depth, several steps
+//!   overlaid — vanishing gradients slope down towards the input;
+//! - [`global_norm`]: the global gradient norm over steps, with the clipping threshold when one
+//!   was set — exploding gradients spike;
+//! - [`update_ratio`]: each layer's update-to-weight ratio over steps (log scale);
+//! - [`probe_fractions`]: each probe's dead (ReLU) or saturated (sigmoid/tanh) fraction over steps.
+//!
+//! Non-positive and non-finite values cannot sit on a log axis and are left out of those plots.
+
+use std::path::{Path, PathBuf};
+
+use plotters::prelude::*;
+
+use crate::record::{ProbeKind, ProbeStats, StepRecord};
+use crate::{Error, Result};
+
+const SIZE: (u32, u32) = (900, 560);
+
+fn plot_error(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::Plot {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
+}
+
+/// A colour per series, cycling through a readable palette.
+fn colour(i: usize) -> RGBColor {
+    const PALETTE: [RGBColor; 10] = [
+        RGBColor(31, 119, 180),
+        RGBColor(255, 127, 14),
+        RGBColor(44, 160, 44),
+        RGBColor(214, 39, 40),
+        RGBColor(148, 103, 189),
+        RGBColor(140, 86, 75),
+        RGBColor(227, 119, 194),
+        RGBColor(127, 127, 127),
+        RGBColor(188, 189, 34),
+        RGBColor(23, 190, 207),
+    ];
+    PALETTE[i % PALETTE.len()]
+}
+
+/// The range of the positive finite values, padded, for a log axis.
+fn log_range(values: impl Iterator<Item = f64>) -> (f64, f64) {
+    let (lo, hi) = values
+        .filter(|v| v.is_finite() && *v > 0.0)
+        .fold((f64::INFINITY, 0f64), |(lo, hi), v| (lo.min(v), hi.max(v)));
+    if lo.is_finite() && hi > 0.0 {
+        (lo / 2.0, hi * 2.0)
+    } else {
+        (1e-8, 1.0)
+    }
+}
+
+/// A set of named series `(x, y)` on one log-y chart.
+struct Chart<'a> {
+    title: &'a str,
+    x_label: &'a str,
+    y_label: &'a str,
+    series: Vec<(String, Vec<(f64, f64)>)>,
+    /// A horizontal line (the clipping threshold).
+    threshold: Option<f64>,
+    log_y: bool,
+}
+
+impl Chart<'_> {
+    fn draw(self, path: &Path) -> Result<PathBuf> {
+        let err = |e: &dyn std::fmt::Display| plot_error(path, e);
+        let points = || self.series.iter().flat_map(|(_, p)| p.iter());
+        let (x0, x1) = points().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), (x, _)| {
+            (a.min(*x), b.max(*x))
+        });
+        let (x0, x1) = if x0.is_finite() {
+            (x0, x1.max(x0 + 1.0))
+        } else {
+            (0.0, 1.0)
+        };
+        let ys = points().map(|(_, y)| *y).chain(self.threshold);
+        let root = SVGBackend::new(path, SIZE).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| err(&e))?;
+        let mut builder = ChartBuilder::on(&root);
+        builder
+            .caption(self.title, ("sans-serif", 20))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(70);
+        if self.log_y {
+            let (y0, y1) = log_range(ys);
+            let mut chart = builder
+                .build_cartesian_2d(x0..x1, (y0..y1).log_scale())
+                .map_err(|e| err(&e))?;
+            chart
+                .configure_mesh()
+                .x_desc(self.x_label)
+                .y_desc(self.y_label)
+                .y_label_formatter(&|v| format!("{v:.0e}"))
+                .draw()
+                .map_err(|e| err(&e))?;
+            for (i, (name, pts)) in self.series.iter().enumerate() {
+                let c = colour(i);
+                let pts: Vec<(f64, f64)> = pts
+                    .iter()
+                    .copied()
+                    .filter(|(_, y)| y.is_finite() && *y > 0.0)
+                    .collect();
+                chart
+                    .draw_series(LineSeries::new(pts, c.stroke_width(2)))
+                    .map_err(|e| err(&e))?
+                    .label(name.as_str())
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2))
+                    });
+            }
+            if let Some(t) = self.threshold {
+                chart
+                    .draw_series(DashedLineSeries::new(
+                        vec![(x0, t), (x1, t)],
+                        6,
+                        4,
+                        BLACK.stroke_width(1),
+                    ))
+                    .map_err(|e| err(&e))?
+                    .label(format!("clip threshold {t:.3e}"))
+                    .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLACK));
+            }
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK)
+                .position(SeriesLabelPosition::UpperRight)
+                .draw()
+                .map_err(|e| err(&e))?;
+        } else {
+            let mut chart = builder
+                .build_cartesian_2d(x0..x1, 0f64..1f64)
+                .map_err(|e| err(&e))?;
+            chart
+                .configure_mesh()
+                .x_desc(self.x_label)
+                .y_desc(self.y_label)
+                .draw()
+                .map_err(|e| err(&e))?;
+            for (i, (name, pts)) in self.series.iter().enumerate() {
+                let c = colour(i);
+                let pts: Vec<(f64, f64)> =
+                    pts.iter().copied().filter(|(_, y)| y.is_finite()).collect();
+                chart
+                    .draw_series(LineSeries::new(pts, c.stroke_width(2)))
+                    .map_err(|e| err(&e))?
+                    .label(name.as_str())
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2))
+                    });
+            }
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK)
+                .draw()
+                .map_err(|e| err(&e))?;
+        }
+        root.present().map_err(|e| err(&e))?;
+        Ok(path.to_path_buf())
+    }
+}
+
+#[allow(clippy::cast_precision_loss, reason = "steps and depths are small")]
+fn step_x(r: &StepRecord) -> f64 {
+    r.step as f64
+}
+
+/// Up to `n` records evenly spread over the run (first and last included).
+fn spread(records: &[StepRecord], n: usize) -> Vec<&StepRecord> {
+    if records.len() <= n {
+        return records.iter().collect();
+    }
+    let mut idx: Vec<usize> = (0..n)
+        .map(|k| k * (records.len() - 1) / (n - 1).max(1))
+        .collect();
+    idx.dedup();
+    idx.into_iter().map(|i| &records[i]).collect()
+}
+
+/// The gradient-flow plot: per-layer gradient norm against depth, up to `steps` observations
+/// overlaid (one series each), written to `path`.
+///
+/// # Errors
+/// [`Error::Plot`] when the file cannot be drawn.
+pub fn gradient_flow(
+    records: &[StepRecord],
+    steps: usize,
+    title: &str,
+    path: &Path,
+) -> Result<PathBuf> {
+    let series = spread(records, steps.max(1))
+        .into_iter()
+        .map(|r| {
+            #[allow(clippy::cast_precision_loss, reason = "depths are small")]
+            let pts = r
+                .layers
+                .iter()
+                .map(|l| (l.depth as f64, l.grad_norm))
+                .collect();
+            (format!("step {}", r.step), pts)
+        })
+        .collect();
+    Chart {
+        title,
+        x_label: "layer depth (0 = input side)",
+        y_label: "gradient L2 norm",
+        series,
+        threshold: None,
+        log_y: true,
+    }
+    .draw(path)
+}
+
+/// Several runs' gradient flow at their last observation, one series per run: the overlay that
+/// compares remedies.
+///
+/// # Errors
+/// [`Error::Plot`] when the file cannot be drawn.
+pub fn gradient_flow_overlay(
+    runs: &[(String, &[StepRecord])],
+    title: &str,
+    path: &Path,
+) -> Result<PathBuf> {
+    let series = runs
+        .iter()
+        .filter_map(|(name, records)| {
+            records.last().map(|r| {
+                #[allow(clippy::cast_precision_loss, reason = "depths are small")]
+                let pts = r
+                    .layers
+                    .iter()
+                    .map(|l| (l.depth as f64, l.grad_norm))
+                    .collect();
+                (name.clone(), pts)
+            })
+        })
+        .collect();
+    Chart {
+        title,
+        x_label: "layer depth (0 = input side)",
+        y_label: "gradient L2 norm",
+        series,
+        threshold: None,
+        log_y: true,
+    }
+    .draw(path)
+}
+
+/// The global gradient norm over steps, with the clipping threshold when the records carry one.
+///
+/// # Errors
+/// [`Error::Plot`] when the file cannot be drawn.
+pub fn global_norm(records: &[StepRecord], path: &Path) -> Result<PathBuf> {
+    Chart {
+        title: "global gradient norm",
+        x_label: "step",
+        y_label: "L2 norm",
+        series: vec![(
+            "global norm".into(),
+            records
+                .iter()
+                .map(|r| (step_x(r), r.global_grad_norm))
+                .collect(),
+        )],
+        threshold: records.iter().rev().find_map(|r| r.clip_threshold),
+        log_y: true,
+    }
+    .draw(path)
+}
+
+/// One series per item over the records' steps: `value(record, i)` reads item `i` of a record.
+fn over_steps(
+    records: &[StepRecord],
+    names: Vec<String>,
+    value: impl Fn(&StepRecord, usize) -> Option<f64>,
+) -> Vec<(String, Vec<(f64, f64)>)> {
+    names
+        .into_iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let pts = records
+                .iter()
+                .filter_map(|r| value(r, i).map(|v| (step_x(r), v)));
+            (name, pts.collect())
+        })
+        .collect()
+}
+
+/// Each layer's update-to-weight ratio over steps, one series per layer.
+///
+/// # Errors
+/// [`Error::Plot`] when the file cannot be drawn.
+pub fn update_ratio(records: &[StepRecord], path: &Path) -> Result<PathBuf> {
+    let names = records
+        .last()
+        .map(|r| r.layers.iter().map(|l| l.name.clone()).collect());
+    Chart {
+        title: "update-to-weight ratio per layer",
+        x_label: "step",
+        y_label: "||update|| / ||weight||",
+        series: over_steps(records, names.unwrap_or_default(), |r, i| {
+            r.layers.get(i).and_then(|x| x.update_ratio)
+        }),
+        threshold: None,
+        log_y: true,
+    }
+    .draw(path)
+}
+
+/// Each probe's dead fraction (ReLU) or saturated fraction (sigmoid/tanh) over steps.
+///
+/// # Errors
+/// [`Error::Plot`] when the file cannot be drawn.
+pub fn probe_fractions(records: &[StepRecord], path: &Path) -> Result<PathBuf> {
+    let names = records.last().map(|r| {
+        let name = |p: &ProbeStats| {
+            let what = match p.kind {
+                ProbeKind::Relu => "dead",
+                ProbeKind::Tanh | ProbeKind::Sigmoid => "saturated",
+                ProbeKind::Linear => "non-positive",
+            };
+            format!("{} ({what})", p.name)
+        };
+        r.probes.iter().map(name).collect()
+    });
+    Chart {
+        title: "dead / saturated fraction per probed layer",
+        x_label: "step",
+        y_label: "fraction",
+        series: over_steps(records, names.unwrap_or_default(), |r, i| {
+            let q = r.probes.get(i)?;
+            match q.kind {
+                ProbeKind::Relu => q.dead_fraction,
+                ProbeKind::Tanh | ProbeKind::Sigmoid => q.saturated_fraction,
+                ProbeKind::Linear => Some(q.nonpositive_fraction),
+            }
+        }),
+        threshold: None,
+        log_y: false,
+    }
+    .draw(path)
+}
+
+/// Draws all four plots into `dir` (created if missing) as `gradient_flow.svg`,
+/// `global_norm.svg`, `update_ratio.svg` and `probes.svg` (the last only when there are probes).
+///
+/// # Errors
+/// [`Error::Io`] when the folder cannot be created, [`Error::Plot`] when a plot fails.
+pub fn plot_all(records: &[StepRecord], dir: &Path) -> Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let mut out = vec![
+        gradient_flow(records, 5, "gradient flow", &dir.join("gradient_flow.svg"))?,
+        global_norm(records, &dir.join("global_norm.svg"))?,
+        update_ratio(records, &dir.join("update_ratio.svg"))?,
+    ];
+    if records.last().is_some_and(|r| !r.probes.is_empty()) {
+        out.push(probe_fractions(records, &dir.join("probes.svg"))?);
+    }
+    Ok(out)
+}

@@ -1,0 +1,354 @@
+//! Activation probes: a pass-through module recording what flows forward and backward at a
+//! point of the network.
+//!
+//! candle keeps no activation gradients and has no hooks (candle issue #2774). A [`Probe`]
+//! inserted after a layer returns its input unchanged and, while enabled, records in the
+//! forward pass the mean, standard deviation, fraction at or below zero, saturated fraction and
+//! which units were positive; its output goes through a custom op whose backward records the
+//! norm of the gradient arriving at that point before passing it on untouched. Disabled, a
+//! probe costs one atomic flag check. Probes are `Clone` (clones share state) and thread-safe.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Module, Shape, Tensor};
+use grad_core::float::{Float, FloatFn, dispatch, with_avx2};
+use grad_core::host::{CHUNK, UninitVec, cpu_slice};
+use rayon::prelude::*;
+
+use crate::record::{ProbeKind, ProbeStats};
+use crate::stats::moments;
+use crate::{Error, Result};
+
+/// A pass-through module that records activation and gradient statistics.
+///
+/// ```
+/// use candle_core::{DType, Device, Module, Tensor, Var};
+/// use grad_diagnostics::{Probe, ProbeKind};
+/// let probe = Probe::new("layer.0", ProbeKind::Relu, 4);
+/// let x = Var::new(&[[1f32, -2.0], [3.0, -4.0]], &Device::Cpu)?;
+/// let y = probe.forward(&x.as_tensor().relu()?)?;
+/// y.sum_all()?.backward()?;
+/// let s = probe.stats();
+/// assert_eq!(s.nonpositive_fraction, 0.5);
+/// assert_eq!(s.grad_norm, Some(2.0)); // sqrt of four ones
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct Probe {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    name: String,
+    kind: ProbeKind,
+    window: u64,
+    enabled: AtomicBool,
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    forwards: u64,
+    last: Option<Activation>,
+    /// Per unit, the forward count at which it was last positive (0 = never).
+    last_positive: Vec<u64>,
+    grad_norm: Option<f64>,
+}
+
+/// One forward's activation statistics.
+#[derive(Debug, Clone, Copy)]
+struct Activation {
+    mean: f64,
+    std: f64,
+    nonpositive: f64,
+    saturated: Option<f64>,
+}
+
+impl Probe {
+    /// A probe called `name` after an activation of `kind`; a unit counts as dead when it is not
+    /// positive once in `window` forward passes.
+    pub fn new(name: impl Into<String>, kind: ProbeKind, window: u64) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                name: name.into(),
+                kind,
+                window: window.max(1),
+                enabled: AtomicBool::new(true),
+                state: Mutex::new(State::default()),
+            }),
+        }
+    }
+
+    /// The probe's name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Starts or stops recording (a disabled probe is one flag check per forward).
+    pub fn set_enabled(&self, enabled: bool) {
+        self.inner.enabled.store(enabled, Ordering::Relaxed);
+    }
+
+    /// Whether the probe records.
+    pub fn is_enabled(&self) -> bool {
+        self.inner.enabled.load(Ordering::Relaxed)
+    }
+
+    /// The statistics recorded so far.
+    pub fn stats(&self) -> ProbeStats {
+        let inner = &self.inner;
+        let state = inner.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let last = state.last.unwrap_or(Activation {
+            mean: 0.0,
+            std: 0.0,
+            nonpositive: 0.0,
+            saturated: None,
+        });
+        let dead_fraction = (inner.kind == ProbeKind::Relu
+            && state.forwards >= inner.window
+            && !state.last_positive.is_empty())
+        .then(|| {
+            let dead = state
+                .last_positive
+                .iter()
+                .filter(|&&seen| seen == 0 || state.forwards - seen >= inner.window)
+                .count();
+            dead as f64 / state.last_positive.len() as f64
+        });
+        ProbeStats {
+            name: inner.name.clone(),
+            kind: inner.kind,
+            units: state.last_positive.len(),
+            mean: last.mean,
+            std: last.std,
+            nonpositive_fraction: last.nonpositive,
+            dead_fraction,
+            saturated_fraction: last.saturated,
+            grad_norm: state.grad_norm,
+            forwards: state.forwards,
+        }
+    }
+
+    /// The forward pass with gradkit's error type; [`Module::forward`] wraps it.
+    ///
+    /// # Errors
+    /// [`Error::Core`] for a non-float input.
+    pub fn try_forward(&self, x: &Tensor) -> Result<Tensor> {
+        if !self.is_enabled() {
+            return Ok(x.clone());
+        }
+        grad_core::float::ensure_float("probe", "input", x.dtype())?;
+        let m = moments(x)?;
+        let (units, spatial) = units_of(x);
+        let scan = scan(x, self.inner.kind, units, spatial)?;
+        {
+            let mut state = self
+                .inner
+                .state
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            state.forwards += 1;
+            let now = state.forwards;
+            if state.last_positive.len() != units {
+                state.last_positive = vec![0; units];
+            }
+            for (seen, positive) in state.last_positive.iter_mut().zip(&scan.positive) {
+                if *positive {
+                    *seen = now;
+                }
+            }
+            let n = m.count.max(1.0);
+            state.last = Some(Activation {
+                mean: m.mean,
+                std: m.std(),
+                nonpositive: scan.nonpositive as f64 / n,
+                saturated: matches!(self.inner.kind, ProbeKind::Tanh | ProbeKind::Sigmoid)
+                    .then(|| scan.saturated as f64 / n),
+            });
+        }
+        if x.device().is_cpu() && x.track_op() {
+            Ok(x.contiguous()?.apply_op1(GradTap(self.inner.clone()))?)
+        } else {
+            Ok(x.clone())
+        }
+    }
+}
+
+impl Module for Probe {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        self.try_forward(xs).map_err(|e| match e {
+            Error::Candle(c) => c,
+            other => candle_core::Error::wrap(other),
+        })
+    }
+}
+
+/// `(units, elements per unit and sample)`: units are dim 1 (channels/features) for rank >= 2.
+fn units_of(x: &Tensor) -> (usize, usize) {
+    match x.rank() {
+        0 => (1, 1),
+        1 => (x.elem_count(), 1),
+        _ => (x.dims()[1], x.dims()[2..].iter().product()),
+    }
+}
+
+/// What one read of an activation counts.
+struct Scan {
+    nonpositive: u64,
+    saturated: u64,
+    positive: Vec<bool>,
+}
+
+fn scan(x: &Tensor, kind: ProbeKind, units: usize, spatial: usize) -> Result<Scan> {
+    let x = x.to_device(&candle_core::Device::Cpu)?.contiguous()?;
+    struct Run<'a> {
+        x: &'a Tensor,
+        kind: ProbeKind,
+        units: usize,
+        spatial: usize,
+    }
+    impl FloatFn for Run<'_> {
+        type Output = Scan;
+        fn call<T: Float>(self) -> grad_core::Result<Scan> {
+            let (storage, layout) = self.x.storage_and_layout();
+            let data = grad_core::host::storage_slice::<T>(&storage, layout)?;
+            let (units, spatial, kind) = (self.units, self.spatial, self.kind);
+            let row = units * spatial;
+            let rows_per_task = (CHUNK / row.max(1)).max(1);
+            let parts: Vec<Scan> = data
+                .par_chunks(rows_per_task * row.max(1))
+                .map(|block| {
+                    with_avx2(
+                        #[inline(always)]
+                        || {
+                            let mut s = Scan {
+                                nonpositive: 0,
+                                saturated: 0,
+                                positive: vec![false; units],
+                            };
+                            for r in block.chunks(row.max(1)) {
+                                for (u, plane) in r.chunks(spatial.max(1)).enumerate() {
+                                    let mut any = false;
+                                    for v in plane {
+                                        let v = v.as_f64();
+                                        any |= v > 0.0;
+                                        s.nonpositive += u64::from(v <= 0.0);
+                                        s.saturated += u64::from(match kind {
+                                            ProbeKind::Tanh => v.abs() > 0.99,
+                                            ProbeKind::Sigmoid => !(0.01..=0.99).contains(&v),
+                                            _ => false,
+                                        });
+                                    }
+                                    if u < s.positive.len() {
+                                        s.positive[u] |= any;
+                                    }
+                                }
+                            }
+                            s
+                        },
+                    )
+                })
+                .collect();
+            Ok(parts.into_iter().fold(
+                Scan {
+                    nonpositive: 0,
+                    saturated: 0,
+                    positive: vec![false; units],
+                },
+                |mut a, b| {
+                    a.nonpositive += b.nonpositive;
+                    a.saturated += b.saturated;
+                    a.positive
+                        .iter_mut()
+                        .zip(b.positive)
+                        .for_each(|(p, q)| *p |= q);
+                    a
+                },
+            ))
+        }
+    }
+    Ok(dispatch(
+        "probe",
+        x.dtype(),
+        Run {
+            x: &x,
+            kind,
+            units,
+            spatial,
+        },
+    )?)
+}
+
+/// Identity in the forward; its backward records the arriving gradient's norm.
+#[derive(Debug)]
+struct GradTap(Arc<Inner>);
+
+struct Copy<'a>(&'a CpuStorage, &'a Layout);
+
+impl FloatFn for Copy<'_> {
+    type Output = CpuStorage;
+    fn call<T: Float>(self) -> grad_core::Result<CpuStorage> {
+        let x = cpu_slice::<T>(self.0, self.1)?;
+        let mut out = UninitVec::new(x.len());
+        out.as_uninit_mut()
+            .par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .for_each(|(o, i)| {
+                for (o, i) in o.iter_mut().zip(i) {
+                    o.write(*i);
+                }
+            });
+        #[allow(unsafe_code, reason = "skipping the zero fill of a fresh output")]
+        // SAFETY: output and input chunks have equal lengths and every slot is written.
+        let out = unsafe { out.assume_init() };
+        Ok(T::to_cpu_storage_owned(out))
+    }
+}
+
+impl CustomOp1 for GradTap {
+    fn name(&self) -> &'static str {
+        "gradkit-probe"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dtype = candle_core::backend::BackendStorage::dtype(s);
+        let out = dispatch(self.name(), dtype, Copy(s, l)).map_err(candle_core::Error::wrap)?;
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let norm = moments(grad).map_err(candle_core::Error::wrap)?.norm();
+        self.0
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .grad_norm = Some(norm);
+        Ok(Some(grad.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disabled_probes_record_nothing_and_pass_through() -> Result<()> {
+        let p = Probe::new("p", ProbeKind::Tanh, 2);
+        p.set_enabled(false);
+        let x = Tensor::new(&[0.5f32, 0.999], &candle_core::Device::Cpu)?;
+        let y = p.try_forward(&x)?;
+        assert_eq!(y.to_vec1::<f32>()?, [0.5, 0.999]);
+        assert_eq!(p.stats().forwards, 0);
+        p.set_enabled(true);
+        p.try_forward(&x.to_dtype(candle_core::DType::F64)?)?;
+        assert_eq!(p.stats().saturated_fraction, Some(0.5));
+        Ok(())
+    }
+}

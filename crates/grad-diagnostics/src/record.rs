@@ -1,0 +1,193 @@
+//! What one observation records: per parameter, per layer, per probe, and globally.
+//!
+//! These are the lines of a JSON Lines log ([`JsonlSink`](crate::JsonlSink)) and the input of
+//! the detectors, reports and plots, so a log read back reproduces every verdict.
+
+use serde::{Deserialize, Serialize};
+
+/// JSON has no NaN or infinity; these fields are written as the strings `"nan"`, `"inf"` and
+/// `"-inf"` when non-finite (the convention of gradkit's conformance files), so the steps where
+/// things go wrong survive in a log.
+pub(crate) mod float {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Repr {
+        Number(f64),
+        Text(String),
+    }
+
+    pub(crate) fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+        if v.is_nan() {
+            s.serialize_str("nan")
+        } else if v.is_infinite() {
+            s.serialize_str(if *v > 0.0 { "inf" } else { "-inf" })
+        } else {
+            s.serialize_f64(*v)
+        }
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        match Repr::deserialize(d)? {
+            Repr::Number(v) => Ok(v),
+            Repr::Text(t) => match t.as_str() {
+                "nan" => Ok(f64::NAN),
+                "inf" => Ok(f64::INFINITY),
+                "-inf" => Ok(f64::NEG_INFINITY),
+                other => Err(serde::de::Error::custom(format!("not a number: {other:?}"))),
+            },
+        }
+    }
+
+    /// The same for `Option<f64>` (`null` is `None`).
+    pub(crate) mod opt {
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        pub(crate) fn serialize<S: Serializer>(v: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
+            match v {
+                Some(v) => super::serialize(v, s),
+                None => s.serialize_none(),
+            }
+        }
+
+        pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<Option<f64>, D::Error> {
+            #[derive(Deserialize)]
+            struct Wrap(#[serde(with = "super")] f64);
+            Ok(Option::<Wrap>::deserialize(d)?.map(|w| w.0))
+        }
+    }
+}
+
+/// Gradient (and weight) statistics of one parameter at one observed step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ParamStats {
+    /// The parameter's name.
+    pub name: String,
+    /// The layer it belongs to.
+    pub layer: String,
+    /// Number of elements.
+    pub numel: usize,
+    /// L2 norm of the gradient.
+    #[serde(with = "float")]
+    pub grad_norm: f64,
+    /// Largest absolute gradient element.
+    #[serde(with = "float")]
+    pub grad_max_abs: f64,
+    /// Mean of the gradient's elements.
+    #[serde(with = "float")]
+    pub grad_mean: f64,
+    /// Standard deviation (population) of the gradient's elements.
+    #[serde(with = "float")]
+    pub grad_std: f64,
+    /// Fraction of gradient elements exactly zero.
+    #[serde(with = "float")]
+    pub zero_fraction: f64,
+    /// NaN gradient elements.
+    pub nan_count: u64,
+    /// Infinite gradient elements.
+    pub inf_count: u64,
+    /// L2 norm of the parameter.
+    #[serde(with = "float")]
+    pub weight_norm: f64,
+    /// Norm of the change of the parameter since the previous observation over its norm (`None`
+    /// at the first observation).
+    #[serde(with = "float::opt")]
+    pub update_ratio: Option<f64>,
+}
+
+/// A layer's statistics: its parameters' combined.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerStats {
+    /// The layer's name.
+    pub name: String,
+    /// Its position in network order (0 = closest to the input).
+    pub depth: usize,
+    /// L2 norm of all its parameters' gradients together.
+    #[serde(with = "float")]
+    pub grad_norm: f64,
+    /// Largest absolute gradient element.
+    #[serde(with = "float")]
+    pub grad_max_abs: f64,
+    /// L2 norm of all its parameters together.
+    #[serde(with = "float")]
+    pub weight_norm: f64,
+    /// Norm of the change of its parameters over their norm.
+    #[serde(with = "float::opt")]
+    pub update_ratio: Option<f64>,
+    /// NaN and infinite gradient elements.
+    pub non_finite: u64,
+}
+
+/// What an activation probe kind means for saturation and dead units.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ProbeKind {
+    /// After a ReLU-family activation: units never positive over the window are dead.
+    Relu,
+    /// After tanh: `|y| > 0.99` is saturated.
+    Tanh,
+    /// After a sigmoid: `y < 0.01` or `y > 0.99` is saturated.
+    Sigmoid,
+    /// Any other point: moments and the gradient only.
+    Linear,
+}
+
+/// An activation probe's statistics at one observed step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProbeStats {
+    /// The probe's name (usually the layer it follows).
+    pub name: String,
+    /// What it follows.
+    pub kind: ProbeKind,
+    /// Units (dim 1 of the activation; every element for rank 1).
+    pub units: usize,
+    /// Mean of the last activation seen.
+    #[serde(with = "float")]
+    pub mean: f64,
+    /// Standard deviation of the last activation seen.
+    #[serde(with = "float")]
+    pub std: f64,
+    /// Fraction of the last activation's elements at or below zero.
+    #[serde(with = "float")]
+    pub nonpositive_fraction: f64,
+    /// Fraction of units not positive once over the last `window` forward passes (`None` until
+    /// a window has passed).
+    #[serde(with = "float::opt")]
+    pub dead_fraction: Option<f64>,
+    /// Fraction of the last activation's elements saturated (`None` for ReLU and linear kinds).
+    #[serde(with = "float::opt")]
+    pub saturated_fraction: Option<f64>,
+    /// L2 norm of the gradient that last arrived at the probe in a backward pass.
+    #[serde(with = "float::opt")]
+    pub grad_norm: Option<f64>,
+    /// Forward passes seen.
+    pub forwards: u64,
+}
+
+/// Everything observed at one step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    /// The training step.
+    pub step: u64,
+    /// L2 norm of every parameter's gradient together.
+    #[serde(with = "float")]
+    pub global_grad_norm: f64,
+    /// The clipping threshold in force, if the caller set one (drawn on the plots).
+    #[serde(with = "float::opt")]
+    pub clip_threshold: Option<f64>,
+    /// Per parameter, in network order.
+    pub params: Vec<ParamStats>,
+    /// Per layer, in network order.
+    pub layers: Vec<LayerStats>,
+    /// Per probe, in the order they were added.
+    pub probes: Vec<ProbeStats>,
+}
+
+impl StepRecord {
+    /// The first parameter (in network order) whose gradient holds a NaN or infinity.
+    pub fn first_non_finite(&self) -> Option<&ParamStats> {
+        self.params.iter().find(|p| p.nan_count + p.inf_count > 0)
+    }
+}

@@ -1,0 +1,179 @@
+//! JSON Lines logs, SVG plots and the `gradscope` command line.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "a test fails by panicking"
+)]
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{Mlp, Style};
+use grad_diagnostics::{JsonlSink, StepRecord, plot, read_log};
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("gradkit-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A few observations of a real (vanishing) run.
+fn records(style: Style) -> Vec<StepRecord> {
+    let net = Mlp::new(6, 16, style, 9);
+    let mut monitor = net.monitor();
+    net.train(5, 0.1, &mut monitor);
+    monitor.history().cloned().collect()
+}
+
+fn write_log(path: &Path, records: &[StepRecord]) {
+    let mut sink = JsonlSink::create(path).unwrap();
+    for r in records {
+        sink.write(r).unwrap();
+    }
+}
+
+#[test]
+fn a_log_round_trips() {
+    let dir = temp_dir("roundtrip");
+    let rs = records(Style::Sigmoid);
+    write_log(&dir.join("run.jsonl"), &rs);
+    let back = read_log(dir.join("run.jsonl")).unwrap();
+    assert!(back.bad_lines.is_empty());
+    assert!(back.records == rs, "records differ after a round trip");
+    // Appending continues the log.
+    JsonlSink::append(dir.join("run.jsonl"))
+        .unwrap()
+        .write(&rs[0])
+        .unwrap();
+    assert_eq!(
+        read_log(dir.join("run.jsonl")).unwrap().records.len(),
+        rs.len() + 1
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_truncated_last_line_and_a_garbage_line_are_reported_and_the_rest_read() {
+    let dir = temp_dir("damaged");
+    let path = dir.join("run.jsonl");
+    let rs = records(Style::Sigmoid);
+    write_log(&path, &rs[..3]);
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap();
+    writeln!(f, "this is not json").unwrap();
+    let whole = serde_json::to_string(&rs[3]).unwrap();
+    write!(f, "{}", &whole[..whole.len() / 2]).unwrap(); // a crash mid-write
+    drop(f);
+    let log = read_log(&path).unwrap();
+    assert!(log.records == rs[..3], "the three whole records read back");
+    assert_eq!(
+        log.bad_lines.iter().map(|b| b.line).collect::<Vec<_>>(),
+        [4, 5]
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// The number of legend entries (one per series) among `names`.
+fn series_count(svg: &str, names: impl Iterator<Item = String>) -> usize {
+    names
+        .filter(|n| svg.contains(&format!("\n{n}\n</text>")))
+        .count()
+}
+
+#[test]
+fn plots_are_valid_svg_with_one_series_per_layer() {
+    let dir = temp_dir("plots");
+    let mut rs = records(Style::Remedied);
+    rs.iter_mut().for_each(|r| r.clip_threshold = Some(1.0));
+    let files = plot::plot_all(&rs, &dir).unwrap();
+    assert_eq!(files.len(), 4);
+    for f in &files {
+        let svg = std::fs::read_to_string(f).unwrap();
+        assert!(
+            svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"),
+            "{}",
+            f.display()
+        );
+        // Well-formed enough for a parser: every element opened is closed.
+        assert_eq!(svg.matches("<text").count(), svg.matches("</text>").count());
+    }
+    let layers = rs[0].layers.len();
+    let update = std::fs::read_to_string(dir.join("update_ratio.svg")).unwrap();
+    assert_eq!(
+        series_count(&update, rs[0].layers.iter().map(|l| l.name.clone())),
+        layers
+    );
+    let flow = std::fs::read_to_string(dir.join("gradient_flow.svg")).unwrap();
+    assert_eq!(
+        series_count(&flow, rs.iter().map(|r| format!("step {}", r.step))),
+        rs.len().min(5)
+    );
+    let global = std::fs::read_to_string(dir.join("global_norm.svg")).unwrap();
+    assert!(global.contains("clip threshold"));
+    let probes = std::fs::read_to_string(dir.join("probes.svg")).unwrap();
+    assert!(probes.contains("layer.1.act (dead)"));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+fn gradscope(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_gradscope"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn gradscope_exit_statuses() {
+    let dir = temp_dir("gradscope");
+    let (sick, healthy) = (dir.join("sick.jsonl"), dir.join("healthy.jsonl"));
+    let net = Mlp::new(20, 16, Style::Sigmoid, 1);
+    let mut m = net.monitor();
+    net.train(5, 0.1, &mut m);
+    write_log(&sick, &m.history().cloned().collect::<Vec<_>>());
+    write_log(&healthy, &records(Style::Remedied));
+
+    let (code, out, _) = gradscope(&["check", sick.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("Vanishing"));
+    let (code, out, _) = gradscope(&["check", healthy.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    let (code, out, _) = gradscope(&["summary", sick.to_str().unwrap()]);
+    assert_eq!(code, 0);
+    assert!(out.contains("layer.0") && out.contains("vanishing"));
+    let plots = dir.join("plots");
+    let (code, out, _) = gradscope(&[
+        "plot",
+        sick.to_str().unwrap(),
+        "--out",
+        plots.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0);
+    assert!(out.contains("gradient_flow.svg") && plots.join("global_norm.svg").exists());
+
+    // Errors are one line, never a backtrace.
+    let (code, _, err) = gradscope(&["summary", dir.join("missing.jsonl").to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("gradscope: error:"));
+    let garbage = dir.join("garbage.jsonl");
+    std::fs::write(&garbage, "not json\n{\n").unwrap();
+    let (code, _, err) = gradscope(&["check", garbage.to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("garbage.jsonl:1")
+            && err.lines().last().unwrap().contains("no readable record")
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -1,0 +1,134 @@
+//! Statistics against a naive f64 computation, and the history bound.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "a test fails by panicking"
+)]
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var};
+use grad_core::NamedVars;
+use grad_core::strategies::{TensorSpec, Values, tensor};
+use grad_diagnostics::{GradMonitor, MonitorConfig, Probe, ProbeKind};
+use proptest::prelude::*;
+
+fn close(a: f64, b: f64, tol: f64) -> bool {
+    (a - b).abs() <= tol * (1.0 + b.abs())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn parameter_statistics_equal_a_naive_computation(
+        g in tensor(TensorSpec { dtypes: vec![DType::F32, DType::F64], values: Values::Finite { lo: -3.0, hi: 3.0 }, max_dim: 9, ..TensorSpec::default() }),
+    ) {
+        let w = Var::from_tensor(&g.ones_like().unwrap().to_dtype(g.dtype()).unwrap()).unwrap();
+        let mut store = GradStore::default();
+        store.insert(w.as_tensor(), g.clone());
+        let mut monitor = GradMonitor::new(NamedVars::new([("net.w", w.clone())]).unwrap(), MonitorConfig::default()).unwrap();
+        let record = monitor.observe(0, &store).unwrap().unwrap().clone();
+        let p = &record.params[0];
+        let v = grad_testkit::values(&g).unwrap();
+        let n = v.len() as f64;
+        let mean = v.iter().sum::<f64>() / n;
+        let std = (v.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / n).sqrt();
+        let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        prop_assert!(close(p.grad_norm, norm, 1e-12));
+        prop_assert!(close(p.grad_mean, mean, 1e-12));
+        prop_assert!(close(p.grad_std, std, 1e-9));
+        prop_assert_eq!(p.grad_max_abs, v.iter().fold(0.0f64, |m, x| m.max(x.abs())));
+        prop_assert_eq!(p.zero_fraction, v.iter().filter(|x| **x == 0.0).count() as f64 / n);
+        prop_assert!(close(p.weight_norm, n.sqrt(), 1e-12));
+        prop_assert!(close(record.global_grad_norm, norm, 1e-12));
+    }
+
+    #[test]
+    fn the_history_never_exceeds_its_bound(bound in 1usize..8, steps in 1u64..40, every in 1u64..4) {
+        let w = Var::new(&[1f32, 2.0], &Device::Cpu).unwrap();
+        let cfg = MonitorConfig { history: bound, every, ..MonitorConfig::default() };
+        let mut monitor = GradMonitor::new(NamedVars::new([("w", w.clone())]).unwrap(), cfg).unwrap();
+        for step in 0..steps {
+            let grads = w.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            let observed = monitor.observe(step, &grads).unwrap().is_some();
+            prop_assert_eq!(observed, step % every == 0);
+            prop_assert!(monitor.history().len() <= bound);
+        }
+        let observed = steps.div_ceil(every) as usize;
+        prop_assert_eq!(monitor.history().len(), observed.min(bound));
+        let last = monitor.last().unwrap().step;
+        prop_assert_eq!(last, (steps - 1) / every * every);
+    }
+}
+
+#[test]
+fn update_ratios_are_exact_for_small_parameters_and_close_for_large_ones() {
+    let dev = Device::Cpu;
+    let small = Var::from_tensor(
+        &grad_core::Philox::new(1)
+            .normal(100, 0.0, 1.0, DType::F64, &dev)
+            .unwrap(),
+    )
+    .unwrap();
+    let large = Var::from_tensor(
+        &grad_core::Philox::new(2)
+            .normal((300, 300), 0.0, 1.0, DType::F64, &dev)
+            .unwrap(),
+    )
+    .unwrap();
+    let params = NamedVars::new([("a.small", small.clone()), ("b.large", large.clone())]).unwrap();
+    let mut monitor = GradMonitor::new(params, MonitorConfig::default()).unwrap();
+    let store = GradStore::default();
+    monitor.observe(0, &store).unwrap();
+    let (ds, dl) = (
+        grad_core::Philox::new(3)
+            .normal(100, 0.0, 1e-3, DType::F64, &dev)
+            .unwrap(),
+        grad_core::Philox::new(4)
+            .normal((300, 300), 0.0, 1e-3, DType::F64, &dev)
+            .unwrap(),
+    );
+    let (ws, wl) = (
+        (small.as_tensor() + &ds).unwrap(),
+        (large.as_tensor() + &dl).unwrap(),
+    );
+    small.set(&ws).unwrap();
+    large.set(&wl).unwrap();
+    let r = monitor.observe(1, &store).unwrap().unwrap().clone();
+    let norm = |t: &Tensor| {
+        t.sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .sqrt()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let exact_small = norm(&ds) / norm(&ws);
+    let exact_large = norm(&dl) / norm(&wl);
+    assert!(close(r.params[0].update_ratio.unwrap(), exact_small, 1e-12));
+    // 4096 of 90,000 elements sampled: within a few percent.
+    assert!((r.params[1].update_ratio.unwrap() / exact_large - 1.0).abs() < 0.1);
+}
+
+#[test]
+fn probes_are_thread_safe() {
+    let probe = Probe::new("shared", ProbeKind::Relu, 2);
+    std::thread::scope(|s| {
+        for t in 0..4 {
+            let p = probe.clone();
+            s.spawn(move || {
+                for _ in 0..25 {
+                    let x = Tensor::full(t as f32 - 1.5, (3, 5), &Device::Cpu).unwrap();
+                    p.try_forward(&x).unwrap();
+                }
+            });
+        }
+    });
+    let s = probe.stats();
+    assert_eq!(s.forwards, 100);
+    assert_eq!(s.units, 5);
+}
