@@ -50,7 +50,11 @@ impl NamedVars {
         Ok(out)
     }
 
-    /// Every variable of a [`VarMap`], in natural name order (see [`natural_cmp`]).
+    /// Every floating-point variable of a [`VarMap`], in natural name order (see
+    /// [`natural_cmp`]). Integer variables (such as batch norm's `num_batches_tracked` counter)
+    /// can have no gradient and are left out, as PyTorch's `named_parameters` leaves out
+    /// buffers; float buffers such as running statistics stay (they have no gradient either, and
+    /// every consumer skips a variable whose gradient is absent).
     ///
     /// ```
     /// use candle_core::{DType, Device};
@@ -72,7 +76,8 @@ impl NamedVars {
             .data()
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut entries: Vec<(&String, &Var)> = data.iter().collect();
+        let mut entries: Vec<(&String, &Var)> =
+            data.iter().filter(|(_, v)| v.dtype().is_float()).collect();
         entries.sort_by(|a, b| natural_cmp(a.0, b.0));
         Self {
             names: entries.iter().map(|(n, _)| (*n).clone()).collect(),

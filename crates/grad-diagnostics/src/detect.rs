@@ -9,8 +9,9 @@
 //!   weights), or the first layer's gradient norm below `vanishing_ratio` = 1e-4 times the
 //!   last's, for `patience` = 3 consecutive observations.
 //! - **Exploding** (Pascanu, Mikolov & Bengio 2013): the global norm above `exploding_norm` = 1e6,
-//!   or grown `growth_factor` = 10x over the `growth_window` = 5 previous observations' minimum,
-//!   or any NaN/Inf gradient (named: the first parameter in network order, and the step).
+//!   or grown `growth_factor` = 10x over the median of the `growth_window` = 5 previous
+//!   observations to above the run's median (a climb back to the usual level after a quiet patch, common
+//!   late in training, is not an explosion), or any NaN/Inf gradient (named: the first parameter in network order, and the step).
 //! - **Dead units** (Maas et al. 2013; Lu et al. 2019): a probed ReLU layer with more than
 //!   `dead_fraction` = 0.95 of its units not positive once over the probe's window.
 //! - **Saturation** (Glorot & Bengio 2010): a probed sigmoid/tanh layer with more than
@@ -35,9 +36,10 @@ pub struct DetectorConfig {
     pub patience: usize,
     /// Global gradient-norm ceiling. Default: 1e6.
     pub exploding_norm: f64,
-    /// Growth of the global norm that counts as exploding. Default: 10.
+    /// Growth of the global norm that counts as exploding (when it also ends above the median of
+    /// the observed run). Default: 10.
     pub growth_factor: f64,
-    /// Previous observations the growth is measured against. Default: 5.
+    /// Previous observations whose median the growth is measured against. Default: 5.
     pub growth_window: usize,
     /// Fraction of a ReLU layer's units dead over the window that is flagged. Default: 0.95.
     pub dead_fraction: f64,
@@ -206,12 +208,19 @@ fn exploding(records: &[StepRecord], c: &DetectorConfig, out: &mut Vec<Finding>)
     else {
         return;
     };
-    let floor = window
+    // The baseline is the median of the window before the peak: late in training single
+    // batches swing by 10x about a small typical norm, which a minimum would read as growth.
+    let mut before: Vec<f64> = window
         .iter()
         .take_while(|r| r.step < peak_at.step)
         .map(|r| r.global_grad_norm)
         .filter(|v| v.is_finite() && *v > 0.0)
-        .fold(f64::INFINITY, f64::min);
+        .collect();
+    let floor = if before.is_empty() {
+        f64::INFINITY
+    } else {
+        median(&mut before)
+    };
     let (evidence, severity) = if peak > c.exploding_norm {
         (
             format!(
@@ -220,10 +229,10 @@ fn exploding(records: &[StepRecord], c: &DetectorConfig, out: &mut Vec<Finding>)
             ),
             Severity::Critical,
         )
-    } else if floor.is_finite() && peak > c.growth_factor * floor {
+    } else if floor.is_finite() && peak > c.growth_factor * floor && peak > med {
         (
             format!(
-                "global gradient norm grew {:.1}x (from {floor:.3e} to {peak:.3e} at step {}) within {} observations",
+                "global gradient norm grew {:.1}x (from a median of {floor:.3e} to {peak:.3e} at step {}) within {} observations",
                 peak / floor,
                 peak_at.step,
                 window.len()
