@@ -116,6 +116,21 @@ impl OutDir {
     }
 }
 
+/// The kinds of a report's findings in words (`"vanishing, updateratio"`), or `"none"`.
+pub fn finding_kinds(report: &grad_diagnostics::RunReport) -> String {
+    let mut kinds: Vec<String> = report
+        .findings
+        .iter()
+        .map(|f| format!("{:?}", f.kind).to_lowercase())
+        .collect();
+    kinds.dedup();
+    if kinds.is_empty() {
+        "none".into()
+    } else {
+        kinds.join(", ")
+    }
+}
+
 /// A progress bar over `len` steps, hidden when `quiet`.
 pub fn progress(len: u64, label: &str, quiet: bool) -> indicatif::ProgressBar {
     if quiet {
@@ -129,4 +144,50 @@ pub fn progress(len: u64, label: &str, quiet: bool) -> indicatif::ProgressBar {
     bar.set_style(style);
     bar.set_prefix(label.to_owned());
     bar
+}
+
+/// Plain SGD, or SGD wrapped in gradkit's global-norm clipper.
+pub enum Sgd {
+    /// candle-nn's SGD as is.
+    Plain(candle_nn::SGD),
+    /// Clipped at a global L2 norm; non-finite steps skipped.
+    Clipped(Box<grad_regularize::Clipped<candle_nn::SGD>>),
+}
+
+impl Sgd {
+    /// SGD over `params` at `lr`, clipped at `max_norm` when given.
+    pub fn new(params: &grad_core::NamedVars, lr: f64, max_norm: Option<f64>) -> Result<Self> {
+        use candle_nn::Optimizer;
+        use grad_regularize::{ClipPolicy, ClipRule, Clipped, ClippedConfig};
+        let sgd = candle_nn::SGD::new(params.vars().to_vec(), lr)?;
+        Ok(match max_norm {
+            None => Self::Plain(sgd),
+            Some(m) => {
+                let config = ClippedConfig {
+                    max_consecutive_skips: None,
+                    ..ClippedConfig::new(ClipPolicy::single(ClipRule::global_norm(m))?)
+                };
+                Self::Clipped(Box::new(Clipped::new(sgd, params.clone(), config)))
+            }
+        })
+    }
+
+    /// One step; returns whether the gradients were clipped.
+    pub fn step(&mut self, grads: &candle_core::backprop::GradStore) -> Result<bool> {
+        match self {
+            Self::Plain(sgd) => {
+                candle_nn::Optimizer::step(sgd, grads)?;
+                Ok(false)
+            }
+            Self::Clipped(c) => Ok(c.try_step(grads)?.clipped),
+        }
+    }
+
+    /// The clipper's counters (zero for plain SGD).
+    pub fn counters(&self) -> grad_regularize::ClipCounters {
+        match self {
+            Self::Plain(_) => grad_regularize::ClipCounters::default(),
+            Self::Clipped(c) => c.counters(),
+        }
+    }
 }

@@ -17,7 +17,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Module, ModuleT, Tensor};
-use candle_nn::{Linear, Optimizer, SGD, VarBuilder, VarMap};
+use candle_nn::{Linear, VarBuilder, VarMap};
 use grad_core::{NamedVars, Philox};
 use grad_diagnostics::{
     Finding, GradMonitor, JsonlSink, LayerGrouping, MonitorConfig, Probe, ProbeKind, RunReport,
@@ -27,12 +27,10 @@ use grad_layers::init::{FanMode, Initializer, Nonlinearity, reinit};
 use grad_layers::{
     Activation, BatchNorm, BatchNormConfig, Dropout, DropoutConfig, batch_norm, dropout,
 };
-use grad_regularize::{
-    ClipPolicy, ClipRule, Clipped, ClippedConfig, CrossEntropyOptions, cross_entropy,
-};
+use grad_regularize::{CrossEntropyOptions, cross_entropy};
 use serde::Serialize;
 
-use crate::support::{Digits, Result, accuracy, context, epoch_batches, rows};
+use crate::support::{Digits, Result, Sgd, accuracy, context, epoch_batches, rows};
 
 /// Dropout probability in set-up 4, before the classifier only: dropout between batch-norm
 /// layers shifts their statistics from training to evaluation (Li et al. 2019), and over 16
@@ -301,25 +299,6 @@ impl Mlp {
     }
 }
 
-/// The optimizer: plain SGD, wrapped in a global-norm clipper for set-up 4.
-enum Step {
-    Plain(SGD),
-    Clipped(Box<Clipped<SGD>>),
-}
-
-impl Step {
-    /// Applies one step; returns whether the gradients were clipped.
-    fn step(&mut self, grads: &candle_core::backprop::GradStore) -> Result<bool> {
-        match self {
-            Self::Plain(sgd) => {
-                sgd.step(grads)?;
-                Ok(false)
-            }
-            Self::Clipped(c) => Ok(c.try_step(grads)?.clipped),
-        }
-    }
-}
-
 /// Trains `setup` on `data`; appends each observed step to the JSON Lines log at `log` (when
 /// given); calls `on_step(step, loss)` after each SGD step.
 pub fn run(
@@ -348,19 +327,9 @@ pub fn run(
     for p in mlp.probes() {
         monitor.add_probe(p);
     }
-    let sgd = SGD::new(params.vars().to_vec(), options.lr)?;
-    let mut optimizer = match setup {
-        Setup::AllRemedies => {
-            monitor.set_clip_threshold(Some(CLIP_MAX_NORM));
-            let policy = ClipPolicy::single(ClipRule::global_norm(CLIP_MAX_NORM))?;
-            Step::Clipped(Box::new(Clipped::new(
-                sgd,
-                params,
-                ClippedConfig::new(policy),
-            )))
-        }
-        _ => Step::Plain(sgd),
-    };
+    let clip = (setup == Setup::AllRemedies).then_some(CLIP_MAX_NORM);
+    monitor.set_clip_threshold(clip);
+    let mut optimizer = Sgd::new(&params, options.lr, clip)?;
     let mut sink = log
         .map(|p| JsonlSink::create(p).map_err(context("cannot create the log")))
         .transpose()?;

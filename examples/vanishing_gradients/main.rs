@@ -176,23 +176,12 @@ fn comparison_table(outcomes: &[Outcome]) -> String {
         "| set-up | test accuracy | grad norm first/last | findings | wall time |\n|---|---|---|---|---|\n",
     );
     for o in outcomes {
-        let mut kinds: Vec<String> = o
-            .report
-            .findings
-            .iter()
-            .map(|f| format!("{:?}", f.kind).to_lowercase())
-            .collect();
-        kinds.dedup();
         s.push_str(&format!(
             "| {} | {:.1}% | {:.1e} | {} | {:.1} s |\n",
             o.title,
             o.test_accuracy * 100.0,
             o.first_last_ratio,
-            if kinds.is_empty() {
-                "none".into()
-            } else {
-                kinds.join(", ")
-            },
+            support::finding_kinds(&o.report),
             o.wall_seconds
         ));
     }

@@ -12,6 +12,7 @@
 use std::collections::VecDeque;
 
 use candle_core::backprop::GradStore;
+use candle_nn::{Optimizer, VarMap};
 use grad_core::{NamedVars, natural_cmp};
 use serde::{Deserialize, Serialize};
 
@@ -187,6 +188,27 @@ impl GradMonitor {
         })
     }
 
+    /// A monitor of every floating-point variable of `vars` with the default settings: the
+    /// one-line drop-in for a candle training loop.
+    ///
+    /// # Errors
+    /// As [`GradMonitor::new`].
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use candle_nn::{VarBuilder, VarMap};
+    /// use grad_diagnostics::GradMonitor;
+    /// let varmap = VarMap::new();
+    /// let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    /// let _layer = candle_nn::linear(4, 2, vb.pp("fc"))?;
+    /// let monitor = GradMonitor::from_var_map(&varmap)?;
+    /// assert_eq!(monitor.layers(), ["fc"]);
+    /// # Ok::<(), grad_diagnostics::Error>(())
+    /// ```
+    pub fn from_var_map(vars: &VarMap) -> Result<Self> {
+        Self::new(NamedVars::from_var_map(vars), MonitorConfig::default())
+    }
+
     /// Adds an activation probe whose statistics join every observation.
     pub fn add_probe(&mut self, probe: &Probe) {
         self.probes.push(probe.clone());
@@ -314,6 +336,44 @@ impl GradMonitor {
         }
         self.history.push_back(record);
         Ok(self.history.back())
+    }
+
+    /// `loss.backward()`, [`observe`](Self::observe) at `step`, then `optimizer.step` — in
+    /// place of candle's `optimizer.backward_step(&loss)`, so a training loop gains the monitor
+    /// by changing one line.
+    ///
+    /// # Errors
+    /// candle's backward or optimizer errors, and [`observe`](Self::observe)'s.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Module, Tensor};
+    /// use candle_nn::{Optimizer, SGD, VarBuilder, VarMap};
+    /// use grad_diagnostics::GradMonitor;
+    /// let varmap = VarMap::new();
+    /// let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    /// let layer = candle_nn::linear(4, 1, vb.pp("fc"))?;
+    /// let mut sgd = SGD::new(varmap.all_vars(), 0.1)?;
+    /// let mut monitor = GradMonitor::from_var_map(&varmap)?;
+    /// let loss = layer.forward(&Tensor::ones((8, 4), DType::F32, &Device::Cpu)?)?.sqr()?.mean_all()?;
+    /// monitor.backward_step(0, &loss, &mut sgd)?;
+    /// assert_eq!(monitor.history().len(), 1);
+    /// # Ok::<(), grad_diagnostics::Error>(())
+    /// ```
+    pub fn backward_step<O: Optimizer>(
+        &mut self,
+        step: u64,
+        loss: &candle_core::Tensor,
+        optimizer: &mut O,
+    ) -> Result<Option<&StepRecord>> {
+        let grads = loss.backward()?;
+        // Observed before the step: a clipping optimizer scales the gradients in place, and the
+        // monitor reports them as the loss produced them.
+        let observed = self.should_observe(step);
+        if observed {
+            self.observe(step, &grads)?;
+        }
+        optimizer.step(&grads)?;
+        Ok(if observed { self.history.back() } else { None })
     }
 
     /// The kept observations, oldest first (at most `history` of them).

@@ -9,11 +9,11 @@
 
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
-use candle_nn::Optimizer;
+use candle_nn::{Optimizer, VarMap};
 use grad_core::{NamedVars, NormType, multi_norm};
 use serde::{Deserialize, Serialize};
 
-use crate::policy::{ClipPolicy, GroupOutcome};
+use crate::policy::{ClipPolicy, ClipRule, GroupOutcome};
 use crate::{Error, Result};
 
 /// Settings of [`Clipped`].
@@ -110,6 +110,33 @@ impl<O: Optimizer> Clipped<O> {
             counters: ClipCounters::default(),
             last: None,
         }
+    }
+
+    /// Wraps `inner`, which optimises the variables of `vars`, clipping their global L2 norm at
+    /// `max_norm` (PyTorch's `clip_grad_norm_(params, max_norm)` before every step) and skipping
+    /// steps with non-finite gradients: the one-line drop-in for a candle training loop.
+    ///
+    /// # Errors
+    /// [`Error::Core`] when `max_norm` is not positive and finite.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use candle_nn::{Optimizer, SGD, VarBuilder, VarMap};
+    /// use grad_regularize::Clipped;
+    /// let varmap = VarMap::new();
+    /// let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    /// let _layer = candle_nn::linear(4, 2, vb.pp("fc"))?;
+    /// let mut sgd = Clipped::global_norm(SGD::new(varmap.all_vars(), 0.1)?, &varmap, 1.0)?;
+    /// assert_eq!(sgd.learning_rate(), 0.1);
+    /// # Ok::<(), grad_regularize::Error>(())
+    /// ```
+    pub fn global_norm(inner: O, vars: &VarMap, max_norm: f64) -> Result<Self> {
+        let policy = ClipPolicy::single(ClipRule::global_norm(max_norm))?;
+        Ok(Self::new(
+            inner,
+            NamedVars::from_var_map(vars),
+            ClippedConfig::new(policy),
+        ))
     }
 
     /// Computes the gradients of `loss`, then [`try_step`](Self::try_step).
