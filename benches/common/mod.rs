@@ -2,6 +2,7 @@
 
 #![allow(dead_code, reason = "each bench uses part of the helpers")]
 
+pub mod mlp;
 pub mod step;
 
 use candle_core::{DType, Device, Tensor};

@@ -7,6 +7,8 @@
 //! on ranges of a fixed size therefore produces bit-identical results for contiguous and
 //! non-contiguous inputs, and for any thread count.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, Layout, Storage, Tensor, WithDType};
 
 use rayon::prelude::*;
@@ -20,6 +22,12 @@ use crate::{Error, Result};
 /// model about 800 work items, plenty for rayon to balance. Results depend on this constant
 /// (it fixes the reduction order), never on the number of threads.
 pub const CHUNK: usize = 32 * 1024;
+
+/// Work of at most this many elements runs on the calling thread. Handing work to the rayon
+/// pool wakes a worker and waits for it, about 0.05–0.1 ms here, as long as a single-threaded
+/// pass over 128 Ki f32 elements; small activations and parameters are faster inline. The
+/// chunking, and so every result, is the same either way.
+pub const INLINE_MAX: usize = 4 * CHUNK;
 
 /// A CPU tensor's elements seen through its layout.
 #[derive(Debug, Clone, Copy)]
@@ -305,15 +313,18 @@ pub fn map_chunks<F: ChunkFn>(
         .enumerate()
         .flat_map(|(i, src)| chunk_ranges(src.len()).map(move |(a, b)| (i, a, b)))
         .collect();
-    let results: Vec<F::Output> = items
-        .par_iter()
-        .map_init(Scratch::default, |scratch, &(i, a, b)| {
-            with_avx2(
-                #[inline(always)]
-                || sources[i].run(f, i, a, b, scratch),
-            )
-        })
-        .collect();
+    let run = |scratch: &mut Scratch, &(i, a, b): &(usize, usize, usize)| {
+        with_avx2(
+            #[inline(always)]
+            || sources[i].run(f, i, a, b, scratch),
+        )
+    };
+    let results: Vec<F::Output> = if items.len() * CHUNK <= INLINE_MAX {
+        let mut scratch = Scratch::default();
+        items.iter().map(|item| run(&mut scratch, item)).collect()
+    } else {
+        items.par_iter().map_init(Scratch::default, run).collect()
+    };
     let mut out: Vec<Vec<F::Output>> = tensors.iter().map(|_| Vec::new()).collect();
     for (&(i, _, _), r) in items.iter().zip(results) {
         out[i].push(r);
@@ -358,7 +369,7 @@ impl<T> UninitVec<T> {
     }
 
     /// The `len` slots to write.
-    pub fn as_uninit_mut(&mut self) -> &mut [std::mem::MaybeUninit<T>] {
+    pub fn as_uninit_mut(&mut self) -> &mut [MaybeUninit<T>] {
         &mut self.vec.spare_capacity_mut()[..self.len]
     }
 
@@ -386,19 +397,24 @@ impl<T> UninitVec<T> {
 #[inline(always)]
 pub fn par_map<T: Float>(a: &[T], f: impl Fn(T::Acc) -> T::Acc + Sync) -> Vec<T> {
     let mut out = UninitVec::new(a.len());
-    out.as_uninit_mut()
-        .par_chunks_mut(CHUNK)
-        .zip(a.par_chunks(CHUNK))
-        .for_each(|(o, a)| {
-            with_avx2(
-                #[inline(always)]
-                || {
-                    for (o, a) in o.iter_mut().zip(a) {
-                        o.write(T::from_acc(f(a.to_acc())));
-                    }
-                },
-            );
-        });
+    let body = |(o, a): (&mut [MaybeUninit<T>], &[T])| {
+        with_avx2(
+            #[inline(always)]
+            || {
+                for (o, a) in o.iter_mut().zip(a) {
+                    o.write(T::from_acc(f(a.to_acc())));
+                }
+            },
+        );
+    };
+    let o = out.as_uninit_mut();
+    if a.len() <= INLINE_MAX {
+        o.chunks_mut(CHUNK).zip(a.chunks(CHUNK)).for_each(body);
+    } else {
+        o.par_chunks_mut(CHUNK)
+            .zip(a.par_chunks(CHUNK))
+            .for_each(body);
+    }
     #[allow(unsafe_code, reason = "skipping the zero fill of a fresh output")]
     // SAFETY: output chunks zip one to one with equally long input chunks and the loop writes
     // every slot.
@@ -406,6 +422,9 @@ pub fn par_map<T: Float>(a: &[T], f: impl Fn(T::Acc) -> T::Acc + Sync) -> Vec<T>
         out.assume_init()
     }
 }
+
+/// Matching chunks of two inputs.
+type Pair<'a, T> = (&'a [T], &'a [T]);
 
 /// `out[i] = f(a[i], b[i])` into a fresh vector, in parallel, like [`par_map`].
 ///
@@ -424,19 +443,26 @@ pub fn par_zip_map<T: Float>(
 ) -> Vec<T> {
     assert_eq!(a.len(), b.len(), "par_zip_map needs equal lengths");
     let mut out = UninitVec::new(a.len());
-    out.as_uninit_mut()
-        .par_chunks_mut(CHUNK)
-        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
-        .for_each(|(o, (a, b))| {
-            with_avx2(
-                #[inline(always)]
-                || {
-                    for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
-                        o.write(T::from_acc(f(a.to_acc(), b.to_acc())));
-                    }
-                },
-            );
-        });
+    let body = |(o, (a, b)): (&mut [MaybeUninit<T>], Pair<'_, T>)| {
+        with_avx2(
+            #[inline(always)]
+            || {
+                for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
+                    o.write(T::from_acc(f(a.to_acc(), b.to_acc())));
+                }
+            },
+        );
+    };
+    let o = out.as_uninit_mut();
+    if a.len() <= INLINE_MAX {
+        o.chunks_mut(CHUNK)
+            .zip(a.chunks(CHUNK).zip(b.chunks(CHUNK)))
+            .for_each(body);
+    } else {
+        o.par_chunks_mut(CHUNK)
+            .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+            .for_each(body);
+    }
     #[allow(unsafe_code, reason = "skipping the zero fill of a fresh output")]
     // SAFETY: `a`, `b` and the output have the same length (asserted), the chunks zip one to
     // one, and the loop writes every slot of each output chunk.

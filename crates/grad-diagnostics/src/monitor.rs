@@ -21,7 +21,8 @@ use crate::detect::{DetectorConfig, Finding, detect};
 use crate::probe::Probe;
 use crate::record::{LayerStats, ParamStats, StepRecord};
 use crate::report::RunReport;
-use crate::stats::{gather, moments_many};
+use crate::stats::{gather, moments_and_norms};
+use rayon::prelude::*;
 
 /// How parameter names map to layers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -234,27 +235,35 @@ impl GradMonitor {
             return Ok(None);
         }
         let named = self.params.grads(grads)?;
-        // Every weight's norm, then every gradient's statistics, each from one parallel pass
-        // over all the tensors.
+        // Every gradient's statistics and every weight's norm, from one parallel pass over all
+        // the tensors.
         let weights: Vec<candle_core::Tensor> = self
             .params
             .vars()
             .iter()
             .map(|v| v.as_tensor().clone())
             .collect();
-        let weight_norms = grad_core::multi_norm(&weights, grad_core::NormType::L2)?.per_tensor;
         let present: Vec<candle_core::Tensor> =
             named.iter().filter_map(|e| e.grad().cloned()).collect();
-        let mut grad_moments = moments_many(&present)?.into_iter();
+        let (grad_moments, weight_norms) = moments_and_norms(&present, &weights)?;
+        let mut grad_moments = grad_moments.into_iter();
+        // The update-ratio samples: scattered reads, one task per parameter.
+        let samples: Vec<Vec<f64>> = named
+            .iter()
+            .zip(&self.tracked)
+            .collect::<Vec<_>>()
+            .into_par_iter()
+            .map(|(entry, tracked)| gather(entry.var().as_tensor(), &tracked.positions))
+            .collect::<Result<_>>()?;
         let layers = &self.layers;
         let params: Vec<(ParamStats, Option<Vec<f64>>, f64)> = named
             .iter()
             .zip(&self.tracked)
             .zip(&weight_norms)
-            .map(|((entry, tracked), weight_norm)| -> Result<_> {
+            .zip(samples)
+            .map(|(((entry, tracked), weight_norm), sample)| -> Result<_> {
                 let w = entry.var().as_tensor();
-                let weight_norm = weight_norm.norm;
-                let sample = gather(w, &tracked.positions)?;
+                let weight_norm = *weight_norm;
                 let g = if entry.grad().is_some() {
                     grad_moments.next().unwrap_or_default()
                 } else {

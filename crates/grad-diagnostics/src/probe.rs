@@ -13,11 +13,12 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Module, Shape, Tensor};
 use grad_core::float::{Float, FloatFn, dispatch, with_avx2};
-use grad_core::host::{CHUNK, UninitVec, cpu_slice};
+use grad_core::host::{CHUNK, INLINE_MAX, cpu_slice, par_map};
+use grad_core::reduce::sum_by;
 use rayon::prelude::*;
 
 use crate::record::{ProbeKind, ProbeStats};
-use crate::stats::moments;
+use crate::stats::{Moments, chunk_moments};
 use crate::{Error, Result};
 
 /// A pass-through module that records activation and gradient statistics.
@@ -140,9 +141,9 @@ impl Probe {
             return Ok(x.clone());
         }
         grad_core::float::ensure_float("probe", "input", x.dtype())?;
-        let m = moments(x)?;
         let (units, spatial) = units_of(x);
         let scan = scan(x, self.inner.kind, units, spatial)?;
+        let m = scan.moments;
         {
             let mut state = self
                 .inner
@@ -155,7 +156,7 @@ impl Probe {
                 state.last_positive = vec![0; units];
             }
             for (seen, positive) in state.last_positive.iter_mut().zip(&scan.positive) {
-                if *positive {
+                if *positive != 0 {
                     *seen = now;
                 }
             }
@@ -196,11 +197,77 @@ fn units_of(x: &Tensor) -> (usize, usize) {
 
 /// What one read of an activation counts.
 struct Scan {
+    moments: Moments,
     nonpositive: u64,
     saturated: u64,
-    positive: Vec<bool>,
+    /// Per unit, whether any of its elements was positive (0 or 1).
+    positive: Vec<u8>,
 }
 
+impl Scan {
+    fn empty(units: usize) -> Self {
+        Self {
+            moments: Moments::default(),
+            nonpositive: 0,
+            saturated: 0,
+            positive: vec![0; units],
+        }
+    }
+
+    fn merge(mut self, other: Self) -> Self {
+        self.moments = self.moments.merge(other.moments);
+        self.nonpositive += other.nonpositive;
+        self.saturated += other.saturated;
+        for (p, q) in self.positive.iter_mut().zip(other.positive) {
+            *p |= q;
+        }
+        self
+    }
+}
+
+/// One block of whole rows (`row = units * spatial` elements each), read from cache: its
+/// moments, then the sign and saturation counts.
+#[inline(always)]
+fn scan_block<T: Float>(block: &[T], kind: ProbeKind, units: usize, spatial: usize) -> Scan {
+    let mut s = Scan::empty(units);
+    s.moments = chunk_moments(block);
+    if spatial == 1 {
+        for row in block.chunks(units) {
+            for (p, v) in s.positive.iter_mut().zip(row) {
+                *p |= u8::from(v.as_f64() > 0.0);
+            }
+        }
+    } else {
+        for row in block.chunks(units * spatial) {
+            for (p, plane) in s.positive.iter_mut().zip(row.chunks(spatial)) {
+                *p |= u8::from(plane.iter().any(|v| v.as_f64() > 0.0));
+            }
+        }
+    }
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "an exact count below 2^53"
+    )]
+    let positive = sum_by(block, |v| if v > 0.0 { 1.0 } else { 0.0 }) as u64;
+    // NaN is neither positive nor at most zero.
+    s.nonpositive = block.len() as u64 - positive - s.moments.nan;
+    s.saturated = match kind {
+        ProbeKind::Tanh => block
+            .iter()
+            .map(|v| u64::from(v.as_f64().abs() > 0.99))
+            .sum(),
+        ProbeKind::Sigmoid => block
+            .iter()
+            .map(|v| u64::from(!(0.01..=0.99).contains(&v.as_f64())))
+            .sum(),
+        ProbeKind::Relu | ProbeKind::Linear => 0,
+    };
+    s
+}
+
+/// Moments, sign counts and per-unit positivity of `x` in one parallel read, in blocks of
+/// whole rows merged in order (independent of the thread count).
 fn scan(x: &Tensor, kind: ProbeKind, units: usize, spatial: usize) -> Result<Scan> {
     let x = x.to_device(&candle_core::Device::Cpu)?.contiguous()?;
     struct Run<'a> {
@@ -215,58 +282,20 @@ fn scan(x: &Tensor, kind: ProbeKind, units: usize, spatial: usize) -> Result<Sca
             let (storage, layout) = self.x.storage_and_layout();
             let data = grad_core::host::storage_slice::<T>(&storage, layout)?;
             let (units, spatial, kind) = (self.units, self.spatial, self.kind);
-            let row = units * spatial;
-            let rows_per_task = (CHUNK / row.max(1)).max(1);
-            let parts: Vec<Scan> = data
-                .par_chunks(rows_per_task * row.max(1))
-                .map(|block| {
-                    with_avx2(
-                        #[inline(always)]
-                        || {
-                            let mut s = Scan {
-                                nonpositive: 0,
-                                saturated: 0,
-                                positive: vec![false; units],
-                            };
-                            for r in block.chunks(row.max(1)) {
-                                for (u, plane) in r.chunks(spatial.max(1)).enumerate() {
-                                    let mut any = false;
-                                    for v in plane {
-                                        let v = v.as_f64();
-                                        any |= v > 0.0;
-                                        s.nonpositive += u64::from(v <= 0.0);
-                                        s.saturated += u64::from(match kind {
-                                            ProbeKind::Tanh => v.abs() > 0.99,
-                                            ProbeKind::Sigmoid => !(0.01..=0.99).contains(&v),
-                                            _ => false,
-                                        });
-                                    }
-                                    if u < s.positive.len() {
-                                        s.positive[u] |= any;
-                                    }
-                                }
-                            }
-                            s
-                        },
-                    )
-                })
-                .collect();
-            Ok(parts.into_iter().fold(
-                Scan {
-                    nonpositive: 0,
-                    saturated: 0,
-                    positive: vec![false; units],
-                },
-                |mut a, b| {
-                    a.nonpositive += b.nonpositive;
-                    a.saturated += b.saturated;
-                    a.positive
-                        .iter_mut()
-                        .zip(b.positive)
-                        .for_each(|(p, q)| *p |= q);
-                    a
-                },
-            ))
+            let row = (units * spatial).max(1);
+            let block = (CHUNK / row).max(1) * row;
+            let run = |b: &[T]| {
+                with_avx2(
+                    #[inline(always)]
+                    || scan_block(b, kind, units, spatial),
+                )
+            };
+            let parts: Vec<Scan> = if data.len() <= INLINE_MAX {
+                data.chunks(block).map(run).collect()
+            } else {
+                data.par_chunks(block).map(run).collect()
+            };
+            Ok(parts.into_iter().fold(Scan::empty(units), Scan::merge))
         }
     }
     Ok(dispatch(
@@ -291,19 +320,7 @@ impl FloatFn for Copy<'_> {
     type Output = CpuStorage;
     fn call<T: Float>(self) -> grad_core::Result<CpuStorage> {
         let x = cpu_slice::<T>(self.0, self.1)?;
-        let mut out = UninitVec::new(x.len());
-        out.as_uninit_mut()
-            .par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK))
-            .for_each(|(o, i)| {
-                for (o, i) in o.iter_mut().zip(i) {
-                    o.write(*i);
-                }
-            });
-        #[allow(unsafe_code, reason = "skipping the zero fill of a fresh output")]
-        // SAFETY: output and input chunks have equal lengths and every slot is written.
-        let out = unsafe { out.assume_init() };
-        Ok(T::to_cpu_storage_owned(out))
+        Ok(T::to_cpu_storage_owned(par_map(x, |v| v)))
     }
 }
 
@@ -324,7 +341,8 @@ impl CustomOp1 for GradTap {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        let norm = moments(grad).map_err(candle_core::Error::wrap)?.norm();
+        let norm = grad_core::global_norm(std::slice::from_ref(grad), grad_core::NormType::L2)
+            .map_err(candle_core::Error::wrap)?;
         self.0
             .state
             .lock()

@@ -6,7 +6,7 @@
 //! order with Chan et al.'s update — stable, and independent of the thread count.
 
 use candle_core::{DType, Tensor};
-use grad_core::float::{Float, FloatFn, dispatch};
+use grad_core::float::{Float, FloatFn, Real, dispatch};
 use grad_core::host::{ChunkFn, map_chunks, storage_slice};
 use grad_core::reduce::sum_by;
 
@@ -28,7 +28,7 @@ pub(crate) struct Moments {
 }
 
 impl Moments {
-    fn merge(self, o: Self) -> Self {
+    pub fn merge(self, o: Self) -> Self {
         if o.count == 0.0 {
             return self;
         }
@@ -74,41 +74,56 @@ impl Moments {
     }
 }
 
-/// One chunk: a first pass (in f64 lanes) for the sum, sum of squares, largest magnitude and
-/// zero count; a second, over the now-cached chunk, for the squared deviations from its mean.
+/// One chunk: a first pass (in f64 lanes) for the mean; a second, over the now-cached chunk, for
+/// the squared deviations from it (f64), the largest magnitude and the zero count (exact in the
+/// element's arithmetic type, which is cheaper than f64 for f32 and half types). The sum of
+/// squares is `m2 + n * mean^2`, a sum of two non-negative terms, so nothing cancels.
 #[inline(always)]
-fn chunk_moments<T: Float>(xs: &[T]) -> Moments {
-    const L: usize = 8;
+pub(crate) fn chunk_moments<T: Float>(xs: &[T]) -> Moments {
+    const L: usize = 16;
+    // Each lane counts at most 2^16 zeros per segment, exact in f32.
+    const SEGMENT: usize = L << 16;
     let count = xs.len() as f64;
-    let (mut sum, mut sq, mut max, mut zeros) = ([0f64; L], [0f64; L], [0f64; L], [0u64; L]);
-    let mut blocks = xs.chunks_exact(L);
-    for block in &mut blocks {
-        for k in 0..L {
-            let v = block[k].as_f64();
-            sum[k] += v;
-            sq[k] += v * v;
-            max[k] = max[k].max(v.abs());
-            zeros[k] += u64::from(v == 0.0);
-        }
-    }
-    for (k, x) in blocks.remainder().iter().enumerate() {
-        let v = x.as_f64();
-        sum[k] += v;
-        sq[k] += v * v;
-        max[k] = max[k].max(v.abs());
-        zeros[k] += u64::from(v == 0.0);
-    }
-    let sum: f64 = sum.iter().sum();
-    let sum_sq: f64 = sq.iter().sum();
+    let sum = sum_by(xs, |v| v);
     let mean = sum / count;
-    let m2 = sum_by(xs, |v| (v - mean) * (v - mean));
+    let (zero, one) = (T::Acc::ZERO, T::Acc::ONE);
+    let mut dev = [0f64; L];
+    let (mut max_abs, mut zeros) = (0f64, 0u64);
+    for segment in xs.chunks(SEGMENT) {
+        let (mut max, mut zs) = ([zero; L], [zero; L]);
+        let mut blocks = segment.chunks_exact(L);
+        for block in &mut blocks {
+            for k in 0..L {
+                let (v, a) = (block[k].as_f64(), block[k].to_acc());
+                dev[k] += (v - mean) * (v - mean);
+                max[k] = max[k].max(a.abs());
+                zs[k] += if a == zero { one } else { zero };
+            }
+        }
+        for (k, x) in blocks.remainder().iter().enumerate() {
+            let (v, a) = (x.as_f64(), x.to_acc());
+            dev[k] += (v - mean) * (v - mean);
+            max[k] = max[k].max(a.abs());
+            zs[k] += if a == zero { one } else { zero };
+        }
+        max_abs = max.iter().map(|m| m.f64()).fold(max_abs, f64::max);
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "an exact count below 2^20"
+        )]
+        let segment_zeros = zs.iter().map(|z| z.f64()).sum::<f64>() as u64;
+        zeros += segment_zeros;
+    }
+    let m2: f64 = dev.iter().sum();
+    let sum_sq = m2 + count * mean * mean;
     let mut m = Moments {
         count,
         mean,
         m2,
         sum_sq,
-        max_abs: max.iter().copied().fold(0.0, f64::max),
-        zeros: zeros.iter().sum(),
+        max_abs,
+        zeros,
         nan: 0,
         inf: 0,
     };
@@ -128,27 +143,60 @@ fn chunk_moments<T: Float>(xs: &[T]) -> Moments {
     m
 }
 
-struct MomentChunks;
+/// Moments of the first `full` tensors, only the sum of squares (and count) of the rest.
+struct MomentChunks {
+    full: usize,
+}
 
 impl ChunkFn for MomentChunks {
     type Output = Moments;
 
     #[inline(always)]
-    fn call<T: Float>(&self, _tensor: usize, chunk: &[T]) -> Moments {
-        chunk_moments(chunk)
+    fn call<T: Float>(&self, tensor: usize, chunk: &[T]) -> Moments {
+        if tensor < self.full {
+            chunk_moments(chunk)
+        } else {
+            Moments {
+                count: chunk.len() as f64,
+                sum_sq: sum_by(chunk, |v| v * v),
+                ..Moments::default()
+            }
+        }
     }
 }
 
-/// The moments of each tensor, all read in one parallel pass (CPU tensors; other devices use
-/// candle ops one tensor at a time).
-pub(crate) fn moments_many(tensors: &[Tensor]) -> Result<Vec<Moments>> {
-    if tensors.iter().all(|t| t.device().is_cpu()) {
-        return Ok(map_chunks("moments", tensors, &MomentChunks)?
-            .into_iter()
-            .map(|parts| parts.into_iter().fold(Moments::default(), Moments::merge))
-            .collect());
+/// The moments of each of `tensors` and the L2 norm of each of `others`, all read in one
+/// parallel pass (CPU tensors; other devices use candle ops one tensor at a time).
+pub(crate) fn moments_and_norms(
+    tensors: &[Tensor],
+    others: &[Tensor],
+) -> Result<(Vec<Moments>, Vec<f64>)> {
+    let all: Vec<Tensor> = tensors.iter().chain(others).cloned().collect();
+    if all.iter().all(|t| t.device().is_cpu()) {
+        let mut merged = map_chunks(
+            "moments",
+            &all,
+            &MomentChunks {
+                full: tensors.len(),
+            },
+        )?
+        .into_iter()
+        .map(|parts| parts.into_iter().fold(Moments::default(), Moments::merge));
+        let moments = merged.by_ref().take(tensors.len()).collect();
+        return Ok((moments, merged.map(|m| m.norm()).collect()));
     }
-    tensors.iter().map(moments).collect()
+    let moments = tensors.iter().map(moments).collect::<Result<_>>()?;
+    let norms = others
+        .iter()
+        .map(|t| {
+            Ok(t.to_dtype(DType::F64)?
+                .sqr()?
+                .sum_all()?
+                .sqrt()?
+                .to_scalar::<f64>()?)
+        })
+        .collect::<Result<_>>()?;
+    Ok((moments, norms))
 }
 
 /// The moments of every element of `t` (any layout, any float dtype, any device).
@@ -159,7 +207,7 @@ pub(crate) fn moments(t: &Tensor) -> Result<Moments> {
     if !t.device().is_cpu() {
         return composed_moments(t);
     }
-    Ok(moments_many(std::slice::from_ref(t))?.remove(0))
+    Ok(moments_and_norms(std::slice::from_ref(t), &[])?.0.remove(0))
 }
 
 /// [`moments`] with candle ops, for other devices.

@@ -63,6 +63,121 @@ proptest! {
     }
 }
 
+/// What a probe should report for one forward of `g` (window 1), computed naively in f64.
+fn check_probe(g: &Tensor, kind: ProbeKind) -> Result<(), TestCaseError> {
+    let probe = Probe::new("p", kind, 1);
+    let y = probe.try_forward(g).unwrap();
+    prop_assert_eq!(
+        grad_testkit::values(&y).unwrap(),
+        grad_testkit::values(g).unwrap()
+    );
+    let s = probe.stats();
+    let v = grad_testkit::values(&g.contiguous().unwrap()).unwrap();
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let std = (v.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / n).sqrt();
+    prop_assert!(close(s.mean, mean, 1e-12), "mean {} vs {}", s.mean, mean);
+    prop_assert!(close(s.std, std, 1e-9), "std {} vs {}", s.std, std);
+    let frac = |f: &dyn Fn(f64) -> bool| v.iter().filter(|x| f(**x)).count() as f64 / n;
+    prop_assert_eq!(s.nonpositive_fraction, frac(&|x| x <= 0.0));
+    let saturated = match kind {
+        ProbeKind::Tanh => Some(frac(&|x| x.abs() > 0.99)),
+        ProbeKind::Sigmoid => Some(frac(&|x| !(0.01..=0.99).contains(&x))),
+        _ => None,
+    };
+    prop_assert_eq!(s.saturated_fraction, saturated);
+    let (units, spatial) = match g.rank() {
+        0 => (1, 1),
+        1 => (v.len(), 1),
+        _ => (g.dims()[1], g.dims()[2..].iter().product()),
+    };
+    prop_assert_eq!(s.units, units);
+    if kind == ProbeKind::Relu {
+        let dead = (0..units)
+            .filter(|&u| {
+                v.chunks(units * spatial).all(|row| {
+                    row[u * spatial..(u + 1) * spatial]
+                        .iter()
+                        .all(|x| *x <= 0.0)
+                })
+            })
+            .count();
+        prop_assert_eq!(s.dead_fraction, Some(dead as f64 / units as f64));
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn probe_statistics_equal_a_naive_computation(
+        g in tensor(TensorSpec { values: Values::Finite { lo: -1.5, hi: 1.5 }, ..TensorSpec::default() }),
+        kind in prop_oneof![Just(ProbeKind::Relu), Just(ProbeKind::Tanh), Just(ProbeKind::Sigmoid)],
+    ) {
+        check_probe(&g, kind)?;
+    }
+}
+
+#[test]
+fn probe_statistics_hold_across_many_blocks() {
+    let mut rng = grad_core::Philox::new(7);
+    for dims in [vec![300usize, 200], vec![4, 8, 40, 40]] {
+        // Rounded to quarters, so exact zeros and saturated values occur.
+        let x = (rng
+            .normal(dims.as_slice(), 0.0, 1.0, DType::F32, &Device::Cpu)
+            .unwrap()
+            * 4.0)
+            .unwrap()
+            .round()
+            .unwrap()
+            .affine(0.25, 0.0)
+            .unwrap();
+        for kind in [ProbeKind::Relu, ProbeKind::Tanh, ProbeKind::Sigmoid] {
+            check_probe(&x, kind).unwrap();
+        }
+        check_probe(&x.to_dtype(DType::F64).unwrap(), ProbeKind::Relu).unwrap();
+    }
+}
+
+#[test]
+fn gradient_statistics_hold_across_many_chunks() {
+    let mut rng = grad_core::Philox::new(8);
+    let g = (rng
+        .normal((500, 300), 1e3, 1.0, DType::F32, &Device::Cpu)
+        .unwrap()
+        * 2.0)
+        .unwrap()
+        .round()
+        .unwrap()
+        .affine(0.5, -1e3)
+        .unwrap();
+    let w = Var::from_tensor(&g.ones_like().unwrap()).unwrap();
+    let mut store = GradStore::default();
+    store.insert(w.as_tensor(), g.clone());
+    let mut monitor = GradMonitor::new(
+        NamedVars::new([("w", w.clone())]).unwrap(),
+        MonitorConfig::default(),
+    )
+    .unwrap();
+    let p = monitor.observe(0, &store).unwrap().unwrap().params[0].clone();
+    let v = grad_testkit::values(&g).unwrap();
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let std = (v.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / n).sqrt();
+    assert!(close(
+        p.grad_norm,
+        v.iter().map(|x| x * x).sum::<f64>().sqrt(),
+        1e-12
+    ));
+    assert!(close(p.grad_mean, mean, 1e-12));
+    assert!(close(p.grad_std, std, 1e-9));
+    assert_eq!(p.grad_max_abs, v.iter().fold(0.0f64, |m, x| m.max(x.abs())));
+    let zeros = v.iter().filter(|x| **x == 0.0).count();
+    assert!(zeros > 1000, "the test wants many zeros, got {zeros}");
+    assert_eq!(p.zero_fraction, zeros as f64 / n);
+}
+
 #[test]
 fn update_ratios_are_exact_for_small_parameters_and_close_for_large_ones() {
     let dev = Device::Cpu;
