@@ -1,6 +1,8 @@
 //! Element-wise layers on 16M f32 values: dropout, Leaky ReLU and GELU, forward alone and
-//! forward + backward (`(y * upstream).sum_all()`), against what a candle user writes today
-//! (`candle_nn::ops::dropout`, `candle_nn::ops::leaky_relu`, `Tensor::gelu_erf`).
+//! forward + backward (`(y * upstream).sum_all()`), and the activations built on `exp`, `tanh`
+//! or `erf` (ELU, SELU, GELU, sigmoid, tanh) forward alone, against what a candle user writes
+//! today (`candle_nn::ops::dropout`, `candle_nn::ops::leaky_relu`, `Tensor::gelu_erf`,
+//! `Tensor::elu`, `candle_nn::ops::sigmoid`, ...).
 //!
 //! `bandwidth` is the forward's unavoidable traffic (read `x`, write `y`) as one parallel pass
 //! over reused buffers; `floor` is candle's autograd cost for the loss alone (see norms.rs).
@@ -90,6 +92,47 @@ fn bench(c: &mut Criterion) {
     });
     group.bench_function("bandwidth", |b| b.iter(|| bandwidth(&mut out, &host)));
     group.finish();
+
+    // The activations that need a transcendental function, forward alone.
+    type CandleFn = Box<dyn Fn(&Tensor) -> candle_core::Result<Tensor>>;
+    let transcendental: [(&str, Activation, CandleFn); 6] = [
+        (
+            "elu/16M",
+            Activation::Elu { alpha: 1.0 },
+            Box::new(|x| x.elu(1.0)),
+        ),
+        (
+            "selu/16M",
+            Activation::Selu,
+            Box::new(|x| x.elu(1.673_263_242_354_377_3)? * 1.050_700_987_355_480_5),
+        ),
+        ("gelu/16M", gelu, Box::new(Tensor::gelu_erf)),
+        (
+            "gelu_tanh/16M",
+            Activation::Gelu {
+                approximate: GeluApproximation::Tanh,
+            },
+            Box::new(Tensor::gelu),
+        ),
+        (
+            "sigmoid/16M",
+            Activation::Sigmoid,
+            Box::new(candle_nn::ops::sigmoid),
+        ),
+        ("tanh/16M", Activation::Tanh, Box::new(Tensor::tanh)),
+    ];
+    for (name, act, candle) in &transcendental {
+        let mut group = c.benchmark_group(*name);
+        group.sample_size(10);
+        group.bench_function("gradkit", |b| {
+            b.iter(|| ops::activation(x.as_tensor(), *act).expect("activation"))
+        });
+        group.bench_function("candle", |b| {
+            b.iter(|| candle(x.as_tensor()).expect("activation"))
+        });
+        group.bench_function("bandwidth", |b| b.iter(|| bandwidth(&mut out, &host)));
+        group.finish();
+    }
 
     let mut group = c.benchmark_group("leaky_relu_fwdbwd/16M");
     group.sample_size(10);
