@@ -121,3 +121,25 @@ pub enum Error {
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
+
+impl Error {
+    /// An [`Error::ShapeMismatch`]: `op` found `got` where it needed `expected` for `arg`.
+    ///
+    /// ```
+    /// let e = grad_core::Error::shape_mismatch("clip", "grad", "[2, 3]", &[3, 2]);
+    /// assert_eq!(e.to_string(), "clip: shape mismatch for grad: expected [2, 3], got [3, 2]");
+    /// ```
+    pub fn shape_mismatch(
+        op: &'static str,
+        arg: impl Into<String>,
+        expected: impl Into<String>,
+        got: &[usize],
+    ) -> Self {
+        Self::ShapeMismatch {
+            op,
+            arg: arg.into(),
+            expected: expected.into(),
+            got: got.to_vec(),
+        }
+    }
+}

@@ -23,7 +23,7 @@ use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Tensor};
 use rayon::prelude::*;
 
 use crate::float::{Float, ensure_float, with_avx2};
-use crate::host::{CHUNK, Offsets};
+use crate::host::{CHUNK, INLINE_MAX, Offsets};
 use crate::{Error, Result};
 
 /// Multiplies a float tensor by `factor`, in place on the CPU.
@@ -229,6 +229,12 @@ pub fn unscale_in_place(tensor: &mut Tensor, factor: f64) -> Result<bool> {
     Ok(tensor.elem_count() > 0 && finite < 1.0)
 }
 
+/// An in-place kernel, generic over the float element type.
+trait InPlace {
+    /// Updates the elements of `layout` in `data`.
+    fn apply<T: Float>(&self, data: &mut [T], layout: &Layout);
+}
+
 /// The element-wise update an in-place op applies.
 #[derive(Debug, Clone)]
 enum Update {
@@ -237,7 +243,7 @@ enum Update {
     ScaleRows(Vec<f64>),
 }
 
-impl Update {
+impl InPlace for Update {
     fn apply<T: Float>(&self, data: &mut [T], layout: &Layout) {
         match *self {
             Self::Scale(f) => for_each_mut(data, layout, move |_, x: T| scale(x, f)),
@@ -280,7 +286,7 @@ fn scale<T: Float>(x: T, factor: f64) -> T {
 fn for_each_mut<T: Float>(data: &mut [T], layout: &Layout, f: impl Fn(usize, T) -> T + Sync) {
     match layout.contiguous_offsets() {
         // Small tensors (biases, norms' weights) are not worth a rayon split.
-        Some((start, end)) if end - start <= CHUNK => {
+        Some((start, end)) if end - start <= INLINE_MAX => {
             for (i, x) in data[start..end].iter_mut().enumerate() {
                 *x = f(i, *x);
             }
@@ -318,7 +324,7 @@ struct Unscale {
     non_finite: AtomicBool,
 }
 
-impl Unscale {
+impl InPlace for Unscale {
     /// Scales each cached chunk and checks it before moving on: one pass over memory. The check
     /// sums `x * 0`, which is NaN exactly when some `x` is NaN or infinite, so the write loop
     /// stays branch-free.
@@ -356,19 +362,7 @@ impl InplaceOp1 for Unscale {
     }
 
     fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
-        match storage {
-            CpuStorage::F16(d) => self.apply(d, layout),
-            CpuStorage::BF16(d) => self.apply(d, layout),
-            CpuStorage::F32(d) => self.apply(d, layout),
-            CpuStorage::F64(d) => self.apply(d, layout),
-            // Unreachable through the public function, which checks the dtype first.
-            other => candle_core::bail!(
-                "{}: unsupported dtype {:?}",
-                self.name(),
-                candle_core::backend::BackendStorage::dtype(other)
-            ),
-        }
-        Ok(())
+        run_in_place(self, self.name(), storage, layout)
     }
 }
 
@@ -382,20 +376,29 @@ impl InplaceOp1 for Update {
     }
 
     fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
-        match storage {
-            CpuStorage::F16(d) => self.apply(d, layout),
-            CpuStorage::BF16(d) => self.apply(d, layout),
-            CpuStorage::F32(d) => self.apply(d, layout),
-            CpuStorage::F64(d) => self.apply(d, layout),
-            // Unreachable through the public functions, which check the dtype first.
-            other => candle_core::bail!(
-                "{}: unsupported dtype {:?}",
-                self.name(),
-                candle_core::backend::BackendStorage::dtype(other)
-            ),
-        }
-        Ok(())
+        run_in_place(self, self.name(), storage, layout)
     }
+}
+
+/// Runs `kernel` on a float storage; other dtypes are an error (the public functions check the
+/// dtype first, so this is unreachable through them).
+fn run_in_place(
+    kernel: &impl InPlace,
+    name: &str,
+    storage: &mut CpuStorage,
+    layout: &Layout,
+) -> candle_core::Result<()> {
+    match storage {
+        CpuStorage::F16(d) => kernel.apply(d, layout),
+        CpuStorage::BF16(d) => kernel.apply(d, layout),
+        CpuStorage::F32(d) => kernel.apply(d, layout),
+        CpuStorage::F64(d) => kernel.apply(d, layout),
+        other => candle_core::bail!(
+            "{name}: unsupported dtype {:?}",
+            candle_core::backend::BackendStorage::dtype(other)
+        ),
+    }
+    Ok(())
 }
 
 #[cfg(test)]

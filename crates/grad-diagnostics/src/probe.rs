@@ -141,8 +141,10 @@ impl Probe {
             return Ok(x.clone());
         }
         grad_core::float::ensure_float("probe", "input", x.dtype())?;
+        // One contiguous host copy at most, read by the statistics and fed to the gradient tap.
+        let host = x.to_device(&candle_core::Device::Cpu)?.contiguous()?;
         let (units, spatial) = units_of(x);
-        let scan = scan(x, self.inner.kind, units, spatial)?;
+        let scan = scan(&host, self.inner.kind, units, spatial)?;
         let m = scan.moments;
         {
             let mut state = self
@@ -170,7 +172,7 @@ impl Probe {
             });
         }
         if x.device().is_cpu() && x.track_op() {
-            Ok(x.contiguous()?.apply_op1(GradTap(self.inner.clone()))?)
+            Ok(host.apply_op1(GradTap(self.inner.clone()))?)
         } else {
             Ok(x.clone())
         }
@@ -267,9 +269,8 @@ fn scan_block<T: Float>(block: &[T], kind: ProbeKind, units: usize, spatial: usi
 }
 
 /// Moments, sign counts and per-unit positivity of `x` in one parallel read, in blocks of
-/// whole rows merged in order (independent of the thread count).
+/// whole rows merged in order (independent of the thread count). `x` is a contiguous CPU tensor.
 fn scan(x: &Tensor, kind: ProbeKind, units: usize, spatial: usize) -> Result<Scan> {
-    let x = x.to_device(&candle_core::Device::Cpu)?.contiguous()?;
     struct Run<'a> {
         x: &'a Tensor,
         kind: ProbeKind,
@@ -302,7 +303,7 @@ fn scan(x: &Tensor, kind: ProbeKind, units: usize, spatial: usize) -> Result<Sca
         "probe",
         x.dtype(),
         Run {
-            x: &x,
+            x,
             kind,
             units,
             spatial,

@@ -154,12 +154,12 @@ impl BatchNorm {
     /// the layer's.
     pub fn try_forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         if x.rank() >= 2 && x.dim(1)? != self.num_features {
-            return Err(Error::shape(
+            return Err(Error::Core(grad_core::Error::shape_mismatch(
                 "BatchNorm",
                 "input",
                 format!("[N, {}, *]", self.num_features),
                 x.dims(),
-            ));
+            )));
         }
         let stats = match (&self.running, train) {
             (Some(r), false) => BatchNormStats::Running {

@@ -32,7 +32,12 @@ pub(crate) fn param(
 ) -> Result<()> {
     let Some(t) = t else { return Ok(()) };
     if t.dims() != dims {
-        return Err(Error::shape(op, name, format!("{dims:?}"), t.dims()));
+        return Err(Error::Core(grad_core::Error::shape_mismatch(
+            op,
+            name,
+            format!("{dims:?}"),
+            t.dims(),
+        )));
     }
     if t.dtype() != x.dtype() {
         return Err(Error::Core(grad_core::Error::UnsupportedDType {

@@ -55,21 +55,6 @@ pub enum Error {
 }
 
 impl Error {
-    /// A [`grad_core::Error::ShapeMismatch`].
-    pub(crate) fn shape(
-        op: &'static str,
-        arg: &str,
-        expected: impl Into<String>,
-        got: &[usize],
-    ) -> Self {
-        Self::Core(grad_core::Error::ShapeMismatch {
-            op,
-            arg: arg.to_owned(),
-            expected: expected.into(),
-            got: got.to_vec(),
-        })
-    }
-
     /// A [`grad_core::Error::RankMismatch`].
     pub(crate) fn rank(
         op: &'static str,

@@ -93,12 +93,12 @@ impl GroupNorm {
     /// the layer's.
     pub fn try_forward(&self, x: &Tensor) -> Result<Tensor> {
         if x.rank() >= 2 && x.dim(1)? != self.num_channels {
-            return Err(Error::shape(
+            return Err(Error::Core(grad_core::Error::shape_mismatch(
                 "GroupNorm",
                 "input",
                 format!("[N, {}, *]", self.num_channels),
                 x.dims(),
-            ));
+            )));
         }
         crate::ops::group_norm(
             x,

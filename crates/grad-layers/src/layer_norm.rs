@@ -67,12 +67,12 @@ pub fn layer_norm(
     grad_core::validate::positive("eps", config.eps)?;
     let normalized_shape = normalized_shape.into().dims().to_vec();
     if normalized_shape.is_empty() || normalized_shape.contains(&0) {
-        return Err(Error::shape(
+        return Err(Error::Core(grad_core::Error::shape_mismatch(
             "LayerNorm",
             "normalized_shape",
             "at least one dim, none of size 0",
             &normalized_shape,
-        ));
+        )));
     }
     let (weight, bias) = if config.elementwise_affine {
         let w = vb.get_with_hints(normalized_shape.as_slice(), "weight", Init::Const(1.0))?;

@@ -57,12 +57,12 @@ pub fn rms_norm(
     }
     let normalized_shape = normalized_shape.into().dims().to_vec();
     if normalized_shape.is_empty() || normalized_shape.contains(&0) {
-        return Err(Error::shape(
+        return Err(Error::Core(grad_core::Error::shape_mismatch(
             "RmsNorm",
             "normalized_shape",
             "at least one dim, none of size 0",
             &normalized_shape,
-        ));
+        )));
     }
     let weight = config
         .elementwise_affine

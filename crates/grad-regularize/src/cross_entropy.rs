@@ -204,12 +204,12 @@ pub fn smooth_labels(targets: &Tensor, eps: f64) -> Result<Tensor> {
     grad_core::float::ensure_float("smooth_labels", "targets", targets.dtype())?;
     let class_dim = match targets.rank() {
         0 => {
-            return Err(Error::shape(
+            return Err(Error::Core(grad_core::Error::shape_mismatch(
                 "smooth_labels",
                 "targets",
                 "[C] or [N, C, ...]",
                 &[],
-            ));
+            )));
         }
         1 => 0,
         _ => 1,
@@ -222,7 +222,12 @@ fn prepare(logits: &Tensor, targets: &Tensor, options: &CrossEntropyOptions) -> 
     grad_core::validate::unit_interval("label_smoothing", options.label_smoothing)?;
     grad_core::float::ensure_float(OP, "logits", logits.dtype())?;
     if logits.rank() == 0 {
-        return Err(Error::shape(OP, "logits", "[C] or [N, C, ...]", &[]));
+        return Err(Error::Core(grad_core::Error::shape_mismatch(
+            OP,
+            "logits",
+            "[C] or [N, C, ...]",
+            &[],
+        )));
     }
     if logits.elem_count() == 0 {
         return Err(grad_core::Error::EmptyInput {
@@ -251,12 +256,12 @@ fn prepare(logits: &Tensor, targets: &Tensor, options: &CrossEntropyOptions) -> 
     let weight = match &options.weight {
         Some(w) => {
             if w.dims() != [classes] {
-                return Err(Error::shape(
+                return Err(Error::Core(grad_core::Error::shape_mismatch(
                     OP,
                     "weight",
                     format!("[{classes}] (one weight per class)"),
                     w.dims(),
-                ));
+                )));
             }
             grad_core::float::ensure_float(OP, "weight", w.dtype())?;
             grad_core::ensure_same_device(OP, logits.device(), w.device())?;
@@ -270,12 +275,12 @@ fn prepare(logits: &Tensor, targets: &Tensor, options: &CrossEntropyOptions) -> 
             return Err(Error::IgnoreIndexWithProbabilities(options.ignore_index));
         }
         if targets.dims() != logits.dims() {
-            return Err(Error::shape(
+            return Err(Error::Core(grad_core::Error::shape_mismatch(
                 OP,
                 "targets",
                 format!("{:?} (probabilities shaped like the logits)", logits.dims()),
                 targets.dims(),
-            ));
+            )));
         }
         (
             to_rows(&targets.to_dtype(logits.dtype())?)?,
@@ -283,12 +288,12 @@ fn prepare(logits: &Tensor, targets: &Tensor, options: &CrossEntropyOptions) -> 
         )
     } else {
         if targets.dims() != loss_shape.as_slice() {
-            return Err(Error::shape(
+            return Err(Error::Core(grad_core::Error::shape_mismatch(
                 OP,
                 "targets",
                 format!("{loss_shape:?} (class indices: the logits' shape without the class dim)"),
                 targets.dims(),
-            ));
+            )));
         }
         let idx = targets.to_dtype(DType::I64)?.flatten_all()?;
         let ignore = options.ignore_index;

@@ -60,21 +60,6 @@ pub enum Error {
 }
 
 impl Error {
-    /// A [`grad_core::Error::ShapeMismatch`].
-    pub(crate) fn shape(
-        op: &'static str,
-        arg: &str,
-        expected: impl Into<String>,
-        got: &[usize],
-    ) -> Self {
-        Self::Core(grad_core::Error::ShapeMismatch {
-            op,
-            arg: arg.to_owned(),
-            expected: expected.into(),
-            got: got.to_vec(),
-        })
-    }
-
     /// Converts to candle's error type (for the `Optimizer` trait), keeping this error inside.
     pub(crate) fn into_candle(self) -> candle_core::Error {
         match self {

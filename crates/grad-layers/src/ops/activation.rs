@@ -128,12 +128,12 @@ fn validate_prelu(x: &Tensor, weight: &Tensor) -> Result<(usize, usize)> {
     let channels = if x.rank() >= 2 { x.dim(1)? } else { 1 };
     let count = weight.elem_count();
     if weight.rank() > 1 || !(count == 1 || count == channels) {
-        return Err(Error::shape(
+        return Err(Error::Core(grad_core::Error::shape_mismatch(
             "prelu",
             "weight",
             format!("[1] or [{channels}] (one slope, or one per channel)"),
             weight.dims(),
-        ));
+        )));
     }
     crate::check::param("prelu", "weight", Some(weight), weight.dims(), x)?;
     let spatial = if x.rank() >= 2 {

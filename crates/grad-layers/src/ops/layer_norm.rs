@@ -95,12 +95,12 @@ pub(super) fn validate(
     check::input(OP, x, 1..=usize::MAX, "at least 1")?;
     let k = normalized_shape.len();
     if k == 0 || k > x.rank() || x.dims()[x.rank() - k..] != *normalized_shape {
-        return Err(Error::shape(
+        return Err(Error::Core(grad_core::Error::shape_mismatch(
             OP,
             "input",
             format!("[*, {normalized_shape:?}] (normalized_shape as the trailing dims)"),
             x.dims(),
-        ));
+        )));
     }
     check::param(OP, "weight", weight, normalized_shape, x)?;
     check::param(OP, "bias", bias, normalized_shape, x)?;
