@@ -6,6 +6,10 @@
 //!
 //! `bandwidth` is the forward's unavoidable traffic (read `x`, write `y`) as one parallel pass
 //! over reused buffers; `floor` is candle's autograd cost for the loss alone (see norms.rs).
+//!
+//! `composed` (where present) is gradkit's composed path, what CUDA and Metal tensors run, timed
+//! here on the CPU (`grad_core::device::with_path(Path::Composed, ..)`): what a GPU user's path
+//! costs in passes.
 
 #![allow(clippy::expect_used, reason = "a bench with broken data should stop")]
 
@@ -57,6 +61,12 @@ fn bench(c: &mut Criterion) {
     group.bench_function("gradkit", |b| {
         b.iter(|| {
             ops::dropout(x.as_tensor(), 0.5, DropoutKind::Element, &mut rng).expect("dropout")
+        })
+    });
+    group.bench_function("composed", |b| {
+        b.iter(|| {
+            ops::dropout_composed(x.as_tensor(), 0.5, DropoutKind::Element, &mut rng)
+                .expect("dropout")
         })
     });
     group.bench_function("candle", |b| {

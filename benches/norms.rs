@@ -12,6 +12,10 @@
 //! op (`x.affine(1, 0)`): the cost of candle's autograd for `(y * upstream).sum_all()` (zero-filled
 //! gradient accumulators, a broadcast add, two products), which every function pays. The norm's
 //! own share of a step is its time minus `floor`.
+//!
+//! `composed` (where present) is gradkit's composed path, what CUDA and Metal tensors run, timed
+//! here on the CPU (`grad_core::device::with_path(Path::Composed, ..)`): what a GPU user's path
+//! costs in passes.
 
 #![allow(clippy::expect_used, reason = "a bench with broken data should stop")]
 
@@ -21,6 +25,7 @@ use candle_core::{DType, Device, ModuleT, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use common::step::{floor, step};
 use criterion::{Criterion, criterion_group, criterion_main};
+use grad_core::device::{Path, with_path};
 use grad_layers::{BatchNormConfig, ops};
 use rayon::prelude::*;
 
@@ -82,6 +87,15 @@ fn batch_norm_benches(c: &mut Criterion) {
         } else {
             group.bench_function("gradkit", |b| {
                 b.iter(|| step(ours.forward_t(x.as_tensor(), true), &upstream))
+            });
+            // What a CUDA or Metal user runs, here on the CPU: candle ops for the statistics,
+            // the normalisation and the running-statistics update.
+            group.bench_function("composed", |b| {
+                b.iter(|| {
+                    with_path(Path::Composed, || {
+                        step(ours.forward_t(x.as_tensor(), true), &upstream)
+                    })
+                })
             });
             group.bench_function("candle", |b| {
                 b.iter(|| step(theirs.forward_t(x.as_tensor(), true), &upstream))

@@ -7,6 +7,10 @@
 //! - `cross_entropy_ls_fwdbwd/NxC`: forward and backward of the mean cross-entropy with label
 //!   smoothing 0.1. `candle` composes `candle_nn::ops::log_softmax`, a gather and means (candle
 //!   has no label smoothing).
+//!
+//! `composed` (where present) is gradkit's composed path, what CUDA and Metal tensors run, timed
+//! here on the CPU (`grad_core::device::with_path(Path::Composed, ..)`): what a GPU user's path
+//! costs in passes.
 
 #![allow(clippy::expect_used, reason = "a bench with broken data should stop")]
 
@@ -14,8 +18,9 @@ mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+use grad_core::device::{Path, with_path};
 use grad_core::{NormType, Philox};
-use grad_regularize::{CrossEntropyOptions, clip_grad_norm, cross_entropy};
+use grad_regularize::{CrossEntropyOptions, clip_grad_norm, cross_entropy, cross_entropy_composed};
 use rayon::prelude::*;
 
 fn candle_clip(grads: &[Tensor], max_norm: f64) -> candle_core::Result<Vec<Tensor>> {
@@ -72,6 +77,24 @@ fn clip_bench(c: &mut Criterion) {
             BatchSize::LargeInput,
         )
     });
+    // What a CUDA or Metal user runs, here on the CPU: norms by candle reductions (one
+    // read-back), a new tensor per gradient.
+    group.bench_function("composed", |b| {
+        b.iter_batched_ref(
+            || {
+                grads
+                    .iter()
+                    .map(|g| g.copy().expect("copy"))
+                    .collect::<Vec<_>>()
+            },
+            |gs| {
+                with_path(Path::Composed, || {
+                    clip_grad_norm(gs, max_norm, NormType::L2, false).expect("clip")
+                })
+            },
+            BatchSize::LargeInput,
+        )
+    });
     group.bench_function("candle", |b| {
         b.iter(|| candle_clip(&grads, max_norm).expect("clip"))
     });
@@ -106,6 +129,13 @@ fn cross_entropy_bench(c: &mut Criterion) {
         group.bench_function("gradkit", |b| {
             b.iter(|| {
                 let loss = cross_entropy(logits.as_tensor(), &targets, &opts).expect("loss");
+                std::hint::black_box(loss.backward().expect("backward"));
+            })
+        });
+        group.bench_function("composed", |b| {
+            b.iter(|| {
+                let loss =
+                    cross_entropy_composed(logits.as_tensor(), &targets, &opts).expect("loss");
                 std::hint::black_box(loss.backward().expect("backward"));
             })
         });

@@ -60,10 +60,8 @@ impl Mlp {
             if i + 1 < self.layers.len() {
                 h = h.relu().expect("relu");
             }
-            if probed {
-                if let Some((_, p)) = self.probes.iter().find(|(at, _)| *at == i) {
-                    h = p.forward(&h).expect("probe");
-                }
+            if probed && let Some((_, p)) = self.probes.iter().find(|(at, _)| *at == i) {
+                h = p.forward(&h).expect("probe");
             }
         }
         h

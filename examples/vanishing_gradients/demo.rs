@@ -342,10 +342,10 @@ pub fn run(
             let (x, y) = rows(&data.train, idx)?;
             let loss = cross_entropy(&mlp.forward_t(&x, true)?, &y, &loss_options)?;
             let grads = loss.backward()?;
-            if let Some(record) = monitor.observe(step, &grads)? {
-                if let Some(sink) = sink.as_mut() {
-                    sink.write(record)?;
-                }
+            if let Some(record) = monitor.observe(step, &grads)?
+                && let Some(sink) = sink.as_mut()
+            {
+                sink.write(record)?;
             }
             clipped_steps += u64::from(optimizer.step(&grads)?);
             let value = f64::from(loss.to_scalar::<f32>()?);

@@ -188,6 +188,8 @@ pub trait Real:
     fn exp_m1(self) -> Self;
     /// Natural logarithm.
     fn ln(self) -> Self;
+    /// `ln(1 + self)`, accurate near zero (the standard library's `ln_1p`).
+    fn ln_1p(self) -> Self;
     /// Hyperbolic tangent.
     fn tanh(self) -> Self;
     /// The error function (libm's `erf`/`erff`).
@@ -234,6 +236,10 @@ macro_rules! impl_real {
             #[inline(always)]
             fn ln(self) -> Self {
                 <$ty>::ln(self)
+            }
+            #[inline(always)]
+            fn ln_1p(self) -> Self {
+                <$ty>::ln_1p(self)
             }
             #[inline(always)]
             fn tanh(self) -> Self {

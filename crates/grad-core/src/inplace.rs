@@ -14,19 +14,21 @@
 //! place affects nothing else. Do not call these on a tensor whose storage you still need
 //! unchanged (a view of a parameter, say).
 //!
-//! On other devices (CUDA) a new tensor is computed with candle ops and replaces `*tensor`; the
-//! old storage is left untouched. Either way, `*tensor` holds the result afterwards.
+//! On the composed path ([`Path::Composed`], what CUDA and Metal tensors take) a new tensor is
+//! computed with candle ops on the tensor's device and replaces `*tensor`; the old storage is
+//! left untouched. Either way, `*tensor` holds the result afterwards.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Tensor};
 use rayon::prelude::*;
 
+use crate::device::{Path, read_back_scalar};
 use crate::float::{Float, ensure_float, with_avx2};
 use crate::host::{CHUNK, INLINE_MAX, Offsets};
 use crate::{Error, Result};
 
-/// Multiplies a float tensor by `factor`, in place on the CPU.
+/// Multiplies a float tensor by `factor`, in place on the CPU (fused path).
 ///
 /// f16/bf16 elements are scaled in f32 and rounded once.
 ///
@@ -42,20 +44,7 @@ use crate::{Error, Result};
 /// # Ok::<(), grad_core::Error>(())
 /// ```
 pub fn scale_in_place(tensor: &mut Tensor, factor: f64) -> Result<()> {
-    ensure_float("scale_in_place", "tensor", tensor.dtype())?;
-    if factor.is_nan() {
-        return Err(Error::InvalidHyperParameter {
-            name: "factor",
-            value: factor,
-            allowed: "a number (not NaN)",
-        });
-    }
-    if tensor.device().is_cpu() {
-        tensor.inplace_op1(&Update::Scale(factor))?;
-    } else {
-        *tensor = tensor.affine(factor, 0.0)?;
-    }
-    Ok(())
+    scale_all_in_place(std::slice::from_mut(tensor), factor)
 }
 
 /// [`scale_in_place`] on every tensor, in parallel across tensors (and within large ones): the
@@ -72,9 +61,17 @@ pub fn scale_in_place(tensor: &mut Tensor, factor: f64) -> Result<()> {
 /// # Ok::<(), grad_core::Error>(())
 /// ```
 pub fn scale_all_in_place(tensors: &mut [Tensor], factor: f64) -> Result<()> {
-    tensors
-        .par_iter_mut()
-        .try_for_each(|t| scale_in_place(t, factor))
+    for t in tensors.iter() {
+        ensure_float("scale_in_place", "tensor", t.dtype())?;
+    }
+    if factor.is_nan() {
+        return Err(Error::InvalidHyperParameter {
+            name: "factor",
+            value: factor,
+            allowed: "a number (not NaN)",
+        });
+    }
+    update_all(tensors, &Update::Scale(factor))
 }
 
 /// [`clamp_in_place`] on every tensor, in parallel across tensors.
@@ -82,9 +79,48 @@ pub fn scale_all_in_place(tensors: &mut [Tensor], factor: f64) -> Result<()> {
 /// # Errors
 /// As [`clamp_in_place`], for the first tensor that fails.
 pub fn clamp_all_in_place(tensors: &mut [Tensor], min: f64, max: f64) -> Result<()> {
+    for t in tensors.iter() {
+        ensure_float("clamp_in_place", "tensor", t.dtype())?;
+    }
+    if min.is_nan() || max.is_nan() || min > max {
+        return Err(Error::InvalidHyperParameter {
+            name: "min",
+            value: min,
+            allowed: "a number <= max (neither NaN)",
+        });
+    }
+    update_all(tensors, &Update::Clamp(min, max))
+}
+
+/// Applies `update` to every tensor, each by its own path (chosen here, on the calling thread,
+/// so a [`with_path`](crate::device::with_path) choice holds inside the parallel loop).
+fn update_all(tensors: &mut [Tensor], update: &Update) -> Result<()> {
+    let paths: Vec<Path> = tensors.iter().map(|t| Path::of(t.device())).collect();
     tensors
         .par_iter_mut()
-        .try_for_each(|t| clamp_in_place(t, min, max))
+        .zip(paths)
+        .try_for_each(|(t, path)| update_one(t, update, path))
+}
+
+/// One tensor's update: in place on the fused path, a new tensor from candle ops otherwise.
+fn update_one(tensor: &mut Tensor, update: &Update, path: Path) -> Result<()> {
+    if path == Path::Fused {
+        tensor.inplace_op1(update)?;
+        return Ok(());
+    }
+    *tensor = match update {
+        Update::Scale(f) => tensor.affine(*f, 0.0)?,
+        // candle's clamp is max(min(x, hi), lo), which keeps NaN as PyTorch does.
+        Update::Clamp(lo, hi) => tensor.clamp(*lo, *hi)?,
+        Update::ScaleRows(factors) => {
+            let mut shape = vec![1; tensor.rank().max(1)];
+            shape[0] = factors.len();
+            let f = Tensor::from_vec(factors.clone(), shape, tensor.device())?
+                .to_dtype(tensor.dtype())?;
+            tensor.broadcast_mul(&f)?
+        }
+    };
+    Ok(())
 }
 
 /// [`unscale_in_place`] on every tensor, in parallel across tensors; true when any result holds
@@ -93,10 +129,15 @@ pub fn clamp_all_in_place(tensors: &mut [Tensor], min: f64, max: f64) -> Result<
 /// # Errors
 /// As [`unscale_in_place`], for the first tensor that fails.
 pub fn unscale_all_in_place(tensors: &mut [Tensor], factor: f64) -> Result<bool> {
-    tensors
-        .par_iter_mut()
-        .map(|t| unscale_in_place(t, factor))
-        .try_reduce(|| false, |a, b| Ok(a || b))
+    check_unscale(tensors, factor)?;
+    match tensors.first().map(|t| Path::of(t.device())) {
+        None => Ok(false),
+        Some(Path::Fused) => tensors
+            .par_iter_mut()
+            .map(|t| unscale_fused(t, factor))
+            .try_reduce(|| false, |a, b| Ok(a || b)),
+        Some(Path::Composed) => unscale_composed(tensors, factor),
+    }
 }
 
 /// Clamps a float tensor into `[min, max]`, in place on the CPU (`torch.clamp_`).
@@ -115,21 +156,7 @@ pub fn unscale_all_in_place(tensors: &mut [Tensor], factor: f64) -> Result<bool>
 /// # Ok::<(), grad_core::Error>(())
 /// ```
 pub fn clamp_in_place(tensor: &mut Tensor, min: f64, max: f64) -> Result<()> {
-    ensure_float("clamp_in_place", "tensor", tensor.dtype())?;
-    if min.is_nan() || max.is_nan() || min > max {
-        return Err(Error::InvalidHyperParameter {
-            name: "min",
-            value: min,
-            allowed: "a number <= max (neither NaN)",
-        });
-    }
-    if tensor.device().is_cpu() {
-        tensor.inplace_op1(&Update::Clamp(min, max))?;
-    } else {
-        // candle's clamp is max(min(x, hi), lo), which keeps NaN as PyTorch does.
-        *tensor = tensor.clamp(min, max)?;
-    }
-    Ok(())
+    clamp_all_in_place(std::slice::from_mut(tensor), min, max)
 }
 
 /// Multiplies each dim-0 slice ("row", a unit of a weight: one output neuron or filter) of a
@@ -164,16 +191,8 @@ pub fn scale_rows_in_place(tensor: &mut Tensor, factors: &[f64]) -> Result<()> {
             allowed: "numbers (not NaN)",
         });
     }
-    if tensor.device().is_cpu() {
-        tensor.inplace_op1(&Update::ScaleRows(factors.to_vec()))?;
-    } else {
-        let mut shape = vec![1; tensor.rank().max(1)];
-        shape[0] = rows;
-        let f =
-            Tensor::from_vec(factors.to_vec(), shape, tensor.device())?.to_dtype(tensor.dtype())?;
-        *tensor = tensor.broadcast_mul(&f)?;
-    }
-    Ok(())
+    let path = Path::of(tensor.device());
+    update_one(tensor, &Update::ScaleRows(factors.to_vec()), path)
 }
 
 /// The number of dim-0 slices of a tensor as [`scale_rows_in_place`] sees them (1 for rank 0
@@ -203,7 +222,14 @@ pub fn unit_count(tensor: &Tensor) -> usize {
 /// # Ok::<(), grad_core::Error>(())
 /// ```
 pub fn unscale_in_place(tensor: &mut Tensor, factor: f64) -> Result<bool> {
-    ensure_float("unscale_in_place", "tensor", tensor.dtype())?;
+    unscale_all_in_place(std::slice::from_mut(tensor), factor)
+}
+
+fn check_unscale(tensors: &[Tensor], factor: f64) -> Result<()> {
+    for t in tensors {
+        ensure_float("unscale_in_place", "tensor", t.dtype())?;
+        crate::ensure_same_device("unscale_in_place", tensors[0].device(), t.device())?;
+    }
     if factor.is_nan() {
         return Err(Error::InvalidHyperParameter {
             name: "factor",
@@ -211,22 +237,39 @@ pub fn unscale_in_place(tensor: &mut Tensor, factor: f64) -> Result<bool> {
             allowed: "a number (not NaN)",
         });
     }
-    if tensor.device().is_cpu() {
-        let op = Unscale {
-            factor,
-            non_finite: AtomicBool::new(false),
-        };
-        tensor.inplace_op1(&op)?;
-        return Ok(op.non_finite.load(Ordering::Relaxed));
+    Ok(())
+}
+
+fn unscale_fused(tensor: &mut Tensor, factor: f64) -> Result<bool> {
+    let op = Unscale {
+        factor,
+        non_finite: AtomicBool::new(false),
+    };
+    tensor.inplace_op1(&op)?;
+    Ok(op.non_finite.load(Ordering::Relaxed))
+}
+
+/// The composed unscale: new tensors from candle ops, and one read-back of a single flag (the
+/// minimum over every tensor of "all finite") for the whole set.
+fn unscale_composed(tensors: &mut [Tensor], factor: f64) -> Result<bool> {
+    let mut all_finite = Vec::with_capacity(tensors.len());
+    for t in tensors {
+        *t = t.affine(factor, 0.0)?;
+        if t.elem_count() > 0 {
+            // `|x| < inf` is false for NaN and infinities; the minimum of 0/1 is exact in f32.
+            all_finite.push(
+                t.abs()?
+                    .lt(f64::INFINITY)?
+                    .to_dtype(DType::F32)?
+                    .min_all()?,
+            );
+        }
     }
-    *tensor = tensor.affine(factor, 0.0)?;
-    let finite = tensor
-        .abs()?
-        .lt(f64::INFINITY)?
-        .to_dtype(DType::F32)?
-        .min_all()?
-        .to_scalar::<f32>()?;
-    Ok(tensor.elem_count() > 0 && finite < 1.0)
+    if all_finite.is_empty() {
+        return Ok(false);
+    }
+    let flags = Tensor::stack(&all_finite, 0)?.min_all()?;
+    Ok(read_back_scalar(&flags)? < 1.0)
 }
 
 /// An in-place kernel, generic over the float element type.

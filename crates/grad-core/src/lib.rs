@@ -37,11 +37,13 @@
 //! # Ok::<(), grad_core::Error>(())
 //! ```
 
+pub mod device;
 mod error;
 pub mod float;
 mod gradcheck;
 pub mod host;
 mod inplace;
+pub mod mask;
 mod norm;
 mod params;
 pub mod reduce;
@@ -57,7 +59,8 @@ pub use inplace::{
     unit_count, unscale_all_in_place, unscale_in_place,
 };
 pub use norm::{
-    MultiNorm, NormType, TensorNorm, ensure_same_device, global_norm, multi_norm, unit_norms,
+    MultiNorm, NormType, TensorNorm, ensure_same_device, global_norm, multi_norm, unit_norm_tensor,
+    unit_norms,
 };
 pub use params::{NamedGrad, NamedGrads, NamedVars, natural_cmp};
 pub use rng::{Philox, PhiloxState};

@@ -12,12 +12,15 @@
 //! are combined in index order. The result therefore does not depend on the thread count or on
 //! the tensors' memory layout.
 //!
-//! Tensors on another device (CUDA) take a composed path of candle ops, exact to rounding.
+//! Tensors on another device (CUDA, Metal) take a composed path of candle ops on that device,
+//! exact to rounding, which reads back one small tensor (the per-tensor accumulators and counts)
+//! per call.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::device::{Path, read_back, wide_dtype};
 use crate::float::{Float, ensure_float, with_avx2};
 use crate::host::{ChunkFn, map_chunks};
 use crate::reduce::{max_abs, sum_by};
@@ -198,13 +201,9 @@ pub fn multi_norm(tensors: &[Tensor], norm_type: NormType) -> Result<MultiNorm> 
         ensure_float(OP, "tensors", t.dtype())?;
         ensure_same_device(OP, first.device(), t.device())?;
     }
-    let partials = if first.device().is_cpu() {
-        fused_partials(tensors, norm_type)?
-    } else {
-        tensors
-            .iter()
-            .map(|t| composed_partial(t, norm_type))
-            .collect::<Result<Vec<_>>>()?
+    let partials = match Path::of(first.device()) {
+        Path::Fused => fused_partials(tensors, norm_type)?,
+        Path::Composed => composed_partials(tensors, norm_type)?,
     };
     Ok(finish(&partials, norm_type))
 }
@@ -229,17 +228,10 @@ pub fn unit_norms(t: &Tensor) -> Result<Vec<f64>> {
     if t.elem_count() == 0 {
         return Ok(vec![0.0; units]);
     }
-    let rows = t.reshape((units, ()))?;
-    let rows = if rows.device().is_cpu() {
-        rows.contiguous()?
-    } else {
-        return Ok(rows
-            .to_dtype(DType::F64)?
-            .sqr()?
-            .sum(1)?
-            .sqrt()?
-            .to_vec1::<f64>()?);
-    };
+    if Path::of(t.device()) == Path::Composed {
+        return read_back(&unit_norm_tensor(t)?);
+    }
+    let rows = t.reshape((units, ()))?.contiguous()?;
     struct Rows<'a>(&'a Tensor, usize);
     impl crate::float::FloatFn for Rows<'_> {
         type Output = Vec<f64>;
@@ -259,6 +251,34 @@ pub fn unit_norms(t: &Tensor) -> Result<Vec<f64>> {
         }
     }
     crate::float::dispatch("unit_norms", t.dtype(), Rows(&rows, units))
+}
+
+/// [`unit_norms`] as a `[units]` tensor on `t`'s device, computed with candle ops in
+/// [`wide_dtype`](crate::device::wide_dtype): what a composed path uses to keep the norms on the
+/// device.
+///
+/// # Errors
+/// [`Error::UnsupportedDType`] for an integer tensor.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let w = Tensor::new(&[[3f32, 4.0], [0.0, 1.0]], &Device::Cpu)?;
+/// let n = grad_core::unit_norm_tensor(&w)?;
+/// assert_eq!(n.to_vec1::<f64>()?, [5.0, 1.0]);
+/// # Ok::<(), grad_core::Error>(())
+/// ```
+pub fn unit_norm_tensor(t: &Tensor) -> Result<Tensor> {
+    ensure_float("unit_norms", "tensor", t.dtype())?;
+    let units = crate::inplace::unit_count(t);
+    let wide = wide_dtype(t.device());
+    if t.elem_count() == 0 {
+        return Ok(Tensor::zeros(units, wide, t.device())?);
+    }
+    Ok(t.reshape((units, ()))?
+        .to_dtype(wide)?
+        .sqr()?
+        .sum(1)?
+        .sqrt()?)
 }
 
 /// Checks that `other` is the same device as `first`.
@@ -376,28 +396,47 @@ fn chunk_partial<T: Float>(xs: &[T], norm_type: NormType) -> Partial {
     Partial { acc, nan, inf }
 }
 
-/// The same reduction with candle ops, for devices without a fused kernel.
-fn composed_partial(t: &Tensor, norm_type: NormType) -> Result<Partial> {
+/// The same reduction with candle ops on the tensors' device: each tensor's accumulator and
+/// NaN/Inf counts as a 3-element tensor, stacked, and read back in one transfer.
+fn composed_partials(tensors: &[Tensor], norm_type: NormType) -> Result<Vec<Partial>> {
+    let rows = tensors
+        .iter()
+        .map(|t| composed_partial(t, norm_type))
+        .collect::<Result<Vec<_>>>()?;
+    let values = read_back(&Tensor::stack(&rows, 0)?)?;
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "exact counts"
+    )]
+    Ok(values
+        .chunks_exact(3)
+        .map(|v| Partial {
+            acc: v[0],
+            nan: v[1] as u64,
+            inf: v[2] as u64,
+        })
+        .collect())
+}
+
+/// One tensor's `[accumulator, NaN count, Inf count]` in the device's wide dtype.
+fn composed_partial(t: &Tensor, norm_type: NormType) -> Result<Tensor> {
+    let wide = wide_dtype(t.device());
     if t.elem_count() == 0 {
-        return Ok(Partial::default());
+        return Ok(Tensor::zeros(3, wide, t.device())?);
     }
-    let x = t.to_dtype(DType::F64)?;
-    let count = |mask: Tensor| -> Result<u64> {
-        let n = mask.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
-        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-        Ok(n as u64)
-    };
-    let nan = count(x.ne(&x)?)?;
-    let inf = count(x.abs()?.eq(f64::INFINITY)?)?;
+    let x = t.flatten_all()?.to_dtype(wide)?;
+    let count = |mask: Tensor| -> Result<Tensor> { Ok(mask.to_dtype(wide)?.sum_all()?) };
     let abs = x.abs()?;
+    let nan = count(x.ne(&x)?)?;
+    let inf = count(abs.eq(f64::INFINITY)?)?;
     let acc = match norm_type {
         NormType::L1 => abs.sum_all()?,
         NormType::L2 => x.sqr()?.sum_all()?,
         NormType::Inf => abs.max_all()?,
         NormType::P(p) => abs.powf(p)?.sum_all()?,
-    }
-    .to_scalar::<f64>()?;
-    Ok(Partial { acc, nan, inf })
+    };
+    Ok(Tensor::stack(&[acc, nan, inf], 0)?)
 }
 
 #[cfg(test)]
@@ -414,10 +453,7 @@ mod tests {
         for norm_type in [NormType::L1, NormType::L2, NormType::Inf, NormType::P(3.0)] {
             for set in [vec![a.clone(), c.clone()], vec![a.clone(), b.clone()]] {
                 let fused = fused_partials(&set, norm_type)?;
-                let composed = set
-                    .iter()
-                    .map(|t| composed_partial(t, norm_type))
-                    .collect::<Result<Vec<_>>>()?;
+                let composed = composed_partials(&set, norm_type)?;
                 let (f, c) = (finish(&fused, norm_type), finish(&composed, norm_type));
                 for (x, y) in f.per_tensor.iter().zip(&c.per_tensor) {
                     assert_eq!((x.nan_count, x.inf_count), (y.nan_count, y.inf_count));

@@ -204,3 +204,41 @@ fn bad_input_is_an_error_not_a_panic() {
         Err(Error::UnsupportedDType { .. })
     ));
 }
+
+/// The composed path (what CUDA and Metal run) reads back one small tensor per call, whatever
+/// the number of tensors, and agrees with the fused path on norms and non-finite counts.
+#[test]
+fn composed_norms_and_unscale_read_back_once_per_call() {
+    use grad_core::device::{Path, read_back_count, with_path};
+    let ts: Vec<Tensor> = (0..7)
+        .map(|k| {
+            Tensor::arange(0f32, 10.0 + k as f32, &Device::Cpu)
+                .unwrap()
+                .affine(0.5, -2.0)
+                .unwrap()
+        })
+        .collect();
+    let fused = multi_norm(&ts, NormType::L2).unwrap();
+    let (composed, reads) = with_path(Path::Composed, || {
+        let before = read_back_count();
+        let n = multi_norm(&ts, NormType::L2).unwrap();
+        (n, read_back_count() - before)
+    });
+    assert_eq!(reads, 1);
+    for (a, b) in fused.per_tensor.iter().zip(&composed.per_tensor) {
+        assert!((a.norm - b.norm).abs() < 1e-9 * b.norm.max(1.0));
+    }
+    let mut gs = ts.clone();
+    gs[3] = Tensor::new(&[1f32, f32::INFINITY], &Device::Cpu).unwrap();
+    let (found, reads) = with_path(Path::Composed, || {
+        let before = read_back_count();
+        let found = grad_core::unscale_all_in_place(&mut gs, 0.5).unwrap();
+        (found, read_back_count() - before)
+    });
+    assert!(found);
+    assert_eq!(reads, 1);
+    assert_eq!(
+        gs[0].to_vec1::<f32>().unwrap(),
+        ts[0].affine(0.5, 0.0).unwrap().to_vec1::<f32>().unwrap()
+    );
+}

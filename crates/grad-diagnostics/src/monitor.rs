@@ -21,7 +21,8 @@ use crate::detect::{DetectorConfig, Finding, detect};
 use crate::probe::Probe;
 use crate::record::{LayerStats, ParamStats, StepRecord};
 use crate::report::RunReport;
-use crate::stats::{gather, moments_and_norms};
+use crate::stats::{self, gather, gather_on_device};
+use grad_core::device::Path;
 use rayon::prelude::*;
 
 /// How parameter names map to layers.
@@ -85,7 +86,16 @@ struct Tracked {
     layer: usize,
     /// Flat positions sampled for the update ratio, and their values at the last observation.
     positions: Vec<usize>,
-    previous: Option<Vec<f64>>,
+    /// The positions as a u32 tensor on the parameter's device (composed path, made once).
+    device_positions: Option<candle_core::Tensor>,
+    previous: Option<Sample>,
+}
+
+/// A weight's sampled values: on the host (fused path) or on its device (composed path).
+#[derive(Debug)]
+enum Sample {
+    Host(Vec<f64>),
+    Device(candle_core::Tensor),
 }
 
 /// Watches a model's gradients step by step.
@@ -173,6 +183,7 @@ impl GradMonitor {
                 Tracked {
                     layer: *layer,
                     positions: (0..m).map(|j| j * n / m).collect(),
+                    device_positions: None,
                     previous: None,
                 }
             })
@@ -222,7 +233,7 @@ impl GradMonitor {
 
     /// Whether `step` is one this monitor observes.
     pub fn should_observe(&self, step: u64) -> bool {
-        step % self.config.every == 0
+        step.is_multiple_of(self.config.every)
     }
 
     /// Observes the gradients of `grads` at `step` (after `backward`, before the optimizer
@@ -235,8 +246,8 @@ impl GradMonitor {
             return Ok(None);
         }
         let named = self.params.grads(grads)?;
-        // Every gradient's statistics and every weight's norm, from one parallel pass over all
-        // the tensors.
+        // Every gradient's statistics and every weight's norm, from one pass over all the
+        // tensors (fused), or one read-back of device reductions (composed).
         let weights: Vec<candle_core::Tensor> = self
             .params
             .vars()
@@ -245,55 +256,115 @@ impl GradMonitor {
             .collect();
         let present: Vec<candle_core::Tensor> =
             named.iter().filter_map(|e| e.grad().cloned()).collect();
-        let (grad_moments, weight_norms) = moments_and_norms(&present, &weights)?;
-        let mut grad_moments = grad_moments.into_iter();
-        // The update-ratio samples: scattered reads, one task per parameter.
-        let samples: Vec<Vec<f64>> = named
-            .iter()
-            .zip(&self.tracked)
-            .collect::<Vec<_>>()
-            .into_par_iter()
-            .map(|(entry, tracked)| gather(entry.var().as_tensor(), &tracked.positions))
-            .collect::<Result<_>>()?;
+        let path = weights
+            .first()
+            .map_or(Path::Fused, |w| Path::of(w.device()));
+        let (observation, samples, update_sums): (_, Vec<Sample>, Vec<Option<f64>>) = match path {
+            Path::Fused => {
+                let observation = stats::observe(&present, &weights, &[], path)?;
+                // The update-ratio samples: scattered reads, one task per parameter.
+                let samples: Vec<Vec<f64>> = weights
+                    .iter()
+                    .zip(&self.tracked)
+                    .collect::<Vec<_>>()
+                    .into_par_iter()
+                    .map(|(w, tracked)| gather(w, &tracked.positions))
+                    .collect::<Result<_>>()?;
+                let sums = samples
+                    .iter()
+                    .zip(&self.tracked)
+                    .map(|(sample, tracked)| match &tracked.previous {
+                        Some(Sample::Host(prev)) => Some(
+                            prev.iter()
+                                .zip(sample)
+                                .map(|(a, b)| (b - a) * (b - a))
+                                .sum::<f64>(),
+                        ),
+                        _ => None,
+                    })
+                    .collect();
+                let samples = samples.into_iter().map(Sample::Host).collect();
+                (observation, samples, sums)
+            }
+            Path::Composed => {
+                // The samples stay on the device; their squared differences join the read.
+                let mut samples = Vec::with_capacity(weights.len());
+                let mut extras = Vec::new();
+                for (w, tracked) in weights.iter().zip(&mut self.tracked) {
+                    let positions = match &tracked.device_positions {
+                        Some(p) => p.clone(),
+                        None => {
+                            let idx: Vec<u32> = tracked
+                                .positions
+                                .iter()
+                                .map(|&p| u32::try_from(p).unwrap_or(u32::MAX))
+                                .collect();
+                            let p = candle_core::Tensor::from_vec(
+                                idx,
+                                tracked.positions.len(),
+                                w.device(),
+                            )?;
+                            tracked.device_positions = Some(p.clone());
+                            p
+                        }
+                    };
+                    let sample = gather_on_device(w, &positions)?;
+                    if let Some(Sample::Device(prev)) = &tracked.previous {
+                        extras.push((&sample - prev)?.sqr()?.sum_all()?);
+                    }
+                    samples.push(Sample::Device(sample));
+                }
+                let observation = stats::observe(&present, &weights, &extras, path)?;
+                let mut sums = observation.extras.iter().copied();
+                let sums = self
+                    .tracked
+                    .iter()
+                    .map(|t| match t.previous {
+                        Some(Sample::Device(_)) => sums.next(),
+                        _ => None,
+                    })
+                    .collect();
+                (observation, samples, sums)
+            }
+        };
+        let weight_norms = observation.norms;
+        let mut grad_moments = observation.moments.into_iter();
         let layers = &self.layers;
-        let params: Vec<(ParamStats, Option<Vec<f64>>, f64)> = named
+        let params: Vec<(ParamStats, Sample, f64)> = named
             .iter()
             .zip(&self.tracked)
             .zip(&weight_norms)
-            .zip(samples)
-            .map(|(((entry, tracked), weight_norm), sample)| -> Result<_> {
-                let w = entry.var().as_tensor();
-                let weight_norm = *weight_norm;
-                let g = if entry.grad().is_some() {
-                    grad_moments.next().unwrap_or_default()
-                } else {
-                    crate::stats::Moments::default()
-                };
-                // The update's squared norm, estimated from the sampled elements.
-                let update_sq = tracked.previous.as_ref().map(|prev| {
-                    let d: f64 = prev
-                        .iter()
-                        .zip(&sample)
-                        .map(|(a, b)| (b - a) * (b - a))
-                        .sum();
-                    d * w.elem_count() as f64 / sample.len().max(1) as f64
-                });
-                let stats = ParamStats {
-                    name: entry.name().to_owned(),
-                    layer: layers[tracked.layer].clone(),
-                    numel: w.elem_count(),
-                    grad_norm: g.norm(),
-                    grad_max_abs: g.max_abs,
-                    grad_mean: g.mean,
-                    grad_std: g.std(),
-                    zero_fraction: g.zero_fraction(),
-                    nan_count: g.nan,
-                    inf_count: g.inf,
-                    weight_norm,
-                    update_ratio: update_sq.map(|u| ratio(u.sqrt(), weight_norm)),
-                };
-                Ok((stats, Some(sample), update_sq.unwrap_or(f64::NAN)))
-            })
+            .zip(samples.into_iter().zip(update_sums))
+            .map(
+                |(((entry, tracked), weight_norm), (sample, update_sum))| -> Result<_> {
+                    let w = entry.var().as_tensor();
+                    let weight_norm = *weight_norm;
+                    let g = if entry.grad().is_some() {
+                        grad_moments.next().unwrap_or_default()
+                    } else {
+                        stats::Moments::default()
+                    };
+                    // The update's squared norm, estimated from the sampled elements.
+                    let sampled = tracked.positions.len().max(1) as f64;
+                    let update_sq: Option<f64> =
+                        update_sum.map(|d: f64| d * w.elem_count() as f64 / sampled);
+                    let stats = ParamStats {
+                        name: entry.name().to_owned(),
+                        layer: layers[tracked.layer].clone(),
+                        numel: w.elem_count(),
+                        grad_norm: g.norm(),
+                        grad_max_abs: g.max_abs,
+                        grad_mean: g.mean,
+                        grad_std: g.std(),
+                        zero_fraction: g.zero_fraction(),
+                        nan_count: g.nan,
+                        inf_count: g.inf,
+                        weight_norm,
+                        update_ratio: update_sq.map(|u| ratio(u.sqrt(), weight_norm)),
+                    };
+                    Ok((stats, sample, update_sq.unwrap_or(f64::NAN)))
+                },
+            )
             .collect::<Result<Vec<_>>>()?;
 
         let mut layer_stats: Vec<LayerStats> = layers
@@ -310,7 +381,7 @@ impl GradMonitor {
             })
             .collect();
         let mut update_sq = vec![Some(0.0); layers.len()];
-        let mut global_sq = 0.0;
+        let mut global_sq = 0.0f64;
         let mut records = Vec::with_capacity(params.len());
         for ((stats, sample, upd), tracked) in params.into_iter().zip(self.tracked.iter_mut()) {
             let l = &mut layer_stats[tracked.layer];
@@ -324,7 +395,7 @@ impl GradMonitor {
             update_sq[tracked.layer] =
                 update_sq[tracked.layer].and_then(|u| (!upd.is_nan()).then_some(u + upd));
             global_sq += stats.grad_norm * stats.grad_norm;
-            tracked.previous = sample;
+            tracked.previous = Some(sample);
             records.push(stats);
         }
         for (l, u) in layer_stats.iter_mut().zip(update_sq) {

@@ -11,7 +11,9 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::{CpuStorage, CustomOp1, Layout, Module, Shape, Tensor};
+use grad_core::device::Path;
 use grad_core::float::{Float, FloatFn, dispatch, with_avx2};
 use grad_core::host::{CHUNK, INLINE_MAX, cpu_slice, par_map};
 use grad_core::reduce::sum_by;
@@ -56,6 +58,19 @@ struct State {
     /// Per unit, the forward count at which it was last positive (0 = never).
     last_positive: Vec<u64>,
     grad_norm: Option<f64>,
+    /// The composed path's statistics, still on the device until [`Probe::stats`] reads them.
+    pending: Pending,
+}
+
+/// What the composed path keeps on the device between reads.
+#[derive(Debug, Default)]
+struct Pending {
+    /// The last forward's `[moments row, non-positive count, saturated count]`.
+    activation: Option<Tensor>,
+    /// Per unit, the forward count at which it was last positive, in the wide dtype.
+    last_positive: Option<Tensor>,
+    /// The L2 norm of the last gradient through the tap, rank 0.
+    grad_norm: Option<Tensor>,
 }
 
 /// One forward's activation statistics.
@@ -97,42 +112,40 @@ impl Probe {
         self.inner.enabled.load(Ordering::Relaxed)
     }
 
-    /// The statistics recorded so far.
-    pub fn stats(&self) -> ProbeStats {
+    /// The statistics recorded so far. After forwards on the composed path (a GPU), this reads
+    /// their statistics back: one small tensor.
+    ///
+    /// # Errors
+    /// A candle error reading the composed path's statistics from the device.
+    pub fn try_stats(&self) -> Result<ProbeStats> {
         let inner = &self.inner;
-        let state = inner.state.lock().unwrap_or_else(PoisonError::into_inner);
-        let last = state.last.unwrap_or(Activation {
-            mean: 0.0,
-            std: 0.0,
-            nonpositive: 0.0,
-            saturated: None,
-        });
-        let dead_fraction = (inner.kind == ProbeKind::Relu
-            && state.forwards >= inner.window
-            && !state.last_positive.is_empty())
-        .then(|| {
-            let dead = state
-                .last_positive
-                .iter()
-                .filter(|&&seen| seen == 0 || state.forwards - seen >= inner.window)
-                .count();
-            dead as f64 / state.last_positive.len() as f64
-        });
-        ProbeStats {
-            name: inner.name.clone(),
-            kind: inner.kind,
-            units: state.last_positive.len(),
-            mean: last.mean,
-            std: last.std,
-            nonpositive_fraction: last.nonpositive,
-            dead_fraction,
-            saturated_fraction: last.saturated,
-            grad_norm: state.grad_norm,
-            forwards: state.forwards,
-        }
+        let mut state = inner.state.lock().unwrap_or_else(PoisonError::into_inner);
+        settle(&mut state, inner.kind)?;
+        Ok(summarise(inner, &state))
     }
 
+    /// [`try_stats`](Self::try_stats), with statistics that could not be read from the device
+    /// reported as NaN rather than failing the caller.
+    pub fn stats(&self) -> ProbeStats {
+        self.try_stats().unwrap_or_else(|_| {
+            let state = self
+                .inner
+                .state
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let mut s = summarise(&self.inner, &state);
+            s.mean = f64::NAN;
+            s.std = f64::NAN;
+            s.grad_norm = s.grad_norm.map(|_| f64::NAN);
+            s
+        })
+    }
     /// The forward pass with gradkit's error type; [`Module::forward`] wraps it.
+    ///
+    /// On the CPU one read of the activation gives its statistics; on the composed path (other
+    /// devices) candle reductions compute them on the device, where they stay until
+    /// [`stats`](Self::stats) reads them. Either way the output passes through a gradient tap
+    /// when the input takes part in autograd.
     ///
     /// # Errors
     /// [`Error::Core`] for a non-float input.
@@ -141,41 +154,176 @@ impl Probe {
             return Ok(x.clone());
         }
         grad_core::float::ensure_float("probe", "input", x.dtype())?;
-        // One contiguous host copy at most, read by the statistics and fed to the gradient tap.
-        let host = x.to_device(&candle_core::Device::Cpu)?.contiguous()?;
         let (units, spatial) = units_of(x);
-        let scan = scan(&host, self.inner.kind, units, spatial)?;
-        let m = scan.moments;
-        {
-            let mut state = self
-                .inner
-                .state
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            state.forwards += 1;
-            let now = state.forwards;
-            if state.last_positive.len() != units {
-                state.last_positive = vec![0; units];
-            }
-            for (seen, positive) in state.last_positive.iter_mut().zip(&scan.positive) {
-                if *positive != 0 {
-                    *seen = now;
-                }
-            }
-            let n = m.count.max(1.0);
-            state.last = Some(Activation {
-                mean: m.mean,
-                std: m.std(),
-                nonpositive: scan.nonpositive as f64 / n,
-                saturated: matches!(self.inner.kind, ProbeKind::Tanh | ProbeKind::Sigmoid)
-                    .then(|| scan.saturated as f64 / n),
-            });
+        let x = x.contiguous()?;
+        match Path::of(x.device()) {
+            Path::Fused => self.record_fused(&x, units, spatial)?,
+            Path::Composed => self.record_composed(&x, units, spatial)?,
         }
-        if x.device().is_cpu() && x.track_op() {
-            Ok(host.apply_op1(GradTap(self.inner.clone()))?)
+        if x.track_op() {
+            Ok(x.apply_op1(GradTap(self.inner.clone()))?)
         } else {
-            Ok(x.clone())
+            Ok(x)
         }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn record_fused(&self, x: &Tensor, units: usize, spatial: usize) -> Result<()> {
+        let scan = scan(x, self.inner.kind, units, spatial)?;
+        let m = scan.moments;
+        let mut state = self.lock();
+        settle(&mut state, self.inner.kind)?;
+        state.forwards += 1;
+        let now = state.forwards;
+        if state.last_positive.len() != units {
+            state.last_positive = vec![0; units];
+        }
+        for (seen, positive) in state.last_positive.iter_mut().zip(&scan.positive) {
+            if *positive != 0 {
+                *seen = now;
+            }
+        }
+        let n = m.count.max(1.0);
+        state.last = Some(Activation {
+            mean: m.mean,
+            std: m.std(),
+            nonpositive: scan.nonpositive as f64 / n,
+            saturated: matches!(self.inner.kind, ProbeKind::Tanh | ProbeKind::Sigmoid)
+                .then(|| scan.saturated as f64 / n),
+        });
+        Ok(())
+    }
+
+    /// The same statistics with candle reductions on `x`'s device, kept there.
+    fn record_composed(&self, x: &Tensor, units: usize, spatial: usize) -> Result<()> {
+        let device = x.device();
+        let wide = grad_core::device::wide_dtype(device);
+        let count =
+            |mask: Tensor| -> Result<Tensor> { Ok(mask.to_dtype(wide)?.sum_all()?.reshape(1)?) };
+        let nonpositive = count(x.le(0.0)?)?;
+        let saturated = match self.inner.kind {
+            ProbeKind::Tanh => count(x.abs()?.gt(0.99)?)?,
+            ProbeKind::Sigmoid => {
+                // Outside [0.01, 0.99], NaN included (as on the fused path).
+                let inside = (x.ge(0.01)?.to_dtype(wide)? * x.le(0.99)?.to_dtype(wide)?)?;
+                let n = grad_core::device::scalar(x.elem_count() as f64, wide, device)?;
+                (n - inside.sum_all()?)?.reshape(1)?
+            }
+            ProbeKind::Relu | ProbeKind::Linear => Tensor::zeros(1, wide, device)?,
+        };
+        let row = Tensor::cat(&[crate::stats::moment_row(x)?, nonpositive, saturated], 0)?;
+        let samples = if x.rank() >= 2 { x.dims()[0] } else { 1 };
+        let positive = x
+            .gt(0.0)?
+            .to_dtype(wide)?
+            .reshape((samples, units, spatial))?
+            .max(2)?
+            .max(0)?;
+        let mut state = self.lock();
+        state.forwards += 1;
+        #[allow(
+            clippy::cast_precision_loss,
+            reason = "forward counts are far below 2^52"
+        )]
+        let now = grad_core::device::scalar(state.forwards as f64, wide, device)?;
+        let previous = match state.pending.last_positive.take() {
+            Some(p) if p.elem_count() == units => p,
+            _ => Tensor::zeros(units, wide, device)?,
+        };
+        let seen = positive
+            .ne(0.0)?
+            .where_cond(&now.broadcast_as(units)?, &previous)?;
+        state.pending.last_positive = Some(seen);
+        state.pending.activation = Some(row);
+        Ok(())
+    }
+}
+
+/// Reads the composed path's pending statistics (one transfer) into the host state.
+fn settle(state: &mut State, kind: ProbeKind) -> Result<()> {
+    let pending = std::mem::take(&mut state.pending);
+    let Pending {
+        activation,
+        last_positive,
+        grad_norm,
+    } = pending;
+    let mut parts = Vec::new();
+    parts.extend(activation.clone());
+    parts.extend(grad_norm.as_ref().map(|g| g.reshape(1)).transpose()?);
+    parts.extend(last_positive.clone());
+    if parts.is_empty() {
+        return Ok(());
+    }
+    let values = grad_core::device::read_back(&Tensor::cat(&parts, 0)?)?;
+    let mut rest = values.as_slice();
+    if activation.is_some() {
+        let (row, tail) = rest.split_at(ACTIVATION_ROW);
+        rest = tail;
+        let m = crate::stats::moments_of_row(row);
+        let n = m.count.max(1.0);
+        state.last = Some(Activation {
+            mean: m.mean,
+            std: m.std(),
+            nonpositive: row[8] / n,
+            saturated: matches!(kind, ProbeKind::Tanh | ProbeKind::Sigmoid).then(|| row[9] / n),
+        });
+    }
+    if grad_norm.is_some() {
+        state.grad_norm = rest.first().copied();
+        rest = rest.get(1..).unwrap_or_default();
+    }
+    if last_positive.is_some() {
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "forward counts"
+        )]
+        let seen: Vec<u64> = rest.iter().map(|&v| v as u64).collect();
+        state.last_positive = seen;
+        // Keep the device copy: later forwards continue from it.
+        state.pending.last_positive = last_positive;
+    }
+    Ok(())
+}
+
+/// The moments row (8) plus the non-positive and saturated counts.
+const ACTIVATION_ROW: usize = 10;
+
+fn summarise(inner: &Inner, state: &State) -> ProbeStats {
+    let last = state.last.unwrap_or(Activation {
+        mean: 0.0,
+        std: 0.0,
+        nonpositive: 0.0,
+        saturated: None,
+    });
+    let dead_fraction = (inner.kind == ProbeKind::Relu
+        && state.forwards >= inner.window
+        && !state.last_positive.is_empty())
+    .then(|| {
+        let dead = state
+            .last_positive
+            .iter()
+            .filter(|&&seen| seen == 0 || state.forwards - seen >= inner.window)
+            .count();
+        dead as f64 / state.last_positive.len() as f64
+    });
+    ProbeStats {
+        name: inner.name.clone(),
+        kind: inner.kind,
+        units: state.last_positive.len(),
+        mean: last.mean,
+        std: last.std,
+        nonpositive_fraction: last.nonpositive,
+        dead_fraction,
+        saturated_fraction: last.saturated,
+        grad_norm: state.grad_norm,
+        forwards: state.forwards,
     }
 }
 
@@ -331,9 +479,26 @@ impl CustomOp1 for GradTap {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let dtype = candle_core::backend::BackendStorage::dtype(s);
-        let out = dispatch(self.name(), dtype, Copy(s, l)).map_err(candle_core::Error::wrap)?;
+        let out = dispatch(self.name(), s.dtype(), Copy(s, l)).map_err(candle_core::Error::wrap)?;
         Ok((out, l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        copy_storage(s, l)
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        s: &candle_core::MetalStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::MetalStorage, Shape)> {
+        copy_storage(s, l)
     }
 
     fn bwd(
@@ -342,15 +507,36 @@ impl CustomOp1 for GradTap {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        let norm = grad_core::global_norm(std::slice::from_ref(grad), grad_core::NormType::L2)
-            .map_err(candle_core::Error::wrap)?;
-        self.0
-            .state
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .grad_norm = Some(norm);
+        let mut state = self.0.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if Path::of(grad.device()) == Path::Fused {
+            let norm = grad_core::global_norm(std::slice::from_ref(grad), grad_core::NormType::L2)
+                .map_err(candle_core::Error::wrap)?;
+            state.grad_norm = Some(norm);
+            state.pending.grad_norm = None;
+        } else {
+            // Kept on the device until the statistics are read.
+            let wide = grad_core::device::wide_dtype(grad.device());
+            state.pending.grad_norm = Some(grad.to_dtype(wide)?.sqr()?.sum_all()?.sqrt()?);
+        }
         Ok(Some(grad.clone()))
     }
+}
+
+/// The tap's forward on any backend: a copy of the input's logical elements into a fresh
+/// contiguous storage of the same device (what CUDA and Metal run; CPU has its parallel copy,
+/// and tests this one on CPU storage).
+#[cfg_attr(
+    not(any(feature = "cuda", feature = "metal")),
+    allow(dead_code, reason = "only the GPU backends and the unit test call it")
+)]
+fn copy_storage<S>(s: &S, l: &Layout) -> candle_core::Result<(S, Shape)>
+where
+    S: BackendStorage,
+    S::Device: BackendDevice<Storage = S>,
+{
+    let mut out = s.device().zeros_impl(l.shape(), s.dtype())?;
+    s.copy_strided_src(&mut out, 0, l)?;
+    Ok((out, l.shape().clone()))
 }
 
 #[cfg(test)]
@@ -368,6 +554,23 @@ mod tests {
         p.set_enabled(true);
         p.try_forward(&x.to_dtype(candle_core::DType::F64)?)?;
         assert_eq!(p.stats().saturated_fraction, Some(0.5));
+        Ok(())
+    }
+
+    #[test]
+    fn the_generic_tap_copy_reads_strided_and_offset_layouts() -> Result<()> {
+        let base = Tensor::arange(0f32, 24.0, &candle_core::Device::Cpu)?.reshape((4, 6))?;
+        let view = base.narrow(0, 1, 2)?.narrow(1, 2, 3)?.t()?;
+        let (storage, layout) = view.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            unreachable!("a CPU tensor")
+        };
+        let (copy, shape) = copy_storage(cpu, layout)?;
+        assert_eq!(shape.dims(), [3, 2]);
+        let CpuStorage::F32(values) = copy else {
+            unreachable!("f32 in, f32 out")
+        };
+        assert_eq!(values, view.flatten_all()?.to_vec1::<f32>()?);
         Ok(())
     }
 }

@@ -4,8 +4,12 @@
 //! Work is cut into `grad_core::host::CHUNK`-element ranges; each range takes its mean and the
 //! squared deviations about it while in cache (two passes over cached data), and ranges merge in
 //! order with Chan et al.'s update — stable, and independent of the thread count.
+//!
+//! The composed path (other devices) computes the same statistics with candle reductions on the
+//! tensors' device and reads them back as one small tensor per observation.
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
+use grad_core::device::{Path, read_back, scalar, wide_dtype};
 use grad_core::float::{Float, FloatFn, Real, dispatch};
 use grad_core::host::{ChunkFn, map_chunks, storage_slice};
 use grad_core::reduce::sum_by;
@@ -165,95 +169,171 @@ impl ChunkFn for MomentChunks {
     }
 }
 
-/// The moments of each of `tensors` and the L2 norm of each of `others`, all read in one
-/// parallel pass (CPU tensors; other devices use candle ops one tensor at a time).
-pub(crate) fn moments_and_norms(
+/// What one observation reads.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Observation {
+    /// The moments of each of the `tensors`.
+    pub moments: Vec<Moments>,
+    /// The L2 norm of each of the `others`.
+    pub norms: Vec<f64>,
+    /// The values of the rank-0 `extras`.
+    pub extras: Vec<f64>,
+}
+
+/// The moments of each of `tensors`, the L2 norm of each of `others` and the values of the
+/// rank-0 `extras`: on the fused path one parallel pass over the CPU tensors; on the composed
+/// path candle reductions on the tensors' device, stacked into one `[k, 8]` tensor and read
+/// back in one transfer.
+pub(crate) fn observe(
     tensors: &[Tensor],
     others: &[Tensor],
-) -> Result<(Vec<Moments>, Vec<f64>)> {
+    extras: &[Tensor],
+    path: Path,
+) -> Result<Observation> {
+    if path == Path::Composed {
+        return composed_observe(tensors, others, extras);
+    }
     let all: Vec<Tensor> = tensors.iter().chain(others).cloned().collect();
-    if all.iter().all(|t| t.device().is_cpu()) {
-        let mut merged = map_chunks(
-            "moments",
-            &all,
-            &MomentChunks {
-                full: tensors.len(),
-            },
-        )?
-        .into_iter()
-        .map(|parts| parts.into_iter().fold(Moments::default(), Moments::merge));
-        let moments = merged.by_ref().take(tensors.len()).collect();
-        return Ok((moments, merged.map(|m| m.norm()).collect()));
-    }
-    let moments = tensors.iter().map(moments).collect::<Result<_>>()?;
-    let norms = others
-        .iter()
-        .map(|t| {
-            Ok(t.to_dtype(DType::F64)?
-                .sqr()?
-                .sum_all()?
-                .sqrt()?
-                .to_scalar::<f64>()?)
-        })
-        .collect::<Result<_>>()?;
-    Ok((moments, norms))
-}
-
-/// The moments of every element of `t` (any layout, any float dtype, any device).
-pub(crate) fn moments(t: &Tensor) -> Result<Moments> {
-    if t.elem_count() == 0 {
-        return Ok(Moments::default());
-    }
-    if !t.device().is_cpu() {
-        return composed_moments(t);
-    }
-    Ok(moments_and_norms(std::slice::from_ref(t), &[])?.0.remove(0))
-}
-
-/// [`moments`] with candle ops, for other devices.
-fn composed_moments(t: &Tensor) -> Result<Moments> {
-    let x = t.to_dtype(DType::F64)?.flatten_all()?;
-    let count = x.elem_count() as f64;
-    let scalar = |t: Tensor| -> Result<f64> { Ok(t.to_scalar::<f64>()?) };
-    let mean = scalar(x.sum_all()?)? / count;
-    let count_of = |mask: Tensor| -> Result<u64> {
-        #[allow(
-            clippy::cast_possible_truncation,
-            clippy::cast_sign_loss,
-            reason = "a count"
-        )]
-        Ok(scalar(mask.to_dtype(DType::F64)?.sum_all()?)? as u64)
+    let mut merged = map_chunks(
+        "moments",
+        &all,
+        &MomentChunks {
+            full: tensors.len(),
+        },
+    )?
+    .into_iter()
+    .map(|parts| parts.into_iter().fold(Moments::default(), Moments::merge));
+    let moments = merged.by_ref().take(tensors.len()).collect();
+    let norms = merged.map(|m| m.norm()).collect();
+    let extras = if extras.is_empty() {
+        Vec::new()
+    } else {
+        read_back(&Tensor::stack(extras, 0)?)?
     };
-    Ok(Moments {
-        count,
-        mean,
-        m2: scalar(x.affine(1.0, -mean)?.sqr()?.sum_all()?)?,
-        sum_sq: scalar(x.sqr()?.sum_all()?)?,
-        max_abs: scalar(x.abs()?.max_all()?)?,
-        zeros: count_of(x.eq(0.0)?)?,
-        nan: count_of(x.ne(&x)?)?,
-        inf: count_of(x.abs()?.eq(f64::INFINITY)?)?,
+    Ok(Observation {
+        moments,
+        norms,
+        extras,
     })
+}
+
+/// Columns of a composed row: count, mean, m2, sum of squares, max |x|, zeros, NaN, Inf.
+const ROW: usize = 8;
+
+fn composed_observe(
+    tensors: &[Tensor],
+    others: &[Tensor],
+    extras: &[Tensor],
+) -> Result<Observation> {
+    let Some(device) = tensors
+        .iter()
+        .chain(others)
+        .chain(extras)
+        .next()
+        .map(Tensor::device)
+    else {
+        return Ok(Observation::default());
+    };
+    let wide = wide_dtype(device);
+    let pad = |head: &[Tensor]| -> Result<Tensor> {
+        let mut cols = head.to_vec();
+        cols.resize(ROW, Tensor::zeros((), wide, device)?);
+        Ok(Tensor::stack(&cols, 0)?)
+    };
+    let mut rows = Vec::with_capacity(tensors.len() + others.len() + extras.len());
+    for t in tensors {
+        rows.push(moment_row(t)?);
+    }
+    for t in others {
+        let sum_sq = t.flatten_all()?.to_dtype(wide)?.sqr()?.sum_all()?;
+        rows.push(pad(&[Tensor::zeros((), wide, device)?, sum_sq])?);
+    }
+    for e in extras {
+        rows.push(pad(&[e.to_dtype(wide)?])?);
+    }
+    let values = read_back(&Tensor::stack(&rows, 0)?)?;
+    let mut rows = values.chunks_exact(ROW);
+    let moments = rows
+        .by_ref()
+        .take(tensors.len())
+        .map(moments_of_row)
+        .collect();
+    let norms = rows
+        .by_ref()
+        .take(others.len())
+        .map(|r| r[1].sqrt())
+        .collect();
+    let extras = rows.map(|r| r[0]).collect();
+    Ok(Observation {
+        moments,
+        norms,
+        extras,
+    })
+}
+
+/// One tensor's `[count, mean, m2, sum of squares, max |x|, zeros, NaN, Inf]` computed with
+/// candle reductions on its device, in [`wide_dtype`] (two passes: the mean, then the squared
+/// deviations from it, as the fused kernel).
+pub(crate) fn moment_row(t: &Tensor) -> Result<Tensor> {
+    let device = t.device();
+    let wide = wide_dtype(device);
+    let n = t.elem_count();
+    if n == 0 {
+        return Ok(Tensor::zeros(ROW, wide, device)?);
+    }
+    #[allow(
+        clippy::cast_precision_loss,
+        reason = "element counts are far below 2^52"
+    )]
+    let count = n as f64;
+    let x = t.flatten_all()?.to_dtype(wide)?;
+    let abs = x.abs()?;
+    let mean = x.sum_all()?.affine(1.0 / count, 0.0)?;
+    let m2 = x.broadcast_sub(&mean)?.sqr()?.sum_all()?;
+    let counted = |mask: Tensor| -> Result<Tensor> { Ok(mask.to_dtype(wide)?.sum_all()?) };
+    let cols = [
+        scalar(count, wide, device)?,
+        mean,
+        m2,
+        x.sqr()?.sum_all()?,
+        abs.max_all()?,
+        counted(x.eq(0.0)?)?,
+        counted(x.ne(&x)?)?,
+        counted(abs.eq(f64::INFINITY)?)?,
+    ];
+    Ok(Tensor::stack(&cols, 0)?)
+}
+
+/// [`Moments`] from a [`moment_row`] read back; NaN and infinities show in the magnitude as on
+/// the fused path.
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "exact counts"
+)]
+pub(crate) fn moments_of_row(r: &[f64]) -> Moments {
+    let (nan, inf) = (r[6] as u64, r[7] as u64);
+    Moments {
+        count: r[0],
+        mean: r[1],
+        m2: r[2],
+        sum_sq: r[3],
+        max_abs: if nan > 0 {
+            f64::NAN
+        } else if inf > 0 {
+            f64::INFINITY
+        } else {
+            r[4]
+        },
+        zeros: r[5] as u64,
+        nan,
+        inf,
+    }
 }
 
 /// The elements of `t` at the given flat positions, as f64 (a deterministic sample of a weight,
 /// for update ratios), read straight from the CPU storage.
 pub(crate) fn gather(t: &Tensor, positions: &[usize]) -> Result<Vec<f64>> {
-    if !t.device().is_cpu() {
-        let idx = Tensor::from_vec(
-            positions
-                .iter()
-                .map(|&p| u32::try_from(p).unwrap_or(u32::MAX))
-                .collect::<Vec<_>>(),
-            positions.len(),
-            t.device(),
-        )?;
-        return Ok(t
-            .flatten_all()?
-            .index_select(&idx, 0)?
-            .to_dtype(DType::F64)?
-            .to_vec1::<f64>()?);
-    }
     let t = t.contiguous()?;
     struct Run<'a>(&'a Tensor, &'a [usize]);
     impl FloatFn for Run<'_> {
@@ -267,6 +347,13 @@ pub(crate) fn gather(t: &Tensor, positions: &[usize]) -> Result<Vec<f64>> {
     Ok(dispatch("gather", t.dtype(), Run(&t, positions))?)
 }
 
+/// [`gather`] on the tensor's device: the sample stays there, in [`wide_dtype`].
+pub(crate) fn gather_on_device(t: &Tensor, positions: &Tensor) -> Result<Tensor> {
+    Ok(t.flatten_all()?
+        .index_select(positions, 0)?
+        .to_dtype(wide_dtype(t.device()))?)
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::Device;
@@ -276,7 +363,8 @@ mod tests {
     #[test]
     fn fused_equals_composed() -> Result<()> {
         let t = Tensor::randn(0.5f32, 2.0, (300, 250), &Device::Cpu)?;
-        let (a, b) = (moments(&t)?, composed_moments(&t)?);
+        let a = observe(std::slice::from_ref(&t), &[], &[], Path::Fused)?.moments[0];
+        let b = observe(std::slice::from_ref(&t), &[], &[], Path::Composed)?.moments[0];
         assert!((a.mean - b.mean).abs() < 1e-12);
         assert!((a.std() - b.std()).abs() < 1e-9);
         assert!((a.norm() - b.norm()).abs() < 1e-9 * b.norm());

@@ -2,8 +2,11 @@
 //!
 //! Each follows PyTorch's formula and its derivative convention at the kink: the test is
 //! `x > 0`, so at exactly 0 the derivative takes the left branch (Leaky ReLU: the slope; ELU:
-//! `alpha`; SELU: `scale * alpha`; ReLU: 0). GELU (Hendrycks & Gimpel 2016) is smooth (0.5 at 0).
-//! ELU: Clevert et al. 2016; SELU: Klambauer et al. 2017; Leaky ReLU: Maas et al. 2013.
+//! `alpha`; SELU: `scale * alpha`; ReLU: 0; CELU: 1). GELU (Hendrycks & Gimpel 2016) is smooth
+//! (0.5 at 0). ELU: Clevert et al. 2016; SELU: Klambauer et al. 2017; Leaky ReLU: Maas et al.
+//! 2013. The clamping family (ReLU6, hardtanh, hardsigmoid, hardswish) has derivative 0 at its
+//! boundaries, except hardswish's 1 at +3; hardsigmoid's slope is PyTorch's float32 `1/6`.
+//! Softplus, log-sigmoid, SiLU and Mish never overflow (at ±800 included).
 //!
 //! f64 computes with the standard library's functions. f32, f16 and bf16 compute in f32 with
 //! grad-core's branch-free `exp`, `expm1`, `tanh` and `erf` (relative error at most 2e-6, see
@@ -66,6 +69,39 @@ pub enum Activation {
     Sigmoid,
     /// `tanh(x)`.
     Tanh,
+    /// `min(max(x, 0), 6)` (`hardtanh(x, 0, 6)`); derivative 0 at both boundaries.
+    Relu6,
+    /// SiLU / swish, `x * sigmoid(x)` (Elfwing et al. 2018; Ramachandran et al. 2017).
+    Silu,
+    /// `x * tanh(softplus(x))` (Misra 2019).
+    Mish,
+    /// `ln(1 + exp(beta x)) / beta`, and exactly `x` where `beta x > threshold`.
+    Softplus {
+        /// The sharpness, `beta > 0` (finite). PyTorch: 1.0.
+        beta: f64,
+        /// Above this `beta x` the function is linear; any number but NaN. PyTorch: 20.0.
+        threshold: f64,
+    },
+    /// `x * relu6(x + 3) / 6` (Howard et al. 2019); derivative 0 at -3 and 1 at 3.
+    Hardswish,
+    /// `relu6(x + 3) / 6`; derivative PyTorch's float32 `1/6` strictly inside (-3, 3), else 0.
+    Hardsigmoid,
+    /// `clamp(x, min_val, max_val)`; derivative 0 at both boundaries.
+    Hardtanh {
+        /// The lower bound (PyTorch: -1.0).
+        min_val: f64,
+        /// The upper bound, above `min_val` (PyTorch: 1.0).
+        max_val: f64,
+    },
+    /// `max(0, x) + min(0, alpha (exp(x / alpha) - 1))` (Barron 2017); derivative 1 at 0.
+    Celu {
+        /// A finite, non-zero `alpha` (PyTorch: 1.0).
+        alpha: f64,
+    },
+    /// `x / (1 + |x|)`.
+    Softsign,
+    /// `ln(sigmoid(x)) = min(x, 0) - ln(1 + exp(-|x|))`, without overflow.
+    LogSigmoid,
 }
 
 impl Activation {
@@ -76,21 +112,52 @@ impl Activation {
         }
     }
 
-    /// Checks the parameters: a finite slope, a finite `alpha >= 0`.
+    /// Checks the parameters: a finite slope; ELU's finite `alpha >= 0`; softplus' `beta > 0`
+    /// and a threshold that is not NaN; hardtanh's `min_val < max_val`; CELU's finite, non-zero
+    /// `alpha`.
     ///
     /// # Errors
     /// [`Error::Core`] naming the parameter.
+    ///
+    /// ```
+    /// use grad_layers::Activation;
+    /// assert!(Activation::Softplus { beta: 0.0, threshold: 20.0 }.validate().is_err());
+    /// assert!(Activation::Hardtanh { min_val: 1.0, max_val: 1.0 }.validate().is_err());
+    /// assert!(Activation::Celu { alpha: 0.0 }.validate().is_err());
+    /// ```
     pub fn validate(&self) -> Result<()> {
+        let bad = |name, value, allowed| -> Result<()> {
+            Err(grad_core::Error::InvalidHyperParameter {
+                name,
+                value,
+                allowed,
+            }
+            .into())
+        };
         match *self {
             Self::LeakyRelu { negative_slope } if !negative_slope.is_finite() => {
-                Err(grad_core::Error::InvalidHyperParameter {
-                    name: "negative_slope",
-                    value: negative_slope,
-                    allowed: "a finite number",
-                }
-                .into())
+                bad("negative_slope", negative_slope, "a finite number")
             }
             Self::Elu { alpha } => Ok(grad_core::validate::non_negative("alpha", alpha)?),
+            Self::Softplus { beta, threshold } => {
+                grad_core::validate::positive("beta", beta)?;
+                if threshold.is_nan() {
+                    return bad("threshold", threshold, "a number (not NaN)");
+                }
+                Ok(())
+            }
+            Self::Hardtanh { min_val, max_val } => {
+                if min_val.is_nan() {
+                    return bad("min_val", min_val, "a number below max_val");
+                }
+                if max_val.is_nan() || max_val <= min_val {
+                    return bad("max_val", max_val, "a number above min_val");
+                }
+                Ok(())
+            }
+            Self::Celu { alpha } if !(alpha.is_finite() && alpha != 0.0) => {
+                bad("alpha", alpha, "a finite, non-zero number")
+            }
             _ => Ok(()),
         }
     }
@@ -153,7 +220,8 @@ impl Elementwise for ReluFn {
     }
     #[inline(always)]
     fn derivative<R: Real>(self, x: R) -> R {
-        if x > R::ZERO { R::ONE } else { R::ZERO }
+        // PyTorch's threshold_backward: 0 where x <= 0, so NaN passes the gradient on.
+        if x <= R::ZERO { R::ZERO } else { R::ONE }
     }
 }
 
@@ -238,11 +306,11 @@ impl Elementwise for GeluTanhFn {
 impl Elementwise for SigmoidFn {
     #[inline(always)]
     fn value<R: Real>(self, x: R) -> R {
-        R::ONE / (R::ONE + (-x).exp())
+        logistic(x)
     }
     #[inline(always)]
     fn derivative<R: Real>(self, x: R) -> R {
-        let s = R::ONE / (R::ONE + (-x).exp());
+        let s = logistic(x);
         s * (R::ONE - s)
     }
 }
@@ -256,6 +324,184 @@ impl Elementwise for TanhFn {
     fn derivative<R: Real>(self, x: R) -> R {
         let t = x.tanh();
         R::ONE - t * t
+    }
+}
+
+/// `v` clamped into `[lo, hi]`, NaN passing through (C++'s `std::min(std::max(v, lo), hi)`,
+/// which PyTorch's kernels use; Rust's `f64::max` would turn NaN into `lo`).
+#[inline(always)]
+fn clamp_keep_nan<R: Real>(v: R, lo: R, hi: R) -> R {
+    if v < lo {
+        lo
+    } else if v > hi {
+        hi
+    } else {
+        v
+    }
+}
+
+/// The logistic function.
+#[inline(always)]
+fn logistic<R: Real>(x: R) -> R {
+    R::ONE / (R::ONE + (-x).exp())
+}
+
+/// Hardtanh (and ReLU6, `HardtanhFn(0, 6)`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct HardtanhFn(pub f64, pub f64);
+/// SiLU.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SiluFn;
+/// Mish.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct MishFn;
+/// Softplus with `(beta, threshold)`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SoftplusFn(pub f64, pub f64);
+/// Hardswish.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct HardswishFn;
+/// Hardsigmoid.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct HardsigmoidFn;
+/// CELU with its alpha.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CeluFn(pub f64);
+/// Softsign.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SoftsignFn;
+/// Log-sigmoid.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LogSigmoidFn;
+
+/// PyTorch's hardsigmoid backward multiplies by the float32 constant `1.0f / 6.0f`, in every
+/// dtype.
+pub(crate) const HARDSIGMOID_SLOPE: f64 = (1.0f32 / 6.0f32) as f64;
+
+impl Elementwise for HardtanhFn {
+    #[inline(always)]
+    fn value<R: Real>(self, x: R) -> R {
+        clamp_keep_nan(x, R::of(self.0), R::of(self.1))
+    }
+    #[inline(always)]
+    fn derivative<R: Real>(self, x: R) -> R {
+        // PyTorch: 0 where x <= min or x >= max, so NaN passes the gradient on.
+        if x <= R::of(self.0) || x >= R::of(self.1) {
+            R::ZERO
+        } else {
+            R::ONE
+        }
+    }
+}
+
+impl Elementwise for SiluFn {
+    #[inline(always)]
+    fn value<R: Real>(self, x: R) -> R {
+        x / (R::ONE + (-x).exp())
+    }
+    #[inline(always)]
+    fn derivative<R: Real>(self, x: R) -> R {
+        let s = logistic(x);
+        s * (R::ONE + x * (R::ONE - s))
+    }
+}
+
+impl Elementwise for MishFn {
+    #[inline(always)]
+    fn value<R: Real>(self, x: R) -> R {
+        x * x.exp().ln_1p().tanh()
+    }
+    #[inline(always)]
+    fn derivative<R: Real>(self, x: R) -> R {
+        let t = x.exp().ln_1p().tanh();
+        t + x * logistic(x) * (R::ONE - t * t)
+    }
+}
+
+impl Elementwise for SoftplusFn {
+    #[inline(always)]
+    fn value<R: Real>(self, x: R) -> R {
+        let bx = x * R::of(self.0);
+        let smooth = bx.exp().ln_1p() / R::of(self.0);
+        if bx > R::of(self.1) { x } else { smooth }
+    }
+    #[inline(always)]
+    fn derivative<R: Real>(self, x: R) -> R {
+        let bx = x * R::of(self.0);
+        let z = bx.exp();
+        let smooth = z / (z + R::ONE);
+        if bx > R::of(self.1) { R::ONE } else { smooth }
+    }
+}
+
+impl Elementwise for HardswishFn {
+    #[inline(always)]
+    fn value<R: Real>(self, x: R) -> R {
+        x * clamp_keep_nan(x + R::of(3.0), R::ZERO, R::of(6.0)) / R::of(6.0)
+    }
+    #[inline(always)]
+    fn derivative<R: Real>(self, x: R) -> R {
+        if x <= R::of(-3.0) {
+            R::ZERO
+        } else if x < R::of(3.0) {
+            x / R::of(3.0) + R::of(0.5)
+        } else {
+            R::ONE
+        }
+    }
+}
+
+impl Elementwise for HardsigmoidFn {
+    #[inline(always)]
+    fn value<R: Real>(self, x: R) -> R {
+        clamp_keep_nan(x + R::of(3.0), R::ZERO, R::of(6.0)) / R::of(6.0)
+    }
+    #[inline(always)]
+    fn derivative<R: Real>(self, x: R) -> R {
+        if x > R::of(-3.0) && x < R::of(3.0) {
+            R::of(HARDSIGMOID_SLOPE)
+        } else {
+            R::ZERO
+        }
+    }
+}
+
+impl Elementwise for CeluFn {
+    #[inline(always)]
+    fn value<R: Real>(self, x: R) -> R {
+        let negative = R::of(self.0) * (x * R::of(1.0 / self.0)).exp_m1();
+        if x > R::ZERO { x } else { negative }
+    }
+    #[inline(always)]
+    fn derivative<R: Real>(self, x: R) -> R {
+        let negative = (x * R::of(1.0 / self.0)).exp();
+        if x > R::ZERO { R::ONE } else { negative }
+    }
+}
+
+impl Elementwise for SoftsignFn {
+    #[inline(always)]
+    fn value<R: Real>(self, x: R) -> R {
+        x / (R::ONE + x.abs())
+    }
+    #[inline(always)]
+    fn derivative<R: Real>(self, x: R) -> R {
+        let d = R::ONE + x.abs();
+        R::ONE / (d * d)
+    }
+}
+
+impl Elementwise for LogSigmoidFn {
+    #[inline(always)]
+    fn value<R: Real>(self, x: R) -> R {
+        let low = if x < R::ZERO { x } else { R::ZERO };
+        low - (-x.abs()).exp().ln_1p()
+    }
+    #[inline(always)]
+    fn derivative<R: Real>(self, x: R) -> R {
+        let z = (-x.abs()).exp();
+        let q = z / (R::ONE + z);
+        if x < R::ZERO { R::ONE - q } else { q }
     }
 }
 
@@ -297,6 +543,46 @@ macro_rules! with_elementwise {
             }
             $crate::Activation::Tanh => {
                 let $f = $crate::activation::TanhFn;
+                $body
+            }
+            $crate::Activation::Relu6 => {
+                let $f = $crate::activation::HardtanhFn(0.0, 6.0);
+                $body
+            }
+            $crate::Activation::Silu => {
+                let $f = $crate::activation::SiluFn;
+                $body
+            }
+            $crate::Activation::Mish => {
+                let $f = $crate::activation::MishFn;
+                $body
+            }
+            $crate::Activation::Softplus { beta, threshold } => {
+                let $f = $crate::activation::SoftplusFn(beta, threshold);
+                $body
+            }
+            $crate::Activation::Hardswish => {
+                let $f = $crate::activation::HardswishFn;
+                $body
+            }
+            $crate::Activation::Hardsigmoid => {
+                let $f = $crate::activation::HardsigmoidFn;
+                $body
+            }
+            $crate::Activation::Hardtanh { min_val, max_val } => {
+                let $f = $crate::activation::HardtanhFn(min_val, max_val);
+                $body
+            }
+            $crate::Activation::Celu { alpha } => {
+                let $f = $crate::activation::CeluFn(alpha);
+                $body
+            }
+            $crate::Activation::Softsign => {
+                let $f = $crate::activation::SoftsignFn;
+                $body
+            }
+            $crate::Activation::LogSigmoid => {
+                let $f = $crate::activation::LogSigmoidFn;
                 $body
             }
         }

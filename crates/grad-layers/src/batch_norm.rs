@@ -7,6 +7,8 @@
 //! training forward. Evaluation normalises with the running statistics. Without running
 //! statistics (`track_running_stats = false`) batch statistics are used in both modes.
 
+use std::sync::{Arc, Mutex, PoisonError};
+
 use candle_core::{DType, ModuleT, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
@@ -62,6 +64,8 @@ struct Running {
     mean: Var,
     var: Var,
     num_batches_tracked: Var,
+    /// Held while the three are updated (shared by clones, which share the variables).
+    update: Arc<Mutex<()>>,
 }
 
 /// Batch normalisation over dim 1 of `[N, C]`, `[N, C, L]`, `[N, C, H, W]` or `[N, C, D, H, W]`
@@ -71,7 +75,9 @@ struct Running {
 /// PyTorch's `num_batches_tracked` (an i64 scalar), so a checkpoint saved from candle-nn's
 /// `BatchNorm` loads unchanged (the counter starts at 0 when absent) and one saved from this
 /// layer loads into candle-nn. On the CPU the forward and backward are fused kernels; other
-/// devices use candle ops.
+/// devices use candle ops, and the running statistics are updated on the device either way (no
+/// value is read back). Training forwards from several threads each update the statistics once
+/// (a per-layer lock orders the updates).
 #[derive(Debug, Clone)]
 pub struct BatchNorm {
     num_features: usize,
@@ -133,6 +139,7 @@ pub fn batch_norm(
             mean: Var::from_tensor(&mean)?,
             var: Var::from_tensor(&var)?,
             num_batches_tracked: Var::from_tensor(&nbt)?,
+            update: Arc::new(Mutex::new(())),
         })
     } else {
         None
@@ -181,31 +188,35 @@ impl BatchNorm {
         Ok(out.y)
     }
 
+    /// Blends the batch statistics into the running ones with tensor ops on their device (no
+    /// read-back), under the layer's lock so that concurrent training forwards each count once.
     fn update_running(&self, running: &Running, batch: &BatchMoments) -> Result<()> {
-        let tracked = running.num_batches_tracked.as_tensor().to_scalar::<i64>()? + 1;
-        running
-            .num_batches_tracked
-            .set(&Tensor::new(tracked, running.num_batches_tracked.device())?)?;
-        #[allow(
-            clippy::cast_precision_loss,
-            reason = "batch counts are far below 2^52"
-        )]
-        let f = self.config.momentum.unwrap_or(1.0 / tracked as f64);
+        let _guard = running
+            .update
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let counter = running.num_batches_tracked.as_tensor();
+        let tracked = counter.broadcast_add(&Tensor::ones((), DType::I64, counter.device())?)?;
+        running.num_batches_tracked.set(&tracked)?;
+        let wide = grad_core::device::wide_dtype(counter.device());
+        // f, the newest batch's weight: the momentum, or 1 / num_batches_tracked.
+        let f = match self.config.momentum {
+            Some(m) => grad_core::device::scalar(m, wide, counter.device())?,
+            None => tracked.to_dtype(wide)?.recip()?,
+        };
+        let keep = f.affine(-1.0, 1.0)?;
         #[allow(
             clippy::cast_precision_loss,
             reason = "element counts are far below 2^52"
         )]
         let unbias = batch.count as f64 / (batch.count as f64 - 1.0);
-        let blend = |var: &Var, batch: &[f64], scale: f64| -> Result<()> {
-            let old = var.as_tensor().to_dtype(DType::F64)?.to_vec1::<f64>()?;
-            let new: Vec<f64> = old
-                .iter()
-                .zip(batch)
-                .map(|(o, b)| (1.0 - f) * o + f * b * scale)
-                .collect();
-            let t =
-                Tensor::from_vec(new, self.num_features, var.device())?.to_dtype(var.dtype())?;
-            Ok(var.set(&t)?)
+        let blend = |var: &Var, batch: &Tensor, scale: f64| -> Result<()> {
+            let old = var.as_tensor().to_dtype(wide)?.broadcast_mul(&keep)?;
+            let new = batch
+                .to_dtype(wide)?
+                .affine(scale, 0.0)?
+                .broadcast_mul(&f)?;
+            Ok(var.set(&(old + new)?.to_dtype(var.dtype())?)?)
         };
         blend(&running.mean, &batch.mean, 1.0)?;
         blend(&running.var, &batch.var, unbias)

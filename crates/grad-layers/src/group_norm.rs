@@ -62,7 +62,7 @@ pub fn group_norm(
     vb: VarBuilder,
 ) -> Result<GroupNorm> {
     grad_core::validate::positive("eps", config.eps)?;
-    if num_groups == 0 || num_channels == 0 || num_channels % num_groups != 0 {
+    if num_groups == 0 || num_channels == 0 || !num_channels.is_multiple_of(num_groups) {
         return Err(Error::IndivisibleGroups {
             channels: num_channels,
             groups: num_groups,

@@ -9,8 +9,9 @@
 //! candle has no forward hooks, so the caller supplies `output_of(i, batch)`: the output of layer
 //! `i` (before its nonlinearity) for the batch — typically the model run up to that layer.
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::{Tensor, Var};
 use grad_core::Philox;
+use grad_core::device::{read_back_scalar, wide_dtype};
 use serde::{Deserialize, Serialize};
 
 use crate::init::Initializer;
@@ -96,15 +97,15 @@ pub fn lsuv(
         }
     }
     let variance = |i: usize| -> Result<f64> {
-        let out = output_of(i, batch)?.to_dtype(DType::F64)?.flatten_all()?;
-        let n = out.elem_count().max(1) as f64;
-        let mean = out.sum_all()?.to_scalar::<f64>()? / n;
-        let var = out
-            .affine(1.0, -mean)?
-            .sqr()?
-            .sum_all()?
-            .to_scalar::<f64>()?
-            / n;
+        // Two passes on the output's device, one number read back per iteration.
+        let out = output_of(i, batch)?;
+        let out = out.to_dtype(wide_dtype(out.device()))?.flatten_all()?;
+        let var = if out.elem_count() == 0 {
+            f64::NAN
+        } else {
+            let centred = out.broadcast_sub(&out.mean_all()?)?;
+            read_back_scalar(&centred.sqr()?.mean_all()?)?
+        };
         if var.is_finite() && var > 0.0 {
             Ok(var)
         } else {

@@ -8,8 +8,9 @@
 )]
 
 use candle_core::{Tensor, Var};
+use grad_core::device::{Path, with_path};
 use grad_layers::{Activation, GeluApproximation, ops};
-use grad_testkit::{Case, CaseError, Outputs, Precision, grads_of, run};
+use grad_testkit::{Case, CaseError, Outputs, Precision, grads_of, run, run_as};
 
 fn activation_case(case: &Case, p: Precision) -> Result<Outputs, CaseError> {
     let x = Var::from_tensor(&case.input("x")?.to_tensor(p.dtype())?)?;
@@ -37,6 +38,27 @@ fn activation_case(case: &Case, p: Precision) -> Result<Outputs, CaseError> {
                         _ => GeluApproximation::None,
                     },
                 },
+                "relu" => Activation::Relu,
+                "relu6" => Activation::Relu6,
+                "sigmoid" => Activation::Sigmoid,
+                "tanh" => Activation::Tanh,
+                "silu" => Activation::Silu,
+                "mish" => Activation::Mish,
+                "softplus" => Activation::Softplus {
+                    beta: case.attr_f64("beta")?.ok_or("beta")?,
+                    threshold: case.attr_f64("threshold")?.ok_or("threshold")?,
+                },
+                "hardswish" => Activation::Hardswish,
+                "hardsigmoid" => Activation::Hardsigmoid,
+                "hardtanh" => Activation::Hardtanh {
+                    min_val: case.attr_f64("min_val")?.ok_or("min_val")?,
+                    max_val: case.attr_f64("max_val")?.ok_or("max_val")?,
+                },
+                "celu" => Activation::Celu {
+                    alpha: case.attr_f64("alpha")?.ok_or("alpha")?,
+                },
+                "softsign" => Activation::Softsign,
+                "logsigmoid" => Activation::LogSigmoid,
                 unknown => return Err(format!("unknown activation {unknown}").into()),
             };
             ops::activation(x.as_tensor(), act)?
@@ -66,4 +88,30 @@ fn activations_f64() {
 #[test]
 fn activations_f32() {
     run("activations", Precision::F32, activation_case).assert_all_passed();
+}
+
+#[test]
+fn activations_composed_f64() {
+    with_path(Path::Composed, || {
+        run_as(
+            "activations",
+            "activations_composed",
+            Precision::F64,
+            activation_case,
+        )
+    })
+    .assert_all_passed();
+}
+
+#[test]
+fn activations_composed_f32() {
+    with_path(Path::Composed, || {
+        run_as(
+            "activations",
+            "activations_composed",
+            Precision::F32,
+            activation_case,
+        )
+    })
+    .assert_all_passed();
 }

@@ -9,8 +9,9 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
+use grad_core::device::{Path, with_path};
 use grad_layers::{BatchNormConfig, batch_norm, ops};
-use grad_testkit::{Case, CaseError, Outputs, Precision, grads_of, run};
+use grad_testkit::{Case, CaseError, Outputs, Precision, grads_of, run, run_as};
 
 /// Builds the case's input `name` as a variable (so it receives a gradient).
 fn var(case: &Case, name: &str, p: Precision) -> Result<Var, CaseError> {
@@ -137,9 +138,37 @@ fn batch_norm_f64() {
     run("batch_norm", Precision::F64, batch_norm_case).assert_all_passed();
 }
 
+/// The same vectors through the composed path (what CUDA and Metal tensors run), on the CPU.
+#[test]
+fn batch_norm_composed_f64() {
+    with_path(Path::Composed, || {
+        run_as(
+            "batch_norm",
+            "batch_norm_composed",
+            Precision::F64,
+            batch_norm_case,
+        )
+    })
+    .assert_all_passed();
+}
+
 #[test]
 fn batch_norm_f32() {
     run("batch_norm", Precision::F32, batch_norm_case).assert_all_passed();
+}
+
+/// The same vectors through the composed path (what CUDA and Metal tensors run), on the CPU.
+#[test]
+fn batch_norm_composed_f32() {
+    with_path(Path::Composed, || {
+        run_as(
+            "batch_norm",
+            "batch_norm_composed",
+            Precision::F32,
+            batch_norm_case,
+        )
+    })
+    .assert_all_passed();
 }
 
 #[test]
@@ -147,9 +176,37 @@ fn layer_norm_f64() {
     run("layer_norm", Precision::F64, layer_norm_case).assert_all_passed();
 }
 
+/// The same vectors through the composed path (what CUDA and Metal tensors run), on the CPU.
+#[test]
+fn layer_norm_composed_f64() {
+    with_path(Path::Composed, || {
+        run_as(
+            "layer_norm",
+            "layer_norm_composed",
+            Precision::F64,
+            layer_norm_case,
+        )
+    })
+    .assert_all_passed();
+}
+
 #[test]
 fn layer_norm_f32() {
     run("layer_norm", Precision::F32, layer_norm_case).assert_all_passed();
+}
+
+/// The same vectors through the composed path (what CUDA and Metal tensors run), on the CPU.
+#[test]
+fn layer_norm_composed_f32() {
+    with_path(Path::Composed, || {
+        run_as(
+            "layer_norm",
+            "layer_norm_composed",
+            Precision::F32,
+            layer_norm_case,
+        )
+    })
+    .assert_all_passed();
 }
 
 #[test]
@@ -157,9 +214,37 @@ fn group_norm_f64() {
     run("group_norm", Precision::F64, group_norm_case).assert_all_passed();
 }
 
+/// The same vectors through the composed path (what CUDA and Metal tensors run), on the CPU.
+#[test]
+fn group_norm_composed_f64() {
+    with_path(Path::Composed, || {
+        run_as(
+            "group_norm",
+            "group_norm_composed",
+            Precision::F64,
+            group_norm_case,
+        )
+    })
+    .assert_all_passed();
+}
+
 #[test]
 fn group_norm_f32() {
     run("group_norm", Precision::F32, group_norm_case).assert_all_passed();
+}
+
+/// The same vectors through the composed path (what CUDA and Metal tensors run), on the CPU.
+#[test]
+fn group_norm_composed_f32() {
+    with_path(Path::Composed, || {
+        run_as(
+            "group_norm",
+            "group_norm_composed",
+            Precision::F32,
+            group_norm_case,
+        )
+    })
+    .assert_all_passed();
 }
 
 #[test]
@@ -167,7 +252,35 @@ fn rms_norm_f64() {
     run("rms_norm", Precision::F64, rms_norm_case).assert_all_passed();
 }
 
+/// The same vectors through the composed path (what CUDA and Metal tensors run), on the CPU.
+#[test]
+fn rms_norm_composed_f64() {
+    with_path(Path::Composed, || {
+        run_as(
+            "rms_norm",
+            "rms_norm_composed",
+            Precision::F64,
+            rms_norm_case,
+        )
+    })
+    .assert_all_passed();
+}
+
 #[test]
 fn rms_norm_f32() {
     run("rms_norm", Precision::F32, rms_norm_case).assert_all_passed();
+}
+
+/// The same vectors through the composed path (what CUDA and Metal tensors run), on the CPU.
+#[test]
+fn rms_norm_composed_f32() {
+    with_path(Path::Composed, || {
+        run_as(
+            "rms_norm",
+            "rms_norm_composed",
+            Precision::F32,
+            rms_norm_case,
+        )
+    })
+    .assert_all_passed();
 }

@@ -294,3 +294,73 @@ fn bad_input_is_an_error() {
             .is_err()
     );
 }
+
+/// Issue 15, problem 5: a dropped NaN or infinite input stays visible (NaN, PyTorch's
+/// `x * mask`), on the fused and the composed path, and so does a NaN gradient.
+#[test]
+fn dropped_non_finite_values_stay_visible() {
+    let x = Tensor::new(
+        &[f32::NAN, f32::INFINITY, -f32::INFINITY, 1.0],
+        &Device::Cpu,
+    )
+    .unwrap();
+    let x = x.repeat(64).unwrap();
+    for kind in [DropoutKind::Element, DropoutKind::Alpha] {
+        for p in [0.5, 1.0] {
+            let (a, b) = (
+                dropout_op(&x, p, kind, &mut Philox::new(3)).unwrap(),
+                dropout_composed(&x, p, kind, &mut Philox::new(3)).unwrap(),
+            );
+            for y in [vals(&a), vals(&b)] {
+                for (i, v) in y.iter().enumerate() {
+                    if i % 4 != 3 {
+                        assert!(!v.is_finite(), "{kind:?} p={p}: input {i} became {v}");
+                    }
+                }
+            }
+        }
+    }
+    let v = Var::from_tensor(&Tensor::ones(256, DType::F32, &Device::Cpu).unwrap()).unwrap();
+    let y = dropout_op(
+        v.as_tensor(),
+        0.5,
+        DropoutKind::Element,
+        &mut Philox::new(1),
+    )
+    .unwrap();
+    let upstream = Tensor::full(f32::NAN, 256, &Device::Cpu).unwrap();
+    let g = grad_testkit::grads_of(&y, &upstream, &[v.as_tensor()]).unwrap();
+    assert!(vals(g[0].as_ref().unwrap()).iter().all(|v| v.is_nan()));
+}
+
+/// The mask stream is the same on both paths: equal outputs for every kind, bit for bit in f32.
+#[test]
+fn fused_and_composed_masks_are_identical() {
+    let x = Tensor::arange(1f32, 1.0 + 2.0 * 3.0 * 4.0 * 5.0, &Device::Cpu)
+        .unwrap()
+        .reshape((2, 3, 4, 5))
+        .unwrap();
+    for kind in [
+        DropoutKind::Element,
+        DropoutKind::Channel2d,
+        DropoutKind::FeatureAlpha,
+    ] {
+        let mut a = Philox::from_state(PhiloxState {
+            seed: 11,
+            offset: u64::from(u32::MAX) - 10,
+        });
+        let mut b = a.clone();
+        let (ya, yb) = (
+            dropout_op(&x, 0.3, kind, &mut a).unwrap(),
+            dropout_composed(&x, 0.3, kind, &mut b).unwrap(),
+        );
+        assert_eq!(a.state(), b.state());
+        let (va, vb) = (vals(&ya), vals(&yb));
+        for (p, q) in va.iter().zip(&vb) {
+            assert!(
+                (p - q).abs() <= 1e-6 * p.abs().max(1.0),
+                "{kind:?}: {p} vs {q}"
+            );
+        }
+    }
+}

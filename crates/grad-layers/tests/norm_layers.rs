@@ -344,3 +344,39 @@ fn bad_input_is_an_error_not_a_panic() {
     let x32 = Tensor::ones((2, 4), DType::F32, &dev).unwrap();
     assert!(ops::layer_norm(&x32, &[4], Some(&w64), None, 1e-5).is_err());
 }
+
+/// Issue 15, problem 10: training forwards from four threads sharing one layer each count once
+/// and each blend into the running mean (a cumulative average of batches whose means are all 2
+/// stays exactly 2 only if no update is lost or torn).
+#[test]
+fn concurrent_training_forwards_each_update_the_statistics_once() {
+    let map = VarMap::new();
+    let vb = VarBuilder::from_varmap(&map, DType::F64, &Device::Cpu);
+    let config = BatchNormConfig {
+        momentum: None,
+        ..Default::default()
+    };
+    let bn = batch_norm(3, config, vb).unwrap();
+    let x = (Tensor::arange(0f64, 24.0, &Device::Cpu)
+        .unwrap()
+        .reshape((8, 3))
+        .unwrap()
+        * 0.0)
+        .unwrap()
+        .affine(1.0, 2.0)
+        .unwrap();
+    let x = Tensor::cat(&[(&x - 1.0).unwrap(), (&x + 1.0).unwrap()], 0).unwrap();
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                for _ in 0..200 {
+                    bn.try_forward(&x, true).unwrap();
+                }
+            });
+        }
+    });
+    assert_eq!(bn.num_batches_tracked().unwrap(), Some(800));
+    for m in vals(bn.running_mean().unwrap()) {
+        assert!((m - 2.0).abs() < 1e-12, "running mean {m}");
+    }
+}

@@ -8,7 +8,9 @@
 //! zero-initialised parameters (biases) trainable. NFNets leave the final classifier unclipped:
 //! pass its names in [`AgcConfig::exclude`].
 
-use grad_core::{NamedGrads, scale_rows_in_place, unit_norms};
+use candle_core::Tensor;
+use grad_core::device::{Path, read_back_scalar};
+use grad_core::{NamedGrads, scale_rows_in_place, unit_norm_tensor, unit_norms};
 use serde::{Deserialize, Serialize};
 
 use crate::Result;
@@ -70,26 +72,73 @@ impl AgcConfig {
 pub fn adaptive_clip(grads: &mut NamedGrads, config: &AgcConfig) -> Result<usize> {
     config.validate()?;
     let mut clipped = 0;
+    // The composed path's clip counts stay on the device until the end: one read-back.
+    let mut counts: Vec<Tensor> = Vec::new();
     for entry in grads.iter_mut() {
         if config.exclude.iter().any(|n| n == entry.name()) {
             continue;
         }
-        let weight_norms = unit_norms(entry.var().as_tensor())?;
+        let w = entry.var().as_tensor().clone();
         let Some(g) = entry.grad_mut() else { continue };
-        let grad_norms = unit_norms(g)?;
-        let factors: Vec<f64> = weight_norms
-            .iter()
-            .zip(&grad_norms)
-            .map(|(&w, &gn)| {
-                let max = w.max(config.eps) * config.clip_factor;
-                if gn < max { 1.0 } else { max / gn.max(1e-6) }
-            })
-            .collect();
-        let n = factors.iter().filter(|f| **f != 1.0).count();
-        if n > 0 {
-            scale_rows_in_place(g, &factors)?;
-            clipped += n;
+        match Path::of(g.device()) {
+            Path::Fused => clipped += clip_fused(&w, g, config)?,
+            Path::Composed => counts.push(clip_composed(&w, g, config)?),
         }
     }
+    if !counts.is_empty() {
+        let total = read_back_scalar(&Tensor::stack(&counts, 0)?.sum_all()?)?;
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "an exact count"
+        )]
+        let total = total as usize;
+        clipped += total;
+    }
     Ok(clipped)
+}
+
+/// The unit-wise scale: 1 below the limit, `max / max(||g||, 1e-6)` at or above it.
+fn factor(weight_norm: f64, grad_norm: f64, config: &AgcConfig) -> f64 {
+    let max = weight_norm.max(config.eps) * config.clip_factor;
+    if grad_norm < max {
+        1.0
+    } else {
+        max / grad_norm.max(1e-6)
+    }
+}
+
+fn clip_fused(w: &Tensor, g: &mut Tensor, config: &AgcConfig) -> Result<usize> {
+    let weight_norms = unit_norms(w)?;
+    let grad_norms = unit_norms(g)?;
+    let factors: Vec<f64> = weight_norms
+        .iter()
+        .zip(&grad_norms)
+        .map(|(&wn, &gn)| factor(wn, gn, config))
+        .collect();
+    let n = factors.iter().filter(|f| **f != 1.0).count();
+    if n > 0 {
+        scale_rows_in_place(g, &factors)?;
+    }
+    Ok(n)
+}
+
+/// [`factor`] with candle ops on the gradient's device; returns the number of clipped units
+/// as a rank-0 tensor there.
+fn clip_composed(w: &Tensor, g: &mut Tensor, config: &AgcConfig) -> Result<Tensor> {
+    let (wn, gn) = (unit_norm_tensor(w)?, unit_norm_tensor(g)?);
+    let max = wn.maximum(config.eps)?.affine(config.clip_factor, 0.0)?;
+    let scaled = max.div(&gn.maximum(1e-6)?)?;
+    let factors = gn.lt(&max)?.where_cond(&scaled.ones_like()?, &scaled)?;
+    let count = factors.ne(1.0)?.to_dtype(factors.dtype())?.sum_all()?;
+    // One factor per dim-0 slice ([units, 1, ..]); a rank-0 or rank-1 gradient is one unit.
+    let shape: Vec<usize> = match g.rank() {
+        0 => Vec::new(),
+        1 => vec![1],
+        r => std::iter::once(factors.elem_count())
+            .chain(vec![1; r - 1])
+            .collect(),
+    };
+    *g = g.broadcast_mul(&factors.reshape(shape)?.to_dtype(g.dtype())?)?;
+    Ok(count)
 }

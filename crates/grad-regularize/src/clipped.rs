@@ -185,14 +185,14 @@ impl<O: Optimizer> Clipped<O> {
             self.counters.consecutive_skips += 1;
             report.skipped = true;
             self.last = Some(report.clone());
-            if let Some(limit) = self.config.max_consecutive_skips {
-                if self.counters.consecutive_skips > limit {
-                    return Err(Error::TooManySkippedSteps {
-                        skips: self.counters.consecutive_skips,
-                        limit,
-                        parameter: report.first_non_finite.unwrap_or_default(),
-                    });
-                }
+            if let Some(limit) = self.config.max_consecutive_skips
+                && self.counters.consecutive_skips > limit
+            {
+                return Err(Error::TooManySkippedSteps {
+                    skips: self.counters.consecutive_skips,
+                    limit,
+                    parameter: report.first_non_finite.unwrap_or_default(),
+                });
             }
             return Ok(report);
         }

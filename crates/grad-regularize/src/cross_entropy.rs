@@ -11,6 +11,7 @@
 //! `t' = (1 - eps) t + eps / C`, and `mean` divides by the element count.
 
 use candle_core::{DType, Tensor};
+use grad_core::device::{Path, read_back_scalar, scalar};
 use serde::{Deserialize, Serialize};
 
 use crate::kernels::cross_entropy::{CrossEntropyOp, Reduce, TargetKind};
@@ -55,15 +56,17 @@ impl Default for CrossEntropyOptions {
 
 const OP: &str = "cross_entropy";
 
-/// The inputs rearranged as rows of `C` logits.
+/// The inputs rearranged as rows of `C` logits, validated (class-index targets not yet checked
+/// against the class count: each path does that where the targets live).
 struct Prepared {
     /// Logits `[rows, C]`, contiguous.
     logits: Tensor,
-    /// Class indices `[rows]` (i64) or probabilities `[rows, C]`.
+    /// Class indices `[rows]` (i64, contiguous) or probabilities `[rows, C]`.
     targets: Tensor,
     kind: TargetKind,
     classes: usize,
-    weight: Option<Vec<f64>>,
+    /// Per-class weights `[C]`, the logits' dtype.
+    weight: Option<Tensor>,
     /// The shape of a `none` loss.
     loss_shape: Vec<usize>,
 }
@@ -73,13 +76,16 @@ struct Prepared {
 /// without the class dim) or probabilities (a float tensor shaped like the logits).
 ///
 /// On the CPU a fused kernel (one exponential per logit, the gradient written once in the
-/// forward and scaled in place by the backward); other devices use [`cross_entropy_composed`].
+/// forward and scaled in place by the backward; a second `backward()` of the same graph
+/// recomputes it); other devices use [`cross_entropy_composed`], which keeps the targets on the
+/// device and reads back one flag (whether any class index is out of range).
 /// With `label_smoothing = 0` and no options it equals `candle_nn::loss::cross_entropy`.
 ///
 /// # Errors
 /// [`Error::TargetOutOfRange`] for a class index outside `[0, C)` that is not `ignore_index`;
 /// [`Error::IgnoreIndexWithProbabilities`]; [`Error::Core`] for `label_smoothing` outside
-/// `[0, 1]`, a weight of the wrong length or dtype, mismatched shapes or an empty input.
+/// `[0, 1]`, a weight of the wrong length or dtype, mismatched shapes or devices, or an empty
+/// input.
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
@@ -97,31 +103,14 @@ pub fn cross_entropy(
     options: &CrossEntropyOptions,
 ) -> Result<Tensor> {
     let p = prepare(logits, targets, options)?;
-    if !logits.device().is_cpu() {
-        return cross_entropy_composed(logits, targets, options);
+    match Path::of(logits.device()) {
+        Path::Fused => fused(&p, options),
+        Path::Composed => composed(&p, options),
     }
-    let reduce = match options.reduction {
-        Reduction::Mean => Reduce::Mean,
-        Reduction::Sum => Reduce::Sum,
-        Reduction::None => Reduce::None,
-    };
-    let op = CrossEntropyOp::new(
-        p.classes,
-        p.kind,
-        p.weight,
-        options.label_smoothing,
-        reduce,
-        logits.track_op(),
-    );
-    let loss = p.logits.apply_op2(&p.targets, op)?;
-    Ok(match options.reduction {
-        Reduction::None => loss.reshape(p.loss_shape)?,
-        _ => loss,
-    })
 }
 
-/// [`cross_entropy`] written with candle ops (a composed log-softmax, gathers and sums): the
-/// test oracle and the path for other devices.
+/// [`cross_entropy`] written with candle ops on the logits' device (a composed log-softmax,
+/// gathers and sums): the path for other devices and the fused kernel's oracle.
 ///
 /// # Errors
 /// As [`cross_entropy`].
@@ -130,59 +119,138 @@ pub fn cross_entropy_composed(
     targets: &Tensor,
     options: &CrossEntropyOptions,
 ) -> Result<Tensor> {
-    let p = prepare(logits, targets, options)?;
+    composed(&prepare(logits, targets, options)?, options)
+}
+
+fn fused(p: &Prepared, options: &CrossEntropyOptions) -> Result<Tensor> {
+    if let TargetKind::Indices { ignore_index } = p.kind {
+        let idx = p.targets.to_vec1::<i64>()?;
+        if let Some(position) = idx
+            .iter()
+            .position(|&t| t != ignore_index && !(0..p.classes as i64).contains(&t))
+        {
+            return Err(Error::TargetOutOfRange {
+                target: idx[position],
+                position,
+                classes: p.classes,
+            });
+        }
+    }
+    let weight = match &p.weight {
+        Some(w) => Some(w.to_dtype(DType::F64)?.to_vec1::<f64>()?),
+        None => None,
+    };
+    let reduce = match options.reduction {
+        Reduction::Mean => Reduce::Mean,
+        Reduction::Sum => Reduce::Sum,
+        Reduction::None => Reduce::None,
+    };
+    let op = CrossEntropyOp::new(
+        p.classes,
+        p.kind,
+        weight,
+        options.label_smoothing,
+        reduce,
+        p.logits.track_op(),
+    );
+    let loss = p.logits.apply_op2(&p.targets, op)?;
+    Ok(match options.reduction {
+        Reduction::None => loss.reshape(p.loss_shape.as_slice())?,
+        _ => loss,
+    })
+}
+
+/// Fails with the first class index out of range, reading back one flag (and, only when it is
+/// set, the targets, to name the culprit).
+fn check_targets_on_device(targets: &Tensor, ignore_index: i64, classes: usize) -> Result<()> {
+    let dev = targets.device();
+    let c = i64::try_from(classes).unwrap_or(i64::MAX);
+    let counted = targets.ne(&Tensor::new(ignore_index, dev)?.broadcast_as(targets.shape())?)?;
+    let below = targets.lt(&Tensor::zeros(targets.shape(), DType::I64, dev)?)?;
+    let above = targets.ge(&Tensor::new(c, dev)?.broadcast_as(targets.shape())?)?;
+    let bad = (counted.to_dtype(DType::F32)? * (below + above)?.to_dtype(DType::F32)?)?;
+    if read_back_scalar(&bad.max_all()?)? == 0.0 {
+        return Ok(());
+    }
+    let idx = targets.to_vec1::<i64>()?;
+    let position = idx
+        .iter()
+        .position(|&t| t != ignore_index && !(0..c).contains(&t))
+        .unwrap_or(0);
+    Err(Error::TargetOutOfRange {
+        target: idx.get(position).copied().unwrap_or(0),
+        position,
+        classes,
+    })
+}
+
+fn composed(p: &Prepared, options: &CrossEntropyOptions) -> Result<Tensor> {
     let (eps, c) = (options.label_smoothing, p.classes);
-    let dev = logits.device();
+    let dev = p.logits.device();
     let lp = candle_nn::ops::log_softmax(&p.logits, 1)?;
+    let dtype = lp.dtype();
     let w = match &p.weight {
-        Some(w) => Tensor::from_vec(w.clone(), c, dev)?.to_dtype(lp.dtype())?,
-        None => Tensor::ones(c, lp.dtype(), dev)?,
+        Some(w) => w.clone(),
+        None => Tensor::ones(c, dtype, dev)?,
     };
     let rows = lp.dim(0)?;
-    let mut all_ignored = false;
+    #[allow(
+        clippy::cast_precision_loss,
+        reason = "class counts are far below 2^52"
+    )]
+    let smooth_weight = eps / c as f64;
+    // The smoothing term only where it counts: with eps = 0 a -inf logit must not turn the
+    // loss into 0 * inf = NaN.
+    let smoothing = |active: Option<&Tensor>| -> Result<Option<Tensor>> {
+        if eps == 0.0 {
+            return Ok(None);
+        }
+        let s = lp.broadcast_mul(&w.unsqueeze(0)?)?.sum(1)?.neg()?;
+        let s = match active {
+            Some(a) => (s * a)?,
+            None => s,
+        };
+        Ok(Some(s.affine(smooth_weight, 0.0)?))
+    };
     let (losses, denominator) = match p.kind {
         TargetKind::Indices { ignore_index } => {
-            let idx = p.targets.to_vec1::<i64>()?;
-            all_ignored = idx.iter().all(|&y| y == ignore_index);
-            let active: Vec<f64> = idx
-                .iter()
-                .map(|&y| f64::from(u8::from(y != ignore_index)))
-                .collect();
-            let safe: Vec<u32> = idx
-                .iter()
-                .map(|&y| {
-                    if y == ignore_index {
-                        0
-                    } else {
-                        u32::try_from(y).unwrap_or(0)
-                    }
-                })
-                .collect();
-            let safe = Tensor::from_vec(safe, (rows, 1), dev)?;
-            let active = Tensor::from_vec(active, rows, dev)?.to_dtype(lp.dtype())?;
-            let wy = (w.index_select(&safe.flatten_all()?, 0)? * &active)?;
-            let nll = lp.gather(&safe, 1)?.squeeze(1)?.neg()?;
-            let smooth = lp.broadcast_mul(&w.unsqueeze(0)?)?.sum(1)?.neg()?;
-            let loss = ((nll * &wy)?.affine(1.0 - eps, 0.0)?
-                + (smooth * &active)?.affine(eps / c as f64, 0.0)?)?;
-            (loss, wy.sum_all()?)
+            check_targets_on_device(&p.targets, ignore_index, c)?;
+            let ignore = Tensor::new(ignore_index, dev)?.broadcast_as(rows)?;
+            let mask = p.targets.ne(&ignore)?;
+            let active = mask.to_dtype(dtype)?;
+            let safe = mask.where_cond(&p.targets, &Tensor::zeros(rows, DType::I64, dev)?)?;
+            let wy = (w.index_select(&safe, 0)? * &active)?;
+            let nll = lp.gather(&safe.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
+            let mut loss = (nll * &wy)?.affine(1.0 - eps, 0.0)?;
+            if let Some(s) = smoothing(Some(&active))? {
+                loss = (loss + s)?;
+            }
+            (loss, Some((wy.sum_all()?, active)))
         }
         TargetKind::Probabilities => {
-            let t = p.targets.affine(1.0 - eps, eps / c as f64)?;
+            let t = p.targets.affine(1.0 - eps, smooth_weight)?;
             let loss = (t * &lp)?.broadcast_mul(&w.unsqueeze(0)?)?.sum(1)?.neg()?;
-            let n = Tensor::new(rows as f64, dev)?.to_dtype(lp.dtype())?;
-            (loss, n)
+            (loss, None)
         }
     };
     Ok(match options.reduction {
-        Reduction::None => losses.reshape(p.loss_shape)?,
+        Reduction::None => losses.reshape(p.loss_shape.as_slice())?,
         Reduction::Sum => losses.sum_all()?,
-        // PyTorch: with every target ignored the mean is 0/0 = NaN, yet the gradients are 0.
-        Reduction::Mean if all_ignored => {
-            let zero = Tensor::zeros((), lp.dtype(), dev)?;
-            ((losses.sum_all()? * zero)? + f64::NAN)?
-        }
-        Reduction::Mean => losses.sum_all()?.div(&denominator)?,
+        Reduction::Mean => match denominator {
+            #[allow(clippy::cast_precision_loss, reason = "row counts are far below 2^52")]
+            None => losses.sum_all()?.affine(1.0 / rows as f64, 0.0)?,
+            Some((total_weight, active)) => {
+                // PyTorch: with every target ignored the mean is 0/0 = NaN, yet the gradients
+                // are 0. On the device: divide by 1 instead of 0, and add a constant NaN.
+                let none_active = active.max_all()?.affine(-1.0, 1.0)?;
+                let safe = (total_weight + &none_active)?;
+                let nan = none_active.ne(0.0)?.where_cond(
+                    &scalar(f64::NAN, dtype, dev)?,
+                    &Tensor::zeros((), dtype, dev)?,
+                )?;
+                (losses.sum_all()?.div(&safe)? + nan)?
+            }
+        },
     })
 }
 
@@ -265,7 +333,7 @@ fn prepare(logits: &Tensor, targets: &Tensor, options: &CrossEntropyOptions) -> 
             }
             grad_core::float::ensure_float(OP, "weight", w.dtype())?;
             grad_core::ensure_same_device(OP, logits.device(), w.device())?;
-            Some(w.to_dtype(DType::F64)?.to_vec1::<f64>()?)
+            Some(w.to_dtype(logits.dtype())?.contiguous()?)
         }
         None => None,
     };
@@ -295,17 +363,8 @@ fn prepare(logits: &Tensor, targets: &Tensor, options: &CrossEntropyOptions) -> 
                 targets.dims(),
             )));
         }
-        let idx = targets.to_dtype(DType::I64)?.flatten_all()?;
+        let idx = targets.to_dtype(DType::I64)?.flatten_all()?.contiguous()?;
         let ignore = options.ignore_index;
-        for (position, &t) in idx.to_vec1::<i64>()?.iter().enumerate() {
-            if t != ignore && !(0..classes as i64).contains(&t) {
-                return Err(Error::TargetOutOfRange {
-                    target: t,
-                    position,
-                    classes,
-                });
-            }
-        }
         (
             idx,
             TargetKind::Indices {

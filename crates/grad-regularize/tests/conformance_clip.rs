@@ -8,9 +8,10 @@
 )]
 
 use candle_core::{Device, Tensor, Var};
+use grad_core::device::{Path, with_path};
 use grad_core::{NamedVars, NormType};
 use grad_regularize::{AgcConfig, adaptive_clip, clip_grad_norm, clip_grad_value};
-use grad_testkit::{Case, CaseError, Outputs, Precision, run};
+use grad_testkit::{Case, CaseError, Outputs, Precision, run, run_as};
 
 /// The case's `<prefix>0`, `<prefix>1`, ... inputs, in order.
 fn numbered(case: &Case, prefix: &str, p: Precision) -> Result<Vec<Tensor>, CaseError> {
@@ -92,9 +93,27 @@ fn clip_grad_f64() {
     run("clip_grad", Precision::F64, clip_case).assert_all_passed();
 }
 
+/// The same vectors through the composed path (what CUDA and Metal tensors run), on the CPU.
+#[test]
+fn clip_grad_composed_f64() {
+    with_path(Path::Composed, || {
+        run_as("clip_grad", "clip_grad_composed", Precision::F64, clip_case)
+    })
+    .assert_all_passed();
+}
+
 #[test]
 fn clip_grad_f32() {
     run("clip_grad", Precision::F32, clip_case).assert_all_passed();
+}
+
+/// The same vectors through the composed path (what CUDA and Metal tensors run), on the CPU.
+#[test]
+fn clip_grad_composed_f32() {
+    with_path(Path::Composed, || {
+        run_as("clip_grad", "clip_grad_composed", Precision::F32, clip_case)
+    })
+    .assert_all_passed();
 }
 
 #[test]
@@ -102,7 +121,25 @@ fn agc_f64() {
     run("agc", Precision::F64, agc_case).assert_all_passed();
 }
 
+/// The same vectors through the composed path (what CUDA and Metal tensors run), on the CPU.
+#[test]
+fn agc_composed_f64() {
+    with_path(Path::Composed, || {
+        run_as("agc", "agc_composed", Precision::F64, agc_case)
+    })
+    .assert_all_passed();
+}
+
 #[test]
 fn agc_f32() {
     run("agc", Precision::F32, agc_case).assert_all_passed();
+}
+
+/// The same vectors through the composed path (what CUDA and Metal tensors run), on the CPU.
+#[test]
+fn agc_composed_f32() {
+    with_path(Path::Composed, || {
+        run_as("agc", "agc_composed", Precision::F32, agc_case)
+    })
+    .assert_all_passed();
 }

@@ -9,10 +9,11 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::Optimizer;
+use grad_core::device::{Path, with_path};
 use grad_regularize::{
     CrossEntropyOptions, LossScaler, LossScalerConfig, Reduction, cross_entropy,
 };
-use grad_testkit::{Case, CaseError, Outputs, Precision, grads_of, run};
+use grad_testkit::{Case, CaseError, Outputs, Precision, grads_of, run, run_as};
 
 fn cross_entropy_case(case: &Case, p: Precision) -> Result<Outputs, CaseError> {
     let logits = Var::from_tensor(&case.input("logits")?.to_tensor(p.dtype())?)?;
@@ -97,9 +98,37 @@ fn cross_entropy_f64() {
     run("cross_entropy", Precision::F64, cross_entropy_case).assert_all_passed();
 }
 
+/// The same vectors through the composed path (what CUDA and Metal tensors run), on the CPU.
+#[test]
+fn cross_entropy_composed_f64() {
+    with_path(Path::Composed, || {
+        run_as(
+            "cross_entropy",
+            "cross_entropy_composed",
+            Precision::F64,
+            cross_entropy_case,
+        )
+    })
+    .assert_all_passed();
+}
+
 #[test]
 fn cross_entropy_f32() {
     run("cross_entropy", Precision::F32, cross_entropy_case).assert_all_passed();
+}
+
+/// The same vectors through the composed path (what CUDA and Metal tensors run), on the CPU.
+#[test]
+fn cross_entropy_composed_f32() {
+    with_path(Path::Composed, || {
+        run_as(
+            "cross_entropy",
+            "cross_entropy_composed",
+            Precision::F32,
+            cross_entropy_case,
+        )
+    })
+    .assert_all_passed();
 }
 
 #[test]
@@ -107,9 +136,37 @@ fn grad_scaler_f64() {
     run("grad_scaler", Precision::F64, grad_scaler_case).assert_all_passed();
 }
 
+/// The same vectors through the composed path (what CUDA and Metal tensors run), on the CPU.
+#[test]
+fn grad_scaler_composed_f64() {
+    with_path(Path::Composed, || {
+        run_as(
+            "grad_scaler",
+            "grad_scaler_composed",
+            Precision::F64,
+            grad_scaler_case,
+        )
+    })
+    .assert_all_passed();
+}
+
 #[test]
 fn grad_scaler_f32() {
     run("grad_scaler", Precision::F32, grad_scaler_case).assert_all_passed();
+}
+
+/// The same vectors through the composed path (what CUDA and Metal tensors run), on the CPU.
+#[test]
+fn grad_scaler_composed_f32() {
+    with_path(Path::Composed, || {
+        run_as(
+            "grad_scaler",
+            "grad_scaler_composed",
+            Precision::F32,
+            grad_scaler_case,
+        )
+    })
+    .assert_all_passed();
 }
 
 #[test]

@@ -383,3 +383,52 @@ fn bad_input_is_an_error() {
         .is_err()
     );
 }
+
+/// Issue 15, problem 6: a second `backward()` of a graph holding the fused cross-entropy gives
+/// the same gradient again (the first one consumed what the forward saved).
+#[test]
+fn cross_entropy_backward_twice_gives_the_same_gradient() {
+    let logits = Var::new(&[[0.5f64, -1.0, 2.0], [1.0, 0.0, -3.0]], &Device::Cpu).unwrap();
+    let targets = Tensor::new(&[2i64, 0], &Device::Cpu).unwrap();
+    let options = CrossEntropyOptions {
+        label_smoothing: 0.1,
+        ..Default::default()
+    };
+    let loss = cross_entropy(logits.as_tensor(), &targets, &options).unwrap();
+    let first = loss.backward().unwrap();
+    let second = loss.backward().unwrap();
+    let (a, b) = (
+        vals(first.get(logits.as_tensor()).unwrap()),
+        vals(second.get(logits.as_tensor()).unwrap()),
+    );
+    assert_eq!(a, b);
+    let composed = cross_entropy_composed(logits.as_tensor(), &targets, &options).unwrap();
+    let c = vals(
+        composed
+            .backward()
+            .unwrap()
+            .get(logits.as_tensor())
+            .unwrap(),
+    );
+    for (x, y) in a.iter().zip(&c) {
+        assert!((x - y).abs() < 1e-12, "{x} vs {y}");
+    }
+}
+
+/// Issue 15, problem 1: a masked (-inf) logit with no label smoothing gives PyTorch's finite
+/// loss, 0.3133 for `[[0, -inf, 1]]` and target 2, on both paths; the masked class gets
+/// gradient 0.
+#[test]
+fn a_masked_logit_without_smoothing_gives_a_finite_loss() {
+    let logits = Var::new(&[[0f32, f32::NEG_INFINITY, 1.0]], &Device::Cpu).unwrap();
+    let targets = Tensor::new(&[2i64], &Device::Cpu).unwrap();
+    let options = CrossEntropyOptions::default();
+    for f in [cross_entropy, cross_entropy_composed] {
+        let loss = f(logits.as_tensor(), &targets, &options).unwrap();
+        let l = loss.to_scalar::<f32>().unwrap();
+        assert!((l - 0.313_261_7).abs() < 1e-6, "loss {l}");
+        let g = vals(loss.backward().unwrap().get(logits.as_tensor()).unwrap());
+        assert_eq!(g[1], 0.0);
+        assert!(g.iter().all(|v| v.is_finite()), "{g:?}");
+    }
+}

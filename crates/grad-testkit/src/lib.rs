@@ -28,5 +28,5 @@ mod values;
 pub use case::{
     Case, ConformanceFile, Expected, LoadError, RawData, RawTensor, conformance_dir, load,
 };
-pub use runner::{CaseError, Outputs, Precision, Summary, compare_tensor, run};
+pub use runner::{CaseError, Outputs, Precision, Summary, compare_tensor, run, run_as};
 pub use values::{grads_of, values};

@@ -86,12 +86,22 @@ impl Summary {
 /// `op_fn` returns every one of them with the expected shape, within the precision's tolerances
 /// (NaN matching NaN, infinities matching in sign, integers exactly). Anything else — including an
 /// `Err` for a case that expects tensors — is a failure.
-pub fn run<F>(op: &str, precision: Precision, mut op_fn: F) -> Summary
+pub fn run<F>(op: &str, precision: Precision, op_fn: F) -> Summary
+where
+    F: FnMut(&Case, Precision) -> Result<Outputs, CaseError>,
+{
+    run_as(op, op, precision, op_fn)
+}
+
+/// [`run`] on the cases of `<op>.json`, reporting as `label` (for example `batch_norm_composed`
+/// for the same vectors through the composed path): `conformance <label> <f64|f32>: N passed,
+/// M failed`.
+pub fn run_as<F>(op: &str, label: &str, precision: Precision, mut op_fn: F) -> Summary
 where
     F: FnMut(&Case, Precision) -> Result<Outputs, CaseError>,
 {
     let mut summary = Summary {
-        op: format!("{op} {}", precision.name()),
+        op: format!("{label} {}", precision.name()),
         ..Summary::default()
     };
     match load(op) {
@@ -115,7 +125,7 @@ where
     let mut err = std::io::stderr().lock();
     let _ = writeln!(
         err,
-        "conformance {op} {}: {} passed, {} failed",
+        "conformance {label} {}: {} passed, {} failed",
         precision.name(),
         summary.passed,
         summary.failures.len()

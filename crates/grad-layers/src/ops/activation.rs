@@ -1,8 +1,9 @@
 //! Functional activations and PReLU, fused on the CPU, with composed candle-op oracles.
 
 use candle_core::Tensor;
+use grad_core::device::Path;
 
-use crate::activation::{Activation, GeluApproximation, SELU_ALPHA, SELU_SCALE};
+use crate::activation::{Activation, GeluApproximation, HARDSIGMOID_SLOPE, SELU_ALPHA, SELU_SCALE};
 use crate::kernels::activation::{ActivationOp, PReluOp};
 use crate::{Error, Result};
 
@@ -25,8 +26,8 @@ use crate::{Error, Result};
 /// ```
 pub fn activation(x: &Tensor, act: Activation) -> Result<Tensor> {
     validate(x, act)?;
-    if !x.device().is_cpu() {
-        return activation_composed(x, act);
+    if Path::of(x.device()) == Path::Composed {
+        return composed(x, act);
     }
     Ok(x.contiguous()?.apply_op1(ActivationOp(act))?)
 }
@@ -38,6 +39,10 @@ pub fn activation(x: &Tensor, act: Activation) -> Result<Tensor> {
 /// As [`activation`].
 pub fn activation_composed(x: &Tensor, act: Activation) -> Result<Tensor> {
     validate(x, act)?;
+    composed(x, act)
+}
+
+fn composed(x: &Tensor, act: Activation) -> Result<Tensor> {
     let zeros = x.zeros_like()?;
     let positive = x.gt(&zeros)?;
     // exp(x) - 1 on the non-positive branch only, so a large positive x never makes inf.
@@ -67,9 +72,64 @@ pub fn activation_composed(x: &Tensor, act: Activation) -> Result<Tensor> {
             let inner = (x + cube.affine(0.044715, 0.0)?)?.affine(beta, 0.0)?;
             (x.affine(0.5, 0.0)? * (inner.tanh()? + 1.0)?)?
         }
-        Activation::Sigmoid => (x.neg()?.exp()? + 1.0)?.recip()?,
+        // candle-nn's sigmoid op: its backward uses the output, so -800 gives gradient 0,
+        // where autograd through `1 / (1 + exp(-x))` would make 0 * inf = NaN.
+        Activation::Sigmoid => candle_nn::ops::sigmoid(x)?,
         Activation::Tanh => x.tanh()?,
+        Activation::Relu6 => hardtanh(x, 0.0, 6.0)?,
+        Activation::Hardtanh { min_val, max_val } => hardtanh(x, min_val, max_val)?,
+        Activation::Silu => x.silu()?,
+        Activation::Mish => (x * softplus_stable(x)?.tanh()?)?,
+        Activation::Softplus { beta, threshold } => {
+            let bx = x.affine(beta, 0.0)?;
+            let smooth = softplus_stable(&bx)?.affine(1.0 / beta, 0.0)?;
+            bx.gt(threshold)?.where_cond(x, &smooth)?
+        }
+        Activation::Hardswish => {
+            // x (x + 3) / 6 inside (-3, 3), 0 at and below -3, x at and above 3.
+            let inner = (x * x.affine(1.0, 3.0)?)?.affine(1.0 / 6.0, 0.0)?;
+            let upper = x.ge(3.0)?.where_cond(x, &inner)?;
+            x.le(-3.0)?.where_cond(&zeros, &upper)?
+        }
+        Activation::Hardsigmoid => {
+            // The value (x + 3) / 6 with PyTorch's float32 slope as the gradient: the value's
+            // own graph is cut, and `s x - detach(s x)` (exactly 0) carries the slope.
+            let value = x
+                .affine(1.0, 3.0)?
+                .clamp(0.0, 6.0)?
+                .affine(1.0 / 6.0, 0.0)?
+                .detach();
+            let sloped = x.affine(HARDSIGMOID_SLOPE, 0.0)?;
+            let slope = (&sloped - sloped.detach())?;
+            let inside = (x.gt(-3.0)?.to_dtype(x.dtype())? * x.lt(3.0)?.to_dtype(x.dtype())?)?;
+            (value + (slope * inside)?)?
+        }
+        Activation::Celu { alpha } => {
+            let neg = positive.where_cond(&zeros, x)?;
+            let negative = (neg.affine(1.0 / alpha, 0.0)?.exp()? - 1.0)?.affine(alpha, 0.0)?;
+            positive.where_cond(x, &negative)?
+        }
+        Activation::Softsign => x.div(&(x.abs()? + 1.0)?)?,
+        Activation::LogSigmoid => {
+            // min(x, 0) - ln(1 + exp(-|x|)).
+            let low = x.lt(&zeros)?.where_cond(x, &zeros)?;
+            (low - (x.abs()?.neg()?.exp()? + 1.0)?.log()?)?
+        }
     })
+}
+
+/// `clamp(x, lo, hi)` with gradient 1 strictly inside and 0 at and beyond the bounds, NaN
+/// passing through with gradient 1 (PyTorch's hardtanh backward tests `x <= lo || x >= hi`).
+fn hardtanh(x: &Tensor, lo: f64, hi: f64) -> Result<Tensor> {
+    let outside = x.le(lo)?.maximum(&x.ge(hi)?)?;
+    let clamped = x.clamp(lo, hi)?.detach();
+    Ok(outside.where_cond(&clamped, x)?)
+}
+
+/// `ln(1 + exp(x))` as `max(x, 0) + ln(1 + exp(-|x|))`: no overflow, and no NaN in its
+/// gradient at large `|x|`.
+fn softplus_stable(x: &Tensor) -> Result<Tensor> {
+    Ok((x.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?)?)
 }
 
 fn validate(x: &Tensor, act: Activation) -> Result<()> {
@@ -100,8 +160,8 @@ fn validate(x: &Tensor, act: Activation) -> Result<()> {
 /// ```
 pub fn prelu(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
     let (channels, spatial) = validate_prelu(x, weight)?;
-    if !x.device().is_cpu() {
-        return prelu_composed(x, weight);
+    if Path::of(x.device()) == Path::Composed {
+        return prelu_unchecked_composed(x, weight);
     }
     let op = PReluOp { channels, spatial };
     Ok(x.contiguous()?.apply_op2(&weight.contiguous()?, op)?)
@@ -113,6 +173,10 @@ pub fn prelu(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
 /// As [`prelu`].
 pub fn prelu_composed(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
     validate_prelu(x, weight)?;
+    prelu_unchecked_composed(x, weight)
+}
+
+fn prelu_unchecked_composed(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
     let mut shape = vec![1; x.rank().max(1)];
     if x.rank() >= 2 {
         shape[1] = weight.elem_count();

@@ -6,6 +6,7 @@
 //! through them) or given running statistics (Ioffe & Szegedy 2015, "Batch Normalization").
 
 use candle_core::{DType, Tensor};
+use grad_core::device::Path;
 
 use crate::kernels::batch_norm::{BatchNormOp, ChannelStats, channel_stats};
 use crate::{Error, Result, check};
@@ -36,13 +37,14 @@ pub struct BatchNormOutput {
     pub batch_stats: Option<BatchMoments>,
 }
 
-/// A batch's per-channel moments.
-#[derive(Debug, Clone, PartialEq)]
+/// A batch's per-channel moments, as `[C]` tensors on the input's device (f64 from the fused
+/// kernel; the compute dtype, f32 for f16/bf16 inputs, from the composed path).
+#[derive(Debug, Clone)]
 pub struct BatchMoments {
     /// Mean per channel.
-    pub mean: Vec<f64>,
+    pub mean: Tensor,
     /// Biased variance per channel (divided by `count`).
-    pub var: Vec<f64>,
+    pub var: Tensor,
     /// Values per channel: `N` times the product of the spatial dims.
     pub count: usize,
 }
@@ -50,7 +52,8 @@ pub struct BatchMoments {
 /// Batch normalisation of `x` (`[N, C]`, `[N, C, L]`, `[N, C, H, W]` or `[N, C, D, H, W]`).
 ///
 /// On the CPU this runs fused kernels (statistics in one read, normalisation in one read and one
-/// write, backward in two passes); other devices use [`batch_norm_composed`].
+/// write, backward in two passes); other devices use [`batch_norm_composed`], which keeps
+/// everything (the batch statistics included) on the device.
 ///
 /// # Shapes
 /// `x`: `[N, C, *]`; `weight`, `bias` and the running statistics: `[C]`, same dtype as `x`.
@@ -67,7 +70,7 @@ pub struct BatchMoments {
 /// let out = batch_norm(&x, None, None, BatchNormStats::Batch, 1e-5)?;
 /// let y = out.y.to_vec2::<f32>()?;
 /// assert!((y[0][0] + 1.0).abs() < 1e-4 && (y[1][1] - 1.0).abs() < 1e-4);
-/// assert_eq!(out.batch_stats.unwrap().mean, [2.0, 20.0]);
+/// assert_eq!(out.batch_stats.unwrap().mean.to_vec1::<f64>()?, [2.0, 20.0]);
 /// # Ok::<(), grad_layers::Error>(())
 /// ```
 pub fn batch_norm(
@@ -77,17 +80,28 @@ pub fn batch_norm(
     stats: BatchNormStats<'_>,
     eps: f64,
 ) -> Result<BatchNormOutput> {
-    let (n, c, s) = validate(x, weight, bias, stats, eps)?;
-    if !x.device().is_cpu() {
-        return batch_norm_composed(x, weight, bias, stats, eps);
+    let dims = validate(x, weight, bias, stats, eps)?;
+    match Path::of(x.device()) {
+        Path::Fused => fused(x, weight, bias, stats, eps, dims),
+        Path::Composed => composed(x, weight, bias, stats, eps, dims),
     }
+}
+
+fn fused(
+    x: &Tensor,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    stats: BatchNormStats<'_>,
+    eps: f64,
+    (n, c, s): (usize, usize, usize),
+) -> Result<BatchNormOutput> {
     let x = x.contiguous()?;
     let (mean, var, batch_stats) = match stats {
         BatchNormStats::Batch => {
             let ChannelStats { mean, var } = host_stats(&x, n, c, s)?;
             let moments = BatchMoments {
-                mean: mean.clone(),
-                var: var.clone(),
+                mean: Tensor::new(mean.as_slice(), x.device())?,
+                var: Tensor::new(var.as_slice(), x.device())?,
                 count: n * s,
             };
             (mean, var, Some(moments))
@@ -122,7 +136,18 @@ pub fn batch_norm_composed(
     stats: BatchNormStats<'_>,
     eps: f64,
 ) -> Result<BatchNormOutput> {
-    let (n, c, s) = validate(x, weight, bias, stats, eps)?;
+    let dims = validate(x, weight, bias, stats, eps)?;
+    composed(x, weight, bias, stats, eps, dims)
+}
+
+fn composed(
+    x: &Tensor,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    stats: BatchNormStats<'_>,
+    eps: f64,
+    (n, c, s): (usize, usize, usize),
+) -> Result<BatchNormOutput> {
     let dtype = x.dtype();
     let compute = match dtype {
         DType::F16 | DType::BF16 => DType::F32,
@@ -139,8 +164,8 @@ pub fn batch_norm_composed(
             let mean = (xf.sum_keepdim(reduce.clone())? / count)?;
             let var = (xf.broadcast_sub(&mean)?.sqr()?.sum_keepdim(reduce)? / count)?;
             let moments = BatchMoments {
-                mean: host_vec(&mean.flatten_all()?)?,
-                var: host_vec(&var.flatten_all()?)?,
+                mean: mean.flatten_all()?,
+                var: var.flatten_all()?,
                 count: n * s,
             };
             (mean, var, Some(moments))

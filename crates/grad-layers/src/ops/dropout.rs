@@ -1,11 +1,18 @@
 //! Functional dropout: standard (Srivastava et al. 2014, inverted), channel dropout (Tompson et
 //! al. 2015) and alpha dropout for SELU networks (Klambauer et al. 2017), with PyTorch's formulas.
 //!
-//! Masks come from a [`Philox`] stream: one 32-bit word per element (per channel plane for the
-//! channel kinds), kept when below `(1 - p) * 2^32`. The same `(seed, offset)` gives the same mask
-//! on any device and any thread count.
+//! Masks come from grad-core's mask stream ([`grad_core::mask`]): one 32-bit word per element
+//! (per channel plane for the channel kinds), kept when below `(1 - p) * 2^32`. The same
+//! `(seed, offset)` gives the same mask on the CPU's fused kernel, on the composed path of any
+//! device (CUDA, Metal: built there with candle integer ops, nothing copied from the host but
+//! 16 KiB of tables) and for any thread count. Kept values are `x * scale + shift`, dropped ones
+//! `x * 0 + value`, so NaN and infinite inputs stay visible as PyTorch's `x * mask` keeps them.
+
+use std::sync::Arc;
 
 use candle_core::Tensor;
+use grad_core::device::Path;
+use grad_core::mask::{MaskStream, mask_words_tensor};
 use grad_core::rng::bernoulli_threshold;
 use grad_core::{Philox, PhiloxState};
 use serde::{Deserialize, Serialize};
@@ -73,7 +80,7 @@ impl DropoutKind {
 /// drop_value)`.
 fn coefficients(kind: DropoutKind, p: f64) -> (f64, f64, f64) {
     if p >= 1.0 {
-        // Everything dropped: zeros (PyTorch multiplies by 0), never 0 * inf = NaN.
+        // Everything dropped: PyTorch multiplies by 0 (so inf and NaN become NaN).
         return (0.0, 0.0, 0.0);
     }
     if kind.is_alpha() {
@@ -86,11 +93,12 @@ fn coefficients(kind: DropoutKind, p: f64) -> (f64, f64, f64) {
 }
 
 /// Applies dropout of `kind` with drop probability `p` to `x`, as in training, drawing the mask
-/// from `rng` (which advances by one word per element, or per channel plane).
+/// from `rng`'s position in the mask stream (which advances by one word per element, or per
+/// channel plane).
 ///
-/// `p = 0` returns `x` itself and draws nothing; `p = 1` returns zeros. On the CPU a fused kernel
-/// that keeps no mask: the backward regenerates it from the generator state. Other devices use
-/// [`dropout_composed`].
+/// `p = 0` returns `x` itself and draws nothing; `p = 1` returns `x * 0`. On the CPU a fused kernel
+/// that keeps no mask: the backward regenerates it from the stream position. Other devices take
+/// [`dropout_composed`], which builds the same mask on the device.
 ///
 /// # Errors
 /// [`Error::Core`] for `p` outside `[0, 1]` or NaN, or a non-float input;
@@ -109,45 +117,26 @@ fn coefficients(kind: DropoutKind, p: f64) -> (f64, f64, f64) {
 /// # Ok::<(), grad_layers::Error>(())
 /// ```
 pub fn dropout(x: &Tensor, p: f64, kind: DropoutKind, rng: &mut Philox) -> Result<Tensor> {
-    let Some((op, units)) = plan(x, p, kind, rng.state())? else {
+    let Some(plan) = plan(x, p, kind)? else {
         return Ok(x.clone());
     };
-    if !x.device().is_cpu() {
-        return dropout_composed(x, p, kind, rng);
+    match Path::of(x.device()) {
+        Path::Fused => fused(x, &plan, rng.reserve(plan.units as u64)),
+        Path::Composed => composed(x, &plan, rng.reserve(plan.units as u64)),
     }
-    rng.reserve(units as u64);
-    Ok(x.contiguous()?.apply_op1(op)?)
 }
 
-/// [`dropout`] written with candle ops (the mask built on the host from the same words): the
-/// test oracle and the path for other devices.
+/// [`dropout`] written with candle ops on `x`'s device (the mask words computed there from the
+/// same stream position, so the result equals the fused kernel's): the path for other devices
+/// and the fused kernel's oracle.
 ///
 /// # Errors
 /// As [`dropout`].
 pub fn dropout_composed(x: &Tensor, p: f64, kind: DropoutKind, rng: &mut Philox) -> Result<Tensor> {
-    let Some((op, units)) = plan(x, p, kind, rng.state())? else {
+    let Some(plan) = plan(x, p, kind)? else {
         return Ok(x.clone());
     };
-    let mut words = vec![0u32; units];
-    rng.fill_u32(&mut words);
-    let (mut scale, mut shift) = (
-        Vec::with_capacity(x.elem_count()),
-        Vec::with_capacity(x.elem_count()),
-    );
-    for w in words {
-        let keep = u64::from(w) < op.threshold;
-        let (s, b) = if keep {
-            (op.keep_scale, op.keep_shift)
-        } else {
-            (0.0, op.drop_value)
-        };
-        scale.extend(std::iter::repeat_n(s, op.plane));
-        shift.extend(std::iter::repeat_n(b, op.plane));
-    }
-    let as_x = |v: Vec<f64>| -> Result<Tensor> {
-        Ok(Tensor::from_vec(v, x.shape(), x.device())?.to_dtype(x.dtype())?)
-    };
-    Ok(x.mul(&as_x(scale)?)?.add(&as_x(shift)?)?)
+    composed(x, &plan, rng.reserve(plan.units as u64))
 }
 
 /// The number of words [`dropout`] draws for `x` (0 when it is the identity).
@@ -155,16 +144,23 @@ pub fn dropout_composed(x: &Tensor, p: f64, kind: DropoutKind, rng: &mut Philox)
 /// # Errors
 /// As [`dropout`].
 pub(crate) fn words_needed(x: &Tensor, p: f64, kind: DropoutKind) -> Result<usize> {
-    Ok(plan(x, p, kind, PhiloxState::default())?.map_or(0, |(_, units)| units))
+    Ok(plan(x, p, kind)?.map_or(0, |plan| plan.units))
 }
 
-/// Validates and builds the kernel for `x`, or `None` when dropout is the identity.
-fn plan(
-    x: &Tensor,
-    p: f64,
-    kind: DropoutKind,
-    at: PhiloxState,
-) -> Result<Option<(DropoutOp, usize)>> {
+/// What a validated dropout call does.
+struct Plan {
+    /// Masked units (words drawn).
+    units: usize,
+    /// Elements per unit.
+    plane: usize,
+    threshold: u64,
+    keep_scale: f64,
+    keep_shift: f64,
+    drop_value: f64,
+}
+
+/// Validates, or `None` when dropout is the identity.
+fn plan(x: &Tensor, p: f64, kind: DropoutKind) -> Result<Option<Plan>> {
     grad_core::validate::unit_interval("p", p)?;
     grad_core::float::ensure_float("dropout", "input", x.dtype())?;
     let (units, plane) = kind.units(x.dims())?;
@@ -172,15 +168,49 @@ fn plan(
         return Ok(None);
     }
     let (keep_scale, keep_shift, drop_value) = coefficients(kind, p);
-    let op = DropoutOp {
-        state: at,
-        threshold: bernoulli_threshold(1.0 - p)?,
+    Ok(Some(Plan {
+        units,
         plane,
+        threshold: bernoulli_threshold(1.0 - p)?,
         keep_scale,
         keep_shift,
         drop_value,
+    }))
+}
+
+fn fused(x: &Tensor, plan: &Plan, at: PhiloxState) -> Result<Tensor> {
+    let op = DropoutOp {
+        state: at,
+        stream: Arc::new(MaskStream::at(at)),
+        threshold: plan.threshold,
+        plane: plan.plane,
+        keep_scale: plan.keep_scale,
+        keep_shift: plan.keep_shift,
+        drop_value: plan.drop_value,
     };
-    Ok(Some((op, units)))
+    Ok(x.contiguous()?.apply_op1(op)?)
+}
+
+/// `x * a + b` with `(a, b)` per unit from the device-built mask: `(scale, shift)` where kept,
+/// `(0, value)` where dropped.
+fn composed(x: &Tensor, plan: &Plan, at: PhiloxState) -> Result<Tensor> {
+    let words = mask_words_tensor(at, plan.units, x.device())?;
+    #[allow(
+        clippy::cast_precision_loss,
+        reason = "a threshold of at most 2^32, exact in f64"
+    )]
+    let keep = words
+        .lt(plan.threshold as f64)?
+        .to_dtype(x.dtype())?
+        .reshape((plan.units, 1))?;
+    let a = keep.affine(plan.keep_scale, 0.0)?;
+    let units = x.reshape((plan.units, plan.plane))?;
+    let mut y = units.broadcast_mul(&a)?;
+    if plan.keep_shift != 0.0 || plan.drop_value != 0.0 {
+        let b = keep.affine(plan.keep_shift - plan.drop_value, plan.drop_value)?;
+        y = y.broadcast_add(&b)?;
+    }
+    Ok(y.reshape(x.shape())?)
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 //! positions; `y = (x - mean) / sqrt(var + eps) * weight[c] + bias[c]`.
 
 use candle_core::Tensor;
+use grad_core::device::Path;
 
 use super::rows::{compute_dtype, normalize_rows_composed};
 use crate::kernels::row_norm::{AffineIndex, RowNorm};
@@ -41,8 +42,8 @@ pub fn group_norm(
     eps: f64,
 ) -> Result<Tensor> {
     let (per_group, spatial) = validate(x, num_groups, weight, bias, eps)?;
-    if !x.device().is_cpu() {
-        return group_norm_composed(x, num_groups, weight, bias, eps);
+    if Path::of(x.device()) == Path::Composed {
+        return composed(x, num_groups, (per_group, spatial), weight, bias, eps);
     }
     let x = x.contiguous()?;
     let c = x.dim(1)?;
@@ -75,7 +76,18 @@ pub fn group_norm_composed(
     bias: Option<&Tensor>,
     eps: f64,
 ) -> Result<Tensor> {
-    let (per_group, spatial) = validate(x, num_groups, weight, bias, eps)?;
+    let dims = validate(x, num_groups, weight, bias, eps)?;
+    composed(x, num_groups, dims, weight, bias, eps)
+}
+
+fn composed(
+    x: &Tensor,
+    num_groups: usize,
+    (per_group, spatial): (usize, usize),
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
     let compute = compute_dtype(x.dtype());
     let (n, c) = (x.dim(0)?, x.dim(1)?);
     let rows = x
@@ -102,7 +114,7 @@ fn validate(
     grad_core::validate::positive("eps", eps)?;
     check::input(OP, x, 2..=usize::MAX, "at least 2 ([N, C, *])")?;
     let c = x.dim(1)?;
-    if num_groups == 0 || c % num_groups != 0 {
+    if num_groups == 0 || !c.is_multiple_of(num_groups) {
         return Err(Error::IndivisibleGroups {
             channels: c,
             groups: num_groups,

@@ -5,6 +5,7 @@
 //! `normalized_shape`.
 
 use candle_core::Tensor;
+use grad_core::device::Path;
 
 use super::rows::{compute_dtype, normalize_rows_composed};
 use crate::kernels::row_norm::{AffineIndex, RowNorm};
@@ -40,8 +41,8 @@ pub fn layer_norm(
     eps: f64,
 ) -> Result<Tensor> {
     let row_len = validate(x, normalized_shape, weight, bias, eps)?;
-    if !x.device().is_cpu() {
-        return layer_norm_composed(x, normalized_shape, weight, bias, eps);
+    if Path::of(x.device()) == Path::Composed {
+        return composed(x, row_len, weight, bias, eps);
     }
     let x = x.contiguous()?;
     let op = RowNorm::new(
@@ -70,6 +71,16 @@ pub fn layer_norm_composed(
     eps: f64,
 ) -> Result<Tensor> {
     let row_len = validate(x, normalized_shape, weight, bias, eps)?;
+    composed(x, row_len, weight, bias, eps)
+}
+
+fn composed(
+    x: &Tensor,
+    row_len: usize,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
     let compute = compute_dtype(x.dtype());
     let rows = x.elem_count() / row_len;
     let mut y =

@@ -4,6 +4,7 @@
 //! `normalized_shape` dims: no mean subtraction, no bias.
 
 use candle_core::{DType, Tensor};
+use grad_core::device::Path;
 
 use super::layer_norm;
 use super::rows::{compute_dtype, normalize_rows_composed};
@@ -50,8 +51,8 @@ pub fn rms_norm(
 ) -> Result<Tensor> {
     let eps = eps.unwrap_or_else(|| default_rms_eps(x.dtype()));
     let row_len = layer_norm::validate(x, normalized_shape, weight, None, eps)?;
-    if !x.device().is_cpu() {
-        return rms_norm_composed(x, normalized_shape, weight, Some(eps));
+    if Path::of(x.device()) == Path::Composed {
+        return composed(x, row_len, weight, eps);
     }
     let x = x.contiguous()?;
     let op = RowNorm::new(
@@ -80,6 +81,10 @@ pub fn rms_norm_composed(
 ) -> Result<Tensor> {
     let eps = eps.unwrap_or_else(|| default_rms_eps(x.dtype()));
     let row_len = layer_norm::validate(x, normalized_shape, weight, None, eps)?;
+    composed(x, row_len, weight, eps)
+}
+
+fn composed(x: &Tensor, row_len: usize, weight: Option<&Tensor>, eps: f64) -> Result<Tensor> {
     let compute = compute_dtype(x.dtype());
     let rows = x.elem_count() / row_len;
     let mut y =

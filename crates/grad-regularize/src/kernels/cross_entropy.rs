@@ -6,12 +6,13 @@
 //! `softmax - smoothed target` (weighted, not yet scaled by the upstream gradient) from the
 //! scratch. One exponential per logit, numerically stable for logits of any magnitude. The
 //! backward scales that saved gradient in place by the upstream gradient over the reduction's
-//! denominator: one pass and no allocation.
+//! denominator: one pass and no allocation. A second backward of the same graph finds the saved
+//! gradient consumed and recomputes it from the logits.
 
 use std::mem::MaybeUninit;
 use std::sync::{Mutex, PoisonError};
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Storage, Tensor};
 use grad_core::float::{Float, FloatFn, Real, dispatch, with_avx2};
 use grad_core::host::{CHUNK, UninitVec, cpu_slice};
 use grad_core::reduce::sum_by;
@@ -83,6 +84,13 @@ impl CrossEntropyOp {
         }
     }
 
+    fn take_saved(&self) -> Option<Saved> {
+        self.saved
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
+
     /// One row: the loss, and (into `out`) the unscaled gradient when asked.
     #[inline(always)]
     fn row<T: Float>(
@@ -148,7 +156,14 @@ impl CrossEntropyOp {
             (Some(y), _) => {
                 let wy = weight.map_or(1.0, |w| w[y]);
                 let wsum = weight.map_or(c as f64, |w| w.iter().sum());
-                let loss = (1.0 - eps) * wy * (lse - x[y].as_f64()) + smooth * (wsum * lse - wx);
+                // Without smoothing the smoothing sum is left out: a -inf logit would make it
+                // 0 * inf = NaN (PyTorch gives the finite loss).
+                let smoothed = if eps > 0.0 {
+                    smooth * (wsum * lse - wx)
+                } else {
+                    0.0
+                };
+                let loss = (1.0 - eps) * wy * (lse - x[y].as_f64()) + smoothed;
                 (loss, wy)
             }
             (None, Some(_)) => (lse * wt - wtx, 1.0),
@@ -388,18 +403,28 @@ impl CustomOp2 for CrossEntropyOp {
     fn bwd(
         &self,
         logits: &Tensor,
-        _targets: &Tensor,
+        targets: &Tensor,
         _loss: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let saved = self
-            .saved
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-            .ok_or_else(|| {
-                candle_core::Error::Msg("cross_entropy: backward without a saved forward".into())
-            })?;
+        let saved = match self.take_saved() {
+            Some(saved) => saved,
+            None => {
+                // A second backward of the same graph: the first one consumed (scaled in place)
+                // what the forward saved, so run the forward kernel again to get it back.
+                let (ls, ll) = logits.storage_and_layout();
+                let (ts, tl) = targets.storage_and_layout();
+                match (&*ls, &*ts) {
+                    (Storage::Cpu(l), Storage::Cpu(t)) => {
+                        self.cpu_fwd(l, ll, t, tl)?;
+                    }
+                    _ => candle_core::bail!("cross_entropy: the fused kernel runs on the CPU"),
+                }
+                self.take_saved().ok_or_else(|| {
+                    candle_core::Error::Msg("cross_entropy: no gradient to recompute".into())
+                })?
+            }
+        };
         let upstream = grad
             .to_dtype(candle_core::DType::F64)?
             .flatten_all()?
