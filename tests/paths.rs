@@ -369,3 +369,67 @@ fn a_composed_training_step_reads_back_two_small_tensors() {
         assert_eq!(sgd.counters().steps, 3);
     });
 }
+
+/// Broadcast (stride-0) and transposed inputs give the same results on both paths (a broadcast
+/// gradient is copied before an in-place update instead of being refused).
+#[test]
+fn broadcast_and_strided_inputs_agree() {
+    let row = Tensor::new(&[0.5f64, -1.5, 2.0, 0.0], &Device::Cpu).unwrap();
+    // Made afresh for each run: the in-place clip below writes into a strided view's storage.
+    let broadcast = || row.broadcast_as((3, 4)).unwrap();
+    let transposed = || {
+        Tensor::arange(0.0, 12.0, &Device::Cpu)
+            .unwrap()
+            .reshape((4, 3))
+            .unwrap()
+            .t()
+            .unwrap()
+    };
+    let makers: [&dyn Fn() -> Tensor; 2] = [&broadcast, &transposed];
+    for make in makers {
+        let run = || {
+            let input = &make();
+            let mut out = Vec::new();
+            let act =
+                gradkit::layers::ops::activation(input, gradkit::layers::Activation::Silu).unwrap();
+            out.push(vals(&act));
+            out.push(vals(
+                &gradkit::layers::ops::layer_norm(input, &[4], None, None, 1e-5).unwrap(),
+            ));
+            let bn = gradkit::layers::ops::batch_norm(
+                input,
+                None,
+                None,
+                gradkit::layers::ops::BatchNormStats::Batch,
+                1e-5,
+            )
+            .unwrap();
+            out.push(vals(&bn.y));
+            let mut rng = gradkit::core::Philox::new(5);
+            out.push(vals(
+                &gradkit::layers::ops::dropout(input, 0.5, DropoutKind::Element, &mut rng).unwrap(),
+            ));
+            let targets = Tensor::new(&[1i64, 0, 3], &Device::Cpu).unwrap();
+            out.push(vals(
+                &cross_entropy(input, &targets, &CrossEntropyOptions::default()).unwrap(),
+            ));
+            let mut grads = vec![input.clone()];
+            let clip = gradkit::regularize::clip_grad_norm(
+                &mut grads,
+                1.0,
+                gradkit::core::NormType::L2,
+                false,
+            )
+            .unwrap();
+            out.push(vec![clip.total_norm]);
+            out.push(vals(&grads[0]));
+            out
+        };
+        let (fused, composed) = both(run);
+        for (k, (a, b)) in fused.iter().zip(&composed).enumerate() {
+            assert_close(a, b, 1e-9, &format!("output {k}"));
+        }
+    }
+    // The broadcast source itself is untouched by the in-place clip.
+    assert_eq!(vals(&row), [0.5, -1.5, 2.0, 0.0]);
+}

@@ -105,6 +105,10 @@ fn update_all(tensors: &mut [Tensor], update: &Update) -> Result<()> {
 /// One tensor's update: in place on the fused path, a new tensor from candle ops otherwise.
 fn update_one(tensor: &mut Tensor, update: &Update, path: Path) -> Result<()> {
     if path == Path::Fused {
+        if repeats_elements(tensor) {
+            // A broadcast view has no storage of its own to write: give it one first.
+            *tensor = tensor.contiguous()?;
+        }
         tensor.inplace_op1(update)?;
         return Ok(());
     }
@@ -240,7 +244,18 @@ fn check_unscale(tensors: &[Tensor], factor: f64) -> Result<()> {
     Ok(())
 }
 
+/// Whether `t`'s layout visits a storage element twice (a stride-0 dim of size above 1).
+fn repeats_elements(t: &Tensor) -> bool {
+    t.dims()
+        .iter()
+        .zip(t.stride())
+        .any(|(&d, &s)| s == 0 && d > 1)
+}
+
 fn unscale_fused(tensor: &mut Tensor, factor: f64) -> Result<bool> {
+    if repeats_elements(tensor) {
+        *tensor = tensor.contiguous()?;
+    }
     let op = Unscale {
         factor,
         non_finite: AtomicBool::new(false),

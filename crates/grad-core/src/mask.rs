@@ -164,11 +164,13 @@ fn segment_of(position: u64) -> u32 {
     s
 }
 
-/// The `n` words at `state`'s position as an i64 tensor `[n]` (values in `[0, 2^32)`) computed
-/// on `device` with candle integer ops: the same words as [`MaskStream::fill`].
+/// The `n` words at `state`'s position as a u32 tensor `[n]` computed on `device` with candle
+/// integer ops: the same words as [`MaskStream::fill`].
 ///
 /// What crosses to the device: the 8 KiB of tables (16 KiB as i64) per 2^32-word segment touched,
-/// and index ramps of about `2 sqrt(n / 256)` elements. Nothing is read back.
+/// and index ramps of about `2 sqrt(n / 256)` elements. Nothing is read back. The casts to u8 and
+/// u32 that take bytes keep the low bits on the CPU (Rust's `as`), CUDA and Metal (C++'s
+/// conversion to an unsigned type).
 ///
 /// # Errors
 /// A candle error from the device.
@@ -178,10 +180,10 @@ fn segment_of(position: u64) -> u32 {
 /// use grad_core::PhiloxState;
 /// use grad_core::mask::{MaskStream, mask_words_tensor};
 /// let at = PhiloxState { seed: 3, offset: 1000 };
-/// let words = mask_words_tensor(at, 600, &Device::Cpu)?.to_vec1::<i64>()?;
+/// let words = mask_words_tensor(at, 600, &Device::Cpu)?.to_vec1::<u32>()?;
 /// let mut host = vec![0u32; 600];
 /// MaskStream::at(at).fill(at.offset, &mut host);
-/// assert!(words.iter().zip(&host).all(|(&d, &h)| d == i64::from(h)));
+/// assert_eq!(words, host);
 /// # Ok::<(), grad_core::Error>(())
 /// ```
 pub fn mask_words_tensor(state: PhiloxState, n: usize, device: &Device) -> Result<Tensor> {
@@ -197,13 +199,17 @@ pub fn mask_words_tensor(state: PhiloxState, n: usize, device: &Device) -> Resul
         left -= len;
     }
     Ok(match parts.len() {
-        0 => Tensor::zeros(0, DType::I64, device)?,
+        0 => Tensor::zeros(0, DType::U32, device)?,
         1 => parts.remove(0),
         _ => Tensor::cat(&parts, 0)?,
     })
 }
 
-/// Words `low .. low + len` of one segment on `device`.
+/// Words `low .. low + len` of one segment on `device`, as u32.
+///
+/// Full-size work: one broadcast add (the first tabulation, from per-row sums), three integer
+/// divisions and eight casts for the bytes (a cast to u8 or u32 keeps the low bits on every
+/// backend), four table gathers and three adds, and a final cast: 19 passes.
 fn segment_words(stream: &MaskStream, low: u32, len: u64, device: &Device) -> Result<Tensor> {
     let too_long = || Error::InvalidHyperParameter {
         name: "n",
@@ -216,12 +222,15 @@ fn segment_words(stream: &MaskStream, low: u32, len: u64, device: &Device) -> Re
     // Rows of 256 consecutive counters: row q holds counters q * 256 .. q * 256 + 256.
     let rows = usize::try_from((r0 + len).div_ceil(256)).map_err(|_| too_long())?;
     let byte = Tensor::new(256i64, device)?;
+    // The low byte of `x`: a cast to u8 (C++ and Rust casts keep the low bits), then to u32 for
+    // the index (candle's index_select reads a u8 index of 255 as "out of range").
+    let gather = |k: usize, x: &Tensor| -> Result<Tensor> {
+        Ok(table(k)?.index_select(&x.to_dtype(DType::U8)?.to_dtype(DType::U32)?, 0)?)
+    };
     let q = ramp(rows, device)?.broadcast_add(&Tensor::new(q0, device)?)?;
-    let (b1, q1) = div_rem(&q, &byte)?;
-    let (b2, b3) = div_rem(&q1, &byte)?;
-    let high = (table(1)?.index_select(&b1, 0)?
-        + table(2)?.index_select(&b2, 0)?
-        + table(3)?.index_select(&b3, 0)?)?;
+    let q1 = q.broadcast_div(&byte)?;
+    let q2 = q1.broadcast_div(&byte)?;
+    let high = ((gather(1, &q)? + gather(2, &q1)?)? + gather(3, &q2)?)?;
     let u = high
         .unsqueeze(1)?
         .broadcast_add(&table(0)?.unsqueeze(0)?)?
@@ -229,22 +238,11 @@ fn segment_words(stream: &MaskStream, low: u32, len: u64, device: &Device) -> Re
     let start = usize::try_from(r0).map_err(|_| too_long())?;
     let u = u.narrow(0, start, usize::try_from(len).map_err(|_| too_long())?)?;
     // u < 2^34: its four low bytes, then the second tabulation.
-    let (u0, u) = div_rem(&u, &byte)?;
-    let (u1, u) = div_rem(&u, &byte)?;
-    let (u2, u) = div_rem(&u, &byte)?;
-    let (u3, _) = div_rem(&u, &byte)?;
-    let sum = (table(4)?.index_select(&u0, 0)?
-        + table(5)?.index_select(&u1, 0)?
-        + table(6)?.index_select(&u2, 0)?
-        + table(7)?.index_select(&u3, 0)?)?;
-    Ok(div_rem(&sum, &Tensor::new(1i64 << 32, device)?)?.0)
-}
-
-/// `(x mod d, x / d)` of a non-negative i64 tensor and a scalar i64 tensor `d`. Integer ops only
-/// (candle's `affine` on integers goes through floats on some devices).
-fn div_rem(x: &Tensor, d: &Tensor) -> Result<(Tensor, Tensor)> {
-    let q = x.broadcast_div(d)?;
-    Ok(((x - q.broadcast_mul(d)?)?, q))
+    let u1 = u.broadcast_div(&byte)?;
+    let u2 = u1.broadcast_div(&byte)?;
+    let u3 = u2.broadcast_div(&byte)?;
+    let sum = (((gather(4, &u)? + gather(5, &u1)?)? + gather(6, &u2)?)? + gather(7, &u3)?)?;
+    Ok(sum.to_dtype(DType::U32)?)
 }
 
 /// `0, 1, .., n - 1` as i64 on `device`, built from two short ramps (`i = a * w + b`) so that
@@ -273,13 +271,10 @@ mod tests {
             offset: (1 << 32) - 700,
         };
         let n = 1500;
-        let device = mask_words_tensor(at, n, &Device::Cpu)?.to_vec1::<i64>()?;
+        let device = mask_words_tensor(at, n, &Device::Cpu)?.to_vec1::<u32>()?;
         let mut host = vec![0u32; n];
         MaskStream::at(at).fill(at.offset, &mut host);
-        assert_eq!(device.len(), n);
-        for (i, (&d, &h)) in device.iter().zip(&host).enumerate() {
-            assert_eq!(d, i64::from(h), "word {i}");
-        }
+        assert_eq!(device, host);
         // The second segment's words come from its own tables.
         let second = MaskStream::new(99, 1);
         assert_eq!(host[700], second.word(0));

@@ -20,8 +20,9 @@
 //! | f32/f16/bf16 normal | 1 (Box–Muller on pairs; an odd count rounds up to even) |
 //! | f64 normal | 2 (likewise) |
 //!
-//! Saving the state and restoring it later continues the same stream, so a resumed training run
-//! draws the same dropout masks it would have drawn without the interruption.
+//! Saving the state and restoring it later continues the same stream. Dropout masks come from a
+//! sibling stream built on this one, [`mask`](crate::mask), which candle ops can also compute on
+//! a GPU; a [`PhiloxState`] names a position in either.
 
 use candle_core::{DType, Device, Shape, Tensor};
 use half::{bf16, f16};

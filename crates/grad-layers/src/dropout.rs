@@ -1,11 +1,12 @@
 //! The dropout family as layers with their own seeded, resumable random stream.
 //!
-//! A layer built with a seed draws its masks from a Philox stream (grad-core's counter-based
-//! generator): the same seed gives the same masks run after run and whatever the thread count;
-//! each training forward advances the stream by the words it used; [`Dropout::state`] and
-//! [`Dropout::set_state`] save and restore the position, so a resumed run draws exactly the masks
-//! it would have drawn. candle cannot seed its CPU generator at all (candle issues #2651, #2216,
-//! #3297).
+//! A layer built with a seed draws its masks from grad-core's mask stream ([`grad_core::mask`],
+//! counter-based, keyed by Philox): the same seed gives the same masks run after run, whatever
+//! the thread count and on every device (the CPU kernel and the composed path on CUDA or Metal
+//! compute the same words); each training forward advances the stream by the words it used;
+//! [`Dropout::state`] and [`Dropout::set_state`] save and restore the position, so a resumed run
+//! draws exactly the masks it would have drawn. candle cannot seed its CPU generator at all
+//! (candle issues #2651, #2216, #3297).
 //!
 //! Memory: the backward keeps no mask. It regenerates the mask from the `(seed, offset)` the
 //! forward used, so a dropout layer costs no activation memory beyond its output.
