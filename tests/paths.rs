@@ -119,18 +119,18 @@ proptest! {
             .collect();
         let momentum = if cumulative { None } else { Some(0.1) };
         let (fused, composed) = both(|| batch_norm_run(&xs, momentum));
-        // f32: both paths are compared with the f64 computation, each within f32 rounding of
-        // a batch norm gradient (which divides by a small per-channel deviation).
-        let exact = if dtype == DType::F64 {
-            fused.clone()
+        // f64: the paths agree to rounding. f32: each path is compared with the f64
+        // computation; a batch norm gradient divides by the per-channel deviation of a handful
+        // of values, so f32 rounding (the composed path sums in f32) grows to about 1e-3 here.
+        let (exact, rtol) = if dtype == DType::F64 {
+            (composed.clone(), 1e-9)
         } else {
             let wide: Vec<Tensor> = xs.iter().map(|x| x.to_dtype(DType::F64).unwrap()).collect();
-            batch_norm_run(&wide, momentum)
+            (batch_norm_run(&wide, momentum), 1e-2)
         };
         for (k, ((a, b), e)) in fused.iter().zip(&composed).zip(&exact).enumerate() {
-            assert_close(a, b, 10.0 * tolerance(dtype), &format!("batch norm output {k}"));
-            assert_close(a, e, 10.0 * tolerance(dtype), &format!("fused output {k} against f64"));
-            assert_close(b, e, 10.0 * tolerance(dtype), &format!("composed output {k} against f64"));
+            assert_close(a, e, rtol, &format!("fused output {k}"));
+            assert_close(b, e, rtol, &format!("composed output {k}"));
         }
     }
 

@@ -26,7 +26,6 @@
 
 use std::cell::Cell;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use candle_core::{DType, Device, Tensor};
 
@@ -134,7 +133,9 @@ pub fn scalar(value: f64, dtype: DType, device: &Device) -> Result<Tensor> {
     Ok(Tensor::ones((), dtype, device)?.affine(value, 0.0)?)
 }
 
-static READ_BACKS: AtomicU64 = AtomicU64::new(0);
+thread_local! {
+    static READ_BACKS: Cell<u64> = const { Cell::new(0) };
+}
 
 /// Copies a small tensor's values to the host as f64: the one place a composed path reads
 /// device memory, counted by [`read_back_count`] (the list of what may come back is in the
@@ -152,7 +153,7 @@ static READ_BACKS: AtomicU64 = AtomicU64::new(0);
 /// # Ok::<(), grad_core::Error>(())
 /// ```
 pub fn read_back(t: &Tensor) -> Result<Vec<f64>> {
-    READ_BACKS.fetch_add(1, Ordering::Relaxed);
+    READ_BACKS.set(READ_BACKS.get() + 1);
     // Moved first, converted on the host: Metal has no f64.
     let host = t.flatten_all()?.to_device(&Device::Cpu)?;
     Ok(host.to_dtype(DType::F64)?.to_vec1::<f64>()?)
@@ -175,8 +176,9 @@ pub fn read_back_scalar(t: &Tensor) -> Result<f64> {
     Ok(read_back(t)?[0])
 }
 
-/// How many times [`read_back`] ran in this process (on any thread): what a user counts to see
-/// how often gradkit synchronised with the device in a training step.
+/// How many times [`read_back`] ran on this thread: what a user counts around a training step
+/// to see how often gradkit synchronised with the device (composed paths read back on the
+/// calling thread).
 pub fn read_back_count() -> u64 {
-    READ_BACKS.load(Ordering::Relaxed)
+    READ_BACKS.get()
 }

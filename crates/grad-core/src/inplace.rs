@@ -18,6 +18,7 @@
 //! computed with candle ops on the tensor's device and replaces `*tensor`; the old storage is
 //! left untouched. Either way, `*tensor` holds the result afterwards.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Tensor};
@@ -71,14 +72,16 @@ pub fn scale_all_in_place(tensors: &mut [Tensor], factor: f64) -> Result<()> {
             allowed: "a number (not NaN)",
         });
     }
-    update_all(tensors, &Update::Scale(factor))
+    update_all(tensors, &Update::Scale(factor)).map(|_| ())
 }
 
-/// [`clamp_in_place`] on every tensor, in parallel across tensors.
+/// [`clamp_in_place`] on every tensor, in parallel across tensors; true when any element was
+/// outside `[min, max]` (and so changed). On the composed path that flag is one read-back for
+/// the whole set.
 ///
 /// # Errors
 /// As [`clamp_in_place`], for the first tensor that fails.
-pub fn clamp_all_in_place(tensors: &mut [Tensor], min: f64, max: f64) -> Result<()> {
+pub fn clamp_all_in_place(tensors: &mut [Tensor], min: f64, max: f64) -> Result<bool> {
     for t in tensors.iter() {
         ensure_float("clamp_in_place", "tensor", t.dtype())?;
     }
@@ -89,33 +92,57 @@ pub fn clamp_all_in_place(tensors: &mut [Tensor], min: f64, max: f64) -> Result<
             allowed: "a number <= max (neither NaN)",
         });
     }
-    update_all(tensors, &Update::Clamp(min, max))
+    update_all(
+        tensors,
+        &Update::Clamp(min, max, Arc::new(AtomicBool::new(false))),
+    )
 }
 
 /// Applies `update` to every tensor, each by its own path (chosen here, on the calling thread,
-/// so a [`with_path`](crate::device::with_path) choice holds inside the parallel loop).
-fn update_all(tensors: &mut [Tensor], update: &Update) -> Result<()> {
+/// so a [`with_path`](crate::device::with_path) choice holds inside the parallel loop). Returns
+/// whether a clamp changed any element (false for the other updates).
+fn update_all(tensors: &mut [Tensor], update: &Update) -> Result<bool> {
     let paths: Vec<Path> = tensors.iter().map(|t| Path::of(t.device())).collect();
-    tensors
+    let flags: Vec<Option<Tensor>> = tensors
         .par_iter_mut()
         .zip(paths)
-        .try_for_each(|(t, path)| update_one(t, update, path))
+        .map(|(t, path)| update_one(t, update, path))
+        .collect::<Result<_>>()?;
+    let flags: Vec<Tensor> = flags.into_iter().flatten().collect();
+    let composed_changed = if flags.is_empty() {
+        false
+    } else {
+        read_back_scalar(&Tensor::stack(&flags, 0)?.max_all()?)? > 0.0
+    };
+    let fused_changed = match update {
+        Update::Clamp(_, _, changed) => changed.load(Ordering::Relaxed),
+        _ => false,
+    };
+    Ok(composed_changed || fused_changed)
 }
 
-/// One tensor's update: in place on the fused path, a new tensor from candle ops otherwise.
-fn update_one(tensor: &mut Tensor, update: &Update, path: Path) -> Result<()> {
+/// One tensor's update: in place on the fused path, a new tensor from candle ops otherwise
+/// (for a clamp, with a rank-0 "an element changed" flag left on the device).
+fn update_one(tensor: &mut Tensor, update: &Update, path: Path) -> Result<Option<Tensor>> {
     if path == Path::Fused {
         if repeats_elements(tensor) {
             // A broadcast view has no storage of its own to write: give it one first.
             *tensor = tensor.contiguous()?;
         }
         tensor.inplace_op1(update)?;
-        return Ok(());
+        return Ok(None);
     }
+    let mut flag = None;
     *tensor = match update {
         Update::Scale(f) => tensor.affine(*f, 0.0)?,
         // candle's clamp is max(min(x, hi), lo), which keeps NaN as PyTorch does.
-        Update::Clamp(lo, hi) => tensor.clamp(*lo, *hi)?,
+        Update::Clamp(lo, hi, _) => {
+            if tensor.elem_count() > 0 {
+                let outside = tensor.lt(*lo)?.maximum(&tensor.gt(*hi)?)?;
+                flag = Some(outside.to_dtype(DType::F32)?.max_all()?);
+            }
+            tensor.clamp(*lo, *hi)?
+        }
         Update::ScaleRows(factors) => {
             let mut shape = vec![1; tensor.rank().max(1)];
             shape[0] = factors.len();
@@ -124,7 +151,7 @@ fn update_one(tensor: &mut Tensor, update: &Update, path: Path) -> Result<()> {
             tensor.broadcast_mul(&f)?
         }
     };
-    Ok(())
+    Ok(flag)
 }
 
 /// [`unscale_in_place`] on every tensor, in parallel across tensors; true when any result holds
@@ -144,9 +171,10 @@ pub fn unscale_all_in_place(tensors: &mut [Tensor], factor: f64) -> Result<bool>
     }
 }
 
-/// Clamps a float tensor into `[min, max]`, in place on the CPU (`torch.clamp_`).
+/// Clamps a float tensor into `[min, max]`, in place on the CPU (`torch.clamp_`); true when an
+/// element was outside the bounds.
 ///
-/// NaN elements stay NaN, as in PyTorch's `clip_grad_value_`.
+/// NaN elements stay NaN, as in PyTorch's `clip_grad_value_` (and do not count as clamped).
 ///
 /// # Errors
 /// [`Error::UnsupportedDType`] for an integer tensor; [`Error::InvalidHyperParameter`] when a
@@ -159,7 +187,7 @@ pub fn unscale_all_in_place(tensors: &mut [Tensor], factor: f64) -> Result<bool>
 /// assert_eq!(g.to_vec1::<f64>()?, [1.0, -0.5, -1.0]);
 /// # Ok::<(), grad_core::Error>(())
 /// ```
-pub fn clamp_in_place(tensor: &mut Tensor, min: f64, max: f64) -> Result<()> {
+pub fn clamp_in_place(tensor: &mut Tensor, min: f64, max: f64) -> Result<bool> {
     clamp_all_in_place(std::slice::from_mut(tensor), min, max)
 }
 
@@ -196,7 +224,7 @@ pub fn scale_rows_in_place(tensor: &mut Tensor, factors: &[f64]) -> Result<()> {
         });
     }
     let path = Path::of(tensor.device());
-    update_one(tensor, &Update::ScaleRows(factors.to_vec()), path)
+    update_one(tensor, &Update::ScaleRows(factors.to_vec()), path).map(|_| ())
 }
 
 /// The number of dim-0 slices of a tensor as [`scale_rows_in_place`] sees them (1 for rank 0
@@ -297,7 +325,8 @@ trait InPlace {
 #[derive(Debug, Clone)]
 enum Update {
     Scale(f64),
-    Clamp(f64, f64),
+    /// Bounds, and whether the fused kernel changed an element.
+    Clamp(f64, f64, Arc<AtomicBool>),
     ScaleRows(Vec<f64>),
 }
 
@@ -309,9 +338,12 @@ impl InPlace for Update {
                 let row = (layout.shape().elem_count() / factors.len().max(1)).max(1);
                 for_each_mut(data, layout, move |i, x: T| scale(x, factors[i / row]));
             }
-            Self::Clamp(lo, hi) => {
+            Self::Clamp(lo, hi, ref changed) => {
                 let (lo, hi) = (T::cast_f64(lo), T::cast_f64(hi));
                 for_each_mut(data, layout, move |_, x: T| {
+                    if x < lo || x > hi {
+                        changed.store(true, Ordering::Relaxed);
+                    }
                     if x < lo {
                         lo
                     } else if x > hi {

@@ -48,6 +48,7 @@ mod norm;
 mod params;
 pub mod reduce;
 pub mod rng;
+pub mod step;
 #[cfg(feature = "proptest")]
 pub mod strategies;
 pub mod validate;
@@ -62,7 +63,9 @@ pub use norm::{
     MultiNorm, NormType, TensorNorm, ensure_same_device, global_norm, multi_norm, unit_norm_tensor,
     unit_norms,
 };
-pub use params::{NamedGrad, NamedGrads, NamedVars, natural_cmp};
+pub use params::{
+    BUFFER_NAMES, NamedGrad, NamedGrads, NamedVars, VarOrder, is_buffer_name, natural_cmp,
+};
 pub use rng::{Philox, PhiloxState};
 
 #[cfg(test)]

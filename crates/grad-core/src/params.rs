@@ -20,6 +20,46 @@ use crate::{Error, Result};
 pub struct NamedVars {
     names: Vec<String>,
     vars: Vec<Var>,
+    order: VarOrder,
+}
+
+/// How a [`NamedVars`] list is ordered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum VarOrder {
+    /// In the order given ([`NamedVars::new`], [`NamedVars::filter`] of such a list).
+    #[default]
+    Given,
+    /// In the order the variables were created: network order for a model built layer by layer.
+    Creation,
+    /// In natural name order ([`natural_cmp`]): [`NamedVars::sorted`], or the fallback when the
+    /// creation order cannot be read.
+    Name,
+}
+
+/// PyTorch's buffer names: the last component of a variable's name that marks it as state, not
+/// a parameter (`bn1.running_mean`).
+pub const BUFFER_NAMES: [&str; 3] = ["running_mean", "running_var", "num_batches_tracked"];
+
+/// Whether `name` names a buffer: its last dot-separated component is one of [`BUFFER_NAMES`].
+///
+/// ```
+/// assert!(grad_core::is_buffer_name("layer.1.bn.running_var"));
+/// assert!(!grad_core::is_buffer_name("layer.1.bn.weight"));
+/// ```
+pub fn is_buffer_name(name: &str) -> bool {
+    let last = name.rsplit('.').next().unwrap_or(name);
+    BUFFER_NAMES.contains(&last)
+}
+
+/// The variable's creation index: candle numbers every tensor from one global counter
+/// (`TensorId`), which it does not expose as a number, only through `Debug` (`TensorId(42)`).
+/// candle is pinned exactly (0.11.1); a test pins the format.
+fn creation_index(var: &Var) -> Option<usize> {
+    let text = format!("{:?}", var.as_tensor().id());
+    text.strip_prefix("TensorId(")?
+        .strip_suffix(')')?
+        .parse()
+        .ok()
 }
 
 impl NamedVars {
@@ -50,39 +90,79 @@ impl NamedVars {
         Ok(out)
     }
 
-    /// Every floating-point variable of a [`VarMap`], in natural name order (see
-    /// [`natural_cmp`]). Integer variables (such as batch norm's `num_batches_tracked` counter)
-    /// can have no gradient and are left out, as PyTorch's `named_parameters` leaves out
-    /// buffers; float buffers such as running statistics stay (they have no gradient either, and
-    /// every consumer skips a variable whose gradient is absent).
+    /// The trainable parameters of a [`VarMap`] (its floating-point variables that are not
+    /// buffers, see [`is_buffer_name`]), in the order the model created them: network order for
+    /// a model built the usual way, first layer first. Buffers (batch norm's running statistics
+    /// and counter) have no gradient and must never be clipped, counted in a global norm or
+    /// monitored as parameters, as PyTorch's `named_parameters` leaves them out; get them with
+    /// [`NamedVars::buffers_of`]. Mark more variables as buffers with [`filter`](Self::filter).
+    ///
+    /// The creation order is candle's tensor id, which a global counter assigns; should it be
+    /// unreadable, the order falls back to natural name order and [`order`](Self::order) says so.
     ///
     /// ```
     /// use candle_core::{DType, Device};
     /// use candle_nn::{VarBuilder, VarMap};
-    /// use grad_core::NamedVars;
+    /// use grad_core::{NamedVars, VarOrder};
     /// let map = VarMap::new();
     /// let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
-    /// for i in [10, 2] {
-    ///     candle_nn::linear(4, 4, vb.pp(format!("layer.{i}")))?;
-    /// }
+    /// candle_nn::linear(4, 4, vb.pp("encoder"))?;
+    /// candle_nn::batch_norm(4, candle_nn::BatchNormConfig::default(), vb.pp("bn"))?;
+    /// candle_nn::linear(4, 2, vb.pp("decoder"))?;
     /// let params = NamedVars::from_var_map(&map);
-    /// assert_eq!(params.names().next(), Some("layer.2.bias"));
+    /// assert_eq!(params.order(), VarOrder::Creation);
+    /// assert_eq!(
+    ///     params.names().collect::<Vec<_>>(),
+    ///     ["encoder.weight", "encoder.bias", "bn.weight", "bn.bias", "decoder.weight", "decoder.bias"]
+    /// );
+    /// let buffers = NamedVars::buffers_of(&map);
+    /// assert_eq!(buffers.names().collect::<Vec<_>>(), ["bn.running_mean", "bn.running_var"]);
     /// # Ok::<(), grad_core::Error>(())
     /// ```
     pub fn from_var_map(map: &VarMap) -> Self {
+        Self::of_var_map(map, |name, var| {
+            var.dtype().is_float() && !is_buffer_name(name)
+        })
+    }
+
+    /// The buffers of a [`VarMap`] (variables named as buffers, see [`is_buffer_name`], of any
+    /// dtype), in creation order: what [`from_var_map`](Self::from_var_map) leaves out.
+    pub fn buffers_of(map: &VarMap) -> Self {
+        Self::of_var_map(map, |name, _| is_buffer_name(name))
+    }
+
+    fn of_var_map(map: &VarMap, keep: impl Fn(&str, &Var) -> bool) -> Self {
         // A poisoned lock only means another thread panicked while holding it; the map itself
         // is still a valid set of variables.
         let data = map
             .data()
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut entries: Vec<(&String, &Var)> =
-            data.iter().filter(|(_, v)| v.dtype().is_float()).collect();
-        entries.sort_by(|a, b| natural_cmp(a.0, b.0));
+        let mut entries: Vec<(&String, &Var)> = data.iter().filter(|(n, v)| keep(n, v)).collect();
+        let ids: Option<Vec<usize>> = entries.iter().map(|(_, v)| creation_index(v)).collect();
+        let order = match ids {
+            Some(ids) => {
+                let mut keyed: Vec<(usize, (&String, &Var))> =
+                    ids.into_iter().zip(entries).collect();
+                keyed.sort_by_key(|(id, _)| *id);
+                entries = keyed.into_iter().map(|(_, e)| e).collect();
+                VarOrder::Creation
+            }
+            None => {
+                entries.sort_by(|a, b| natural_cmp(a.0, b.0));
+                VarOrder::Name
+            }
+        };
         Self {
             names: entries.iter().map(|(n, _)| (*n).clone()).collect(),
             vars: entries.into_iter().map(|(_, v)| v.clone()).collect(),
+            order,
         }
+    }
+
+    /// How the list is ordered.
+    pub fn order(&self) -> VarOrder {
+        self.order
     }
 
     /// The same variables sorted in natural name order.
@@ -90,7 +170,11 @@ impl NamedVars {
         let mut pairs: Vec<(String, Var)> = self.names.into_iter().zip(self.vars).collect();
         pairs.sort_by(|a, b| natural_cmp(&a.0, &b.0));
         let (names, vars) = pairs.into_iter().unzip();
-        Self { names, vars }
+        Self {
+            names,
+            vars,
+            order: VarOrder::Name,
+        }
     }
 
     /// The variables whose name satisfies `keep`, in the same order.
@@ -100,7 +184,11 @@ impl NamedVars {
             .filter(|(n, _)| keep(n))
             .map(|(n, v)| (n.to_owned(), v.clone()))
             .unzip();
-        Self { names, vars }
+        Self {
+            names,
+            vars,
+            order: self.order,
+        }
     }
 
     /// The number of variables.
@@ -387,6 +475,14 @@ fn trim_zeros(s: &[u8]) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn creation_indices_are_readable_and_increase() {
+        let a = Var::zeros(1, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+        let b = Var::zeros(1, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+        let (ia, ib) = (creation_index(&a).unwrap(), creation_index(&b).unwrap());
+        assert!(ia < ib, "{ia} then {ib}");
+    }
 
     #[test]
     fn natural_order_sorts_numbers_by_value() {

@@ -43,13 +43,14 @@ fn input_gradients_are_never_counted() {
     let params = NamedVars::from_var_map(&map);
     assert_eq!(
         params.names().collect::<Vec<_>>(),
+        // The order the model created them: network order.
         [
-            "layer.0.bias",
             "layer.0.weight",
-            "layer.1.bias",
+            "layer.0.bias",
             "layer.1.weight",
-            "layer.10.bias",
-            "layer.10.weight"
+            "layer.1.bias",
+            "layer.10.weight",
+            "layer.10.bias"
         ]
     );
     let grads = params.grads(&store).unwrap();

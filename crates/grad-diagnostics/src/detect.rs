@@ -1,24 +1,38 @@
 //! Detectors: which failure the network has, where, and what to do about it.
 //!
-//! Each detector reads the observation history (oldest first) and returns [`Finding`]s naming
-//! the layers involved, the evidence and a remedy in terms of gradkit's API. Every threshold is
-//! a field of [`DetectorConfig`] (serde-serialisable); the defaults and where they come from:
+//! [`Detectors`] reads observations one at a time, in order, and keeps a small running state per
+//! detector (never the history), so a verdict covers the whole run however long it is and a
+//! bounded monitor history does not forget an early failure. Each [`Finding`] names the layers
+//! involved, when the condition first held and last held, its peak value, the evidence and a
+//! remedy in terms of gradkit's API. [`detect`] runs them over a slice of records. Every
+//! threshold is a field of [`DetectorConfig`] (serde-serialisable); the defaults and where they
+//! come from:
+//!
+//! - **No gradient**: a parameter absent from the `GradStore` (not an all-zero gradient: a graph
+//!   cut by a fast path without a backward, such as candle-nn's fused `LayerNorm`, `RmsNorm` and
+//!   `softmax_last_dim`; a `detach`; an unused parameter). Critical; such layers are left out
+//!   of the vanishing test, whose zeros they would otherwise fake.
 //!
 //! - **Vanishing** (Hochreiter 1991; Glorot & Bengio 2010): a layer's gradient norm below
 //!   `vanishing_norm` = 1e-7 (about where f32 training of typical layer sizes stops moving
 //!   weights), or the first layer's gradient norm below `vanishing_ratio` = 1e-4 times the
-//!   last's, for `patience` = 3 consecutive observations.
+//!   last's (among the layers that have a gradient), for `patience` = 3 consecutive
+//!   observations.
 //! - **Exploding** (Pascanu, Mikolov & Bengio 2013): the global norm above `exploding_norm` = 1e6,
-//!   or grown `growth_factor` = 10x over the median of the `growth_window` = 5 previous
-//!   observations to above the run's median (a climb back to the usual level after a quiet patch, common
-//!   late in training, is not an explosion), or any NaN/Inf gradient (named: the first parameter in network order, and the step).
+//!   or grown `growth_factor` = 10x over the (lower) median of the up to `growth_window` = 5
+//!   previous finite observations to above the run's median (a climb back to the usual level
+//!   after a quiet patch, common late in training, is not an explosion).
+//! - **Non-finite**: any NaN/Inf gradient, named by the first step it appeared and the first
+//!   parameter in network order that carried it.
 //! - **Dead units** (Maas et al. 2013; Lu et al. 2019): a probed ReLU layer with more than
 //!   `dead_fraction` = 0.95 of its units not positive once over the probe's window.
 //! - **Saturation** (Glorot & Bengio 2010): a probed sigmoid/tanh layer with more than
 //!   `saturation_fraction` = 0.5 of its outputs saturated.
 //! - **Update ratio** (Karpathy's rule of thumb, CS231n: about 1e-3): a layer whose median
 //!   update-to-weight ratio over the last `patience` observations lies outside
-//!   `update_ratio_band` = [1e-5, 1e-1], two decades either side.
+//!   `update_ratio_band` = [1e-5, 1e-1], two decades either side, `patience` times in a row.
+
+use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
@@ -108,6 +122,8 @@ pub enum Severity {
 /// Which failure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum FindingKind {
+    /// Parameters that receive no gradient at all.
+    NoGradient,
     /// Gradients too small to move the early layers.
     Vanishing,
     /// Gradients too large or growing fast.
@@ -129,12 +145,16 @@ pub struct Finding {
     pub kind: FindingKind,
     /// How bad.
     pub severity: Severity,
-    /// The layers (or probes, or the parameter) involved, in network order.
+    /// The layers (or probes, or parameters) involved, in network order.
     pub layers: Vec<String>,
     /// The evidence, in words with the numbers.
     pub evidence: String,
-    /// The first and last observed steps the evidence covers.
+    /// The first and last observed steps at which the condition held.
     pub steps: [u64; 2],
+    /// The condition's extreme value over those steps (the largest norm, the smallest ratio,
+    /// the largest fraction), where one applies.
+    #[serde(default, with = "crate::record::float::opt")]
+    pub peak: Option<f64>,
     /// What to do, in terms of gradkit's API.
     pub remedy: String,
 }
@@ -155,251 +175,610 @@ impl std::fmt::Display for Finding {
     }
 }
 
-/// Runs every detector on `records` (oldest first).
-pub fn detect(records: &[StepRecord], config: &DetectorConfig) -> Vec<Finding> {
-    let mut out = Vec::new();
-    let Some(last) = records.last() else {
-        return out;
-    };
-    non_finite(last, &mut out);
-    exploding(records, config, &mut out);
-    vanishing(records, config, &mut out);
-    probes(last, config, &mut out);
-    update_ratio(records, config, &mut out);
-    out
-}
-
-fn non_finite(last: &StepRecord, out: &mut Vec<Finding>) {
-    if let Some(p) = last.first_non_finite() {
-        out.push(Finding {
-            kind: FindingKind::NonFinite,
-            severity: Severity::Critical,
-            layers: vec![p.name.clone()],
-            evidence: format!(
-                "{} NaN and {} infinite gradient elements in {} at step {} (the first parameter in network order with any)",
-                p.nan_count, p.inf_count, p.name, last.step
-            ),
-            steps: [last.step, last.step],
-            remedy: "skip non-finite steps with grad_regularize::Clipped (skip_non_finite) and trace the source back from this parameter; with f16/bf16 scale the loss with grad_regularize::LossScaler".into(),
-        });
+/// Runs every detector over `records` (oldest first).
+///
+/// ```
+/// use grad_diagnostics::{DetectorConfig, detect};
+/// assert!(detect(&[], &DetectorConfig::default()).is_empty());
+/// ```
+pub fn detect<'a>(
+    records: impl IntoIterator<Item = &'a StepRecord>,
+    config: &DetectorConfig,
+) -> Vec<Finding> {
+    let mut d = Detectors::new(config.clone());
+    for r in records {
+        d.observe(r);
     }
+    d.findings()
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+/// The detectors' running state: fed each observation once, in order.
+#[derive(Debug, Clone)]
+pub struct Detectors {
+    config: DetectorConfig,
+    last_step: Option<u64>,
+    no_gradient: NoGradient,
+    non_finite: Option<NonFinite>,
+    exploding: Exploding,
+    vanishing: Vanishing,
+    probes: Vec<ProbeEpisode>,
+    ratios: UpdateRatios,
 }
 
-fn exploding(records: &[StepRecord], c: &DetectorConfig, out: &mut Vec<Finding>) {
-    let Some(last) = records.last() else { return };
-    let mut finite: Vec<f64> = records
-        .iter()
-        .map(|r| r.global_grad_norm)
-        .filter(|v| v.is_finite())
-        .collect();
-    let med = median(&mut finite);
-    // The recent window: the last observation and the `growth_window` before it.
-    let window = &records[records.len().saturating_sub(c.growth_window + 1)..];
-    let Some((peak_at, peak)) = window
-        .iter()
-        .filter(|r| r.global_grad_norm.is_finite())
-        .map(|r| (r, r.global_grad_norm))
-        .max_by(|a, b| a.1.total_cmp(&b.1))
-    else {
-        return;
-    };
-    // The baseline is the median of the window before the peak: late in training single
-    // batches swing by 10x about a small typical norm, which a minimum would read as growth.
-    let mut before: Vec<f64> = window
-        .iter()
-        .take_while(|r| r.step < peak_at.step)
-        .map(|r| r.global_grad_norm)
-        .filter(|v| v.is_finite() && *v > 0.0)
-        .collect();
-    let floor = if before.is_empty() {
-        f64::INFINITY
-    } else {
-        median(&mut before)
-    };
-    let (evidence, severity) = if peak > c.exploding_norm {
-        (
-            format!(
-                "global gradient norm {peak:.3e} above {:.0e} at step {}",
-                c.exploding_norm, peak_at.step
-            ),
-            Severity::Critical,
-        )
-    } else if floor.is_finite() && peak > c.growth_factor * floor && peak > med {
-        (
-            format!(
-                "global gradient norm grew {:.1}x (from a median of {floor:.3e} to {peak:.3e} at step {}) within {} observations",
-                peak / floor,
-                peak_at.step,
-                window.len()
-            ),
-            Severity::Warning,
-        )
-    } else {
-        return;
-    };
-    let mut layers: Vec<(f64, &str)> = peak_at
-        .layers
-        .iter()
-        .map(|l| (l.grad_norm, l.name.as_str()))
-        .collect();
-    layers.sort_by(|a, b| b.0.total_cmp(&a.0));
-    let mut named: Vec<String> = layers
-        .iter()
-        .take(3)
-        .map(|(_, n)| (*n).to_owned())
-        .collect();
-    named.sort_by_key(|n| peak_at.layers.iter().position(|l| &l.name == n));
-    out.push(Finding {
-        kind: FindingKind::Exploding,
-        severity,
-        layers: named,
-        evidence,
-        steps: [window[0].step, last.step],
-        remedy: format!(
-            "clip the global norm at about 1-5x its median ({med:.3e}) with grad_regularize::Clipped and ClipRule::global_norm, lower the learning rate, or add normalisation (grad_layers::batch_norm / layer_norm)"
-        ),
-    });
-}
-
-fn vanishing(records: &[StepRecord], c: &DetectorConfig, out: &mut Vec<Finding>) {
-    if records.len() < c.patience {
-        return;
+impl Detectors {
+    /// Fresh state for `config`.
+    pub fn new(config: DetectorConfig) -> Self {
+        Self {
+            config,
+            last_step: None,
+            no_gradient: NoGradient::default(),
+            non_finite: None,
+            exploding: Exploding::default(),
+            vanishing: Vanishing::default(),
+            probes: Vec::new(),
+            ratios: UpdateRatios::default(),
+        }
     }
-    let recent = &records[records.len() - c.patience..];
-    let Some(last) = recent.last() else { return };
-    if last.layers.is_empty() {
-        return;
+
+    /// Takes one observation (the next step).
+    pub fn observe(&mut self, r: &StepRecord) {
+        self.last_step = Some(r.step);
+        self.no_gradient.observe(r);
+        if self.non_finite.is_none() {
+            self.non_finite = r.first_non_finite().map(|p| NonFinite {
+                step: r.step,
+                param: p.name.clone(),
+                nan: p.nan_count,
+                inf: p.inf_count,
+                last: r.step,
+                observations: 0,
+            });
+        }
+        if let Some(nf) = self.non_finite.as_mut()
+            && r.first_non_finite().is_some()
+        {
+            nf.last = r.step;
+            nf.observations += 1;
+        }
+        self.exploding.observe(r, &self.config);
+        self.vanishing.observe(r, &self.config);
+        for p in &r.probes {
+            let held = match (p.kind, p.dead_fraction, p.saturated_fraction) {
+                (ProbeKind::Relu, Some(dead), _) if dead > self.config.dead_fraction => {
+                    Some((FindingKind::DeadUnits, dead))
+                }
+                (ProbeKind::Tanh | ProbeKind::Sigmoid, _, Some(sat))
+                    if sat > self.config.saturation_fraction =>
+                {
+                    Some((FindingKind::Saturation, sat))
+                }
+                _ => None,
+            };
+            let Some((kind, value)) = held else { continue };
+            match self
+                .probes
+                .iter_mut()
+                .find(|e| e.name == p.name && e.kind == kind)
+            {
+                Some(e) => {
+                    e.last = r.step;
+                    if value > e.peak {
+                        e.peak = value;
+                        e.detail = probe_detail(p);
+                    }
+                }
+                None => self.probes.push(ProbeEpisode {
+                    name: p.name.clone(),
+                    kind,
+                    first: r.step,
+                    last: r.step,
+                    peak: value,
+                    detail: probe_detail(p),
+                }),
+            }
+        }
+        self.ratios.observe(r, &self.config);
     }
-    // Layers below the absolute floor, or below `ratio` times the last layer, in every record.
-    let below = |r: &StepRecord, depth: usize| -> bool {
-        let Some(l) = r.layers.get(depth) else {
-            return false;
+
+    /// What the detectors found so far.
+    pub fn findings(&self) -> Vec<Finding> {
+        let mut out = Vec::new();
+        let Some(last) = self.last_step else {
+            return out;
         };
-        let top = r.layers.last().map_or(0.0, |t| t.grad_norm);
-        l.grad_norm < c.vanishing_norm
-            || (depth + 1 < r.layers.len() && l.grad_norm < c.vanishing_ratio * top)
-    };
-    let ratio_holds = recent.iter().all(|r| {
-        let (first, lastl) = (
-            r.layers.first().map_or(0.0, |l| l.grad_norm),
-            r.layers.last().map_or(0.0, |l| l.grad_norm),
-        );
-        lastl > 0.0 && first / lastl < c.vanishing_ratio
-    });
-    let layers: Vec<String> = (0..last.layers.len())
-        .filter(|&d| recent.iter().all(|r| below(r, d)))
-        .map(|d| last.layers[d].name.clone())
-        .collect();
-    if layers.is_empty() && !ratio_holds {
-        return;
-    }
-    let first = &last.layers[0];
-    let top = last.layers.last().map_or(first, |l| l);
-    out.push(Finding {
-        kind: FindingKind::Vanishing,
-        severity: Severity::Warning,
-        layers: if layers.is_empty() { vec![first.name.clone()] } else { layers.clone() },
-        evidence: format!(
-            "gradient norm of {} is {:.3e}, {:.1e} times that of {} ({:.3e}); {} layer(s) below {:.0e} of the last or {:.0e} absolute for {} observations",
-            first.name,
-            first.grad_norm,
-            first.grad_norm / top.grad_norm,
-            top.name,
-            top.grad_norm,
-            layers.len(),
-            c.vanishing_ratio,
-            c.vanishing_norm,
-            c.patience
-        ),
-        steps: [recent[0].step, last.step],
-        remedy: format!(
-            "insert BatchNorm after {} (grad_layers::batch_norm), use LeakyReLU with Kaiming init instead of saturating activations (grad_layers::Activation::LeakyRelu, grad_layers::init::Initializer::KaimingNormal), or initialise with LSUV (grad_layers::lsuv)",
-            layers.first().unwrap_or(&first.name)
-        ),
-    });
-}
-
-fn probes(last: &StepRecord, c: &DetectorConfig, out: &mut Vec<Finding>) {
-    for p in &last.probes {
-        match (p.kind, p.dead_fraction, p.saturated_fraction) {
-            (ProbeKind::Relu, Some(dead), _) if dead > c.dead_fraction => out.push(Finding {
-                kind: FindingKind::DeadUnits,
-                severity: Severity::Warning,
-                layers: vec![p.name.clone()],
-                evidence: format!("{:.1}% of {} units not positive once over the probe's window ({} forwards seen)", dead * 100.0, p.units, p.forwards),
-                steps: [last.step, last.step],
-                remedy: "use LeakyReLU or PReLU (grad_layers::Activation::LeakyRelu, grad_layers::prelu), lower the learning rate, or re-initialise the layer's bias (grad_layers::init::reinit)".into(),
-            }),
-            (ProbeKind::Tanh | ProbeKind::Sigmoid, _, Some(sat)) if sat > c.saturation_fraction => out.push(Finding {
-                kind: FindingKind::Saturation,
-                severity: Severity::Warning,
-                layers: vec![p.name.clone()],
-                evidence: format!("{:.1}% of the outputs saturated (mean {:.3}, std {:.3})", sat * 100.0, p.mean, p.std),
-                steps: [last.step, last.step],
-                remedy: "normalise the layer's input (grad_layers::batch_norm, grad_layers::layer_norm) and use Xavier init with the activation's gain (grad_layers::init::Initializer::XavierNormal, calculate_gain)".into(),
-            }),
-            _ => {}
+        self.no_gradient.finding(last, &mut out);
+        if let Some(nf) = &self.non_finite {
+            out.push(Finding {
+                kind: FindingKind::NonFinite,
+                severity: Severity::Critical,
+                layers: vec![nf.param.clone()],
+                evidence: format!(
+                    "first at step {}: {} NaN and {} infinite gradient elements in {} (the first parameter in network order with any); non-finite gradients in {} observation(s), the last at step {}",
+                    nf.step, nf.nan, nf.inf, nf.param, nf.observations, nf.last
+                ),
+                steps: [nf.step, nf.last],
+                peak: None,
+                remedy: "skip non-finite steps with grad_regularize::Clipped (skip_non_finite) and trace the source back from this parameter; with f16/bf16 scale the loss with grad_regularize::LossScaler".into(),
+            });
         }
+        self.exploding.finding(&mut out);
+        self.vanishing.finding(&self.config, &mut out);
+        for e in &self.probes {
+            let (evidence, remedy) = match e.kind {
+                FindingKind::DeadUnits => (
+                    format!(
+                        "up to {:.1}% of the units not positive once over the probe's window ({})",
+                        e.peak * 100.0,
+                        e.detail
+                    ),
+                    "use LeakyReLU or PReLU (grad_layers::Activation::LeakyRelu, grad_layers::prelu), lower the learning rate, or re-initialise the layer's bias (grad_layers::init::reinit)",
+                ),
+                _ => (
+                    format!(
+                        "up to {:.1}% of the outputs saturated ({})",
+                        e.peak * 100.0,
+                        e.detail
+                    ),
+                    "normalise the layer's input (grad_layers::batch_norm, grad_layers::layer_norm) and use Xavier init with the activation's gain (grad_layers::init::Initializer::XavierNormal, calculate_gain)",
+                ),
+            };
+            out.push(Finding {
+                kind: e.kind,
+                severity: Severity::Warning,
+                layers: vec![e.name.clone()],
+                evidence,
+                steps: [e.first, e.last],
+                peak: Some(e.peak),
+                remedy: remedy.into(),
+            });
+        }
+        self.ratios.finding(&self.config, &mut out);
+        out
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &DetectorConfig {
+        &self.config
     }
 }
 
-fn update_ratio(records: &[StepRecord], c: &DetectorConfig, out: &mut Vec<Finding>) {
-    if records.len() < c.patience {
-        return;
-    }
-    let recent = &records[records.len() - c.patience..];
-    let Some(last) = recent.last() else { return };
-    let [lo, hi] = c.update_ratio_band;
-    let (mut small, mut large) = (Vec::new(), Vec::new());
-    for (d, layer) in last.layers.iter().enumerate() {
-        let mut v: Vec<f64> = recent
+fn probe_detail(p: &crate::record::ProbeStats) -> String {
+    format!(
+        "{} units, mean {:.3}, std {:.3}, {} forwards",
+        p.units, p.mean, p.std, p.forwards
+    )
+}
+
+/// Parameters without a gradient at the latest observation, with the step their absence began.
+#[derive(Debug, Clone, Default)]
+struct NoGradient {
+    /// `(name, first step of the current absence)`, in network order.
+    missing: Vec<(String, u64)>,
+}
+
+impl NoGradient {
+    fn observe(&mut self, r: &StepRecord) {
+        let previous = std::mem::take(&mut self.missing);
+        self.missing = r
+            .params
             .iter()
-            .filter_map(|r| r.layers.get(d).and_then(|l| l.update_ratio))
-            .filter(|v| v.is_finite())
+            .filter(|p| !p.has_grad)
+            .map(|p| {
+                let since = previous
+                    .iter()
+                    .find(|(n, _)| *n == p.name)
+                    .map_or(r.step, |(_, s)| *s);
+                (p.name.clone(), since)
+            })
             .collect();
-        if v.len() < c.patience {
-            continue;
+    }
+
+    fn finding(&self, last: u64, out: &mut Vec<Finding>) {
+        let Some(since) = self.missing.iter().map(|(_, s)| *s).min() else {
+            return;
+        };
+        out.push(Finding {
+            kind: FindingKind::NoGradient,
+            severity: Severity::Critical,
+            layers: self.missing.iter().map(|(n, _)| n.clone()).collect(),
+            evidence: format!(
+                "{} parameter(s) received no gradient at all (absent from the GradStore, not zero) since step {since}: the graph does not reach them",
+                self.missing.len()
+            ),
+            steps: [since, last],
+            peak: None,
+            remedy: "look for an op without a backward between the loss and these parameters: candle-nn's fast LayerNorm, RmsNorm and softmax_last_dim drop gradients (use grad_layers::layer_norm / rms_norm / ops::layer_norm, or candle_nn::ops::softmax), a detach(), or a parameter the forward never uses".into(),
+        });
+    }
+}
+
+#[derive(Debug, Clone)]
+struct NonFinite {
+    step: u64,
+    param: String,
+    nan: u64,
+    inf: u64,
+    last: u64,
+    observations: u64,
+}
+
+/// The lower median (of an even count, the smaller middle value).
+fn lower_median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[(v.len() - 1) / 2]
+    }
+}
+
+/// A bounded, evenly thinned sample of a series: keeps every `stride`-th value and doubles the
+/// stride (dropping every other kept value) when full.
+#[derive(Debug, Clone, Default)]
+struct Thinned {
+    values: Vec<f64>,
+    stride: u64,
+    seen: u64,
+}
+
+impl Thinned {
+    const CAPACITY: usize = 2048;
+
+    fn push(&mut self, v: f64) {
+        let stride = self.stride.max(1);
+        if self.seen.is_multiple_of(stride) {
+            self.values.push(v);
+            if self.values.len() == Self::CAPACITY {
+                self.values = self.values.iter().step_by(2).copied().collect();
+                self.stride = stride * 2;
+            }
         }
-        let m = median(&mut v);
-        if m < lo {
-            small.push((layer.name.clone(), m));
-        } else if m > hi {
-            large.push((layer.name.clone(), m));
+        self.seen += 1;
+    }
+
+    fn median(&self) -> f64 {
+        lower_median(&mut self.values.clone())
+    }
+}
+
+/// Explosions: the first step one held, the peak, the layers carrying it.
+#[derive(Debug, Clone, Default)]
+struct Exploding {
+    /// The last `growth_window` finite global norms.
+    window: VecDeque<f64>,
+    /// The run's finite global norms, thinned.
+    run: Thinned,
+    first: Option<u64>,
+    last: u64,
+    severity: Option<Severity>,
+    /// `(norm, step, baseline, the three largest layers in network order)` at the peak.
+    peak: Option<(f64, u64, f64, Vec<String>)>,
+}
+
+impl Exploding {
+    fn observe(&mut self, r: &StepRecord, c: &DetectorConfig) {
+        let v = r.global_grad_norm;
+        if !v.is_finite() {
+            return;
+        }
+        let baseline = lower_median(
+            &mut self
+                .window
+                .iter()
+                .copied()
+                .filter(|x| *x > 0.0)
+                .collect::<Vec<_>>(),
+        );
+        self.run.push(v);
+        let grew = baseline.is_finite() && v > c.growth_factor * baseline;
+        // The run's median (a sort of the thinned sample) only for a candidate.
+        let severity = if v > c.exploding_norm {
+            Some(Severity::Critical)
+        } else if grew && v > self.run.median() {
+            Some(Severity::Warning)
+        } else {
+            None
+        };
+        self.window.push_back(v);
+        if self.window.len() > c.growth_window {
+            self.window.pop_front();
+        }
+        let Some(severity) = severity else { return };
+        self.first.get_or_insert(r.step);
+        self.last = r.step;
+        self.severity = self.severity.max(Some(severity));
+        if self.peak.as_ref().is_none_or(|p| v > p.0) {
+            let mut layers: Vec<(f64, usize, &str)> = r
+                .layers
+                .iter()
+                .map(|l| (l.grad_norm, l.depth, l.name.as_str()))
+                .collect();
+            layers.sort_by(|a, b| b.0.total_cmp(&a.0));
+            let mut top: Vec<(usize, String)> = layers
+                .iter()
+                .take(3)
+                .map(|(_, d, n)| (*d, (*n).to_owned()))
+                .collect();
+            top.sort_by_key(|(d, _)| *d);
+            let baseline = if baseline.is_finite() {
+                baseline
+            } else {
+                self.run.median()
+            };
+            self.peak = Some((
+                v,
+                r.step,
+                baseline,
+                top.into_iter().map(|(_, n)| n).collect(),
+            ));
         }
     }
-    for (list, too, remedy) in [
-        (
-            small,
-            "small",
-            "raise the learning rate (or the layer's: its updates barely move it); about 1e-3 of the weights per step is typical",
-        ),
-        (
-            large,
-            "large",
-            "lower the learning rate or clip the gradients (grad_regularize::Clipped); about 1e-3 of the weights per step is typical",
-        ),
-    ] {
-        if list.is_empty() {
-            continue;
-        }
+
+    fn finding(&self, out: &mut Vec<Finding>) {
+        let (Some(first), Some(severity), Some((peak, at, baseline, layers))) =
+            (self.first, self.severity, &self.peak)
+        else {
+            return;
+        };
+        let median = self.run.median();
         out.push(Finding {
-            kind: FindingKind::UpdateRatio,
-            severity: Severity::Info,
+            kind: FindingKind::Exploding,
+            severity,
+            layers: layers.clone(),
             evidence: format!(
-                "median update-to-weight ratio too {too} (outside [{lo:.0e}, {hi:.0e}]): {}",
-                list.iter()
-                    .map(|(n, m)| format!("{n} {m:.1e}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                "global gradient norm first exploded at step {first}; peak {peak:.3e} at step {at}, {:.1}x the median of the observations before it ({baseline:.3e}); the run's median is {median:.3e}",
+                peak / baseline
             ),
-            layers: list.into_iter().map(|(n, _)| n).collect(),
-            steps: [recent[0].step, last.step],
-            remedy: remedy.into(),
+            steps: [first, self.last],
+            peak: Some(*peak),
+            remedy: format!(
+                "clip the global norm at about 1-5x its median ({median:.3e}) with grad_regularize::Clipped and ClipRule::global_norm, lower the learning rate, or add normalisation (grad_layers::batch_norm / layer_norm)"
+            ),
         });
+    }
+}
+
+/// Vanishing gradients: streaks of `patience` observations in which early layers fall below the
+/// floors.
+#[derive(Debug, Clone, Default)]
+struct Vanishing {
+    /// Consecutive observations (so far) in which each layer, by depth, was below a floor.
+    layer_streak: Vec<usize>,
+    /// Consecutive observations in which the first-to-last ratio was below its floor, and the
+    /// step that streak began.
+    ratio_streak: (usize, u64),
+    /// The first step of a streak that reached `patience`, and the last step it held.
+    first: Option<u64>,
+    last: u64,
+    /// Layers (by depth, name) flagged in any such streak.
+    layers: Vec<(usize, String)>,
+    /// The smallest first-to-last ratio seen while flagged, with the norms behind it.
+    worst: Option<(f64, String, f64, String, f64)>,
+    /// The first step each current layer streak began.
+    layer_start: Vec<u64>,
+}
+
+impl Vanishing {
+    fn observe(&mut self, r: &StepRecord, c: &DetectorConfig) {
+        // Only layers that received a gradient: an absent one is NoGradient's, not vanishing.
+        let live: Vec<&crate::record::LayerStats> =
+            r.layers.iter().filter(|l| l.has_grad).collect();
+        let n = r.layers.len();
+        self.layer_streak.resize(n, 0);
+        self.layer_start.resize(n, r.step);
+        let (Some(first), Some(top)) = (live.first(), live.last()) else {
+            self.layer_streak.iter_mut().for_each(|s| *s = 0);
+            self.ratio_streak = (0, r.step);
+            return;
+        };
+        let mut flagged_now = Vec::new();
+        for l in &r.layers {
+            let d = l.depth.min(n.saturating_sub(1));
+            let below = l.has_grad
+                && (l.grad_norm < c.vanishing_norm
+                    || (l.depth < top.depth && l.grad_norm < c.vanishing_ratio * top.grad_norm));
+            if below {
+                if self.layer_streak[d] == 0 {
+                    self.layer_start[d] = r.step;
+                }
+                self.layer_streak[d] += 1;
+                if self.layer_streak[d] >= c.patience {
+                    flagged_now.push((d, l.name.clone(), self.layer_start[d]));
+                }
+            } else {
+                self.layer_streak[d] = 0;
+            }
+        }
+        let ratio = first.grad_norm / top.grad_norm;
+        let ratio_holds = live.len() > 1 && top.grad_norm > 0.0 && ratio < c.vanishing_ratio;
+        if ratio_holds {
+            if self.ratio_streak.0 == 0 {
+                self.ratio_streak.1 = r.step;
+            }
+            self.ratio_streak.0 += 1;
+        } else {
+            self.ratio_streak.0 = 0;
+        }
+        let ratio_flagged = self.ratio_streak.0 >= c.patience;
+        if flagged_now.is_empty() && !ratio_flagged {
+            return;
+        }
+        let start = flagged_now
+            .iter()
+            .map(|(_, _, s)| *s)
+            .chain(ratio_flagged.then_some(self.ratio_streak.1))
+            .min()
+            .unwrap_or(r.step);
+        self.first = Some(self.first.map_or(start, |f| f.min(start)));
+        self.last = r.step;
+        if flagged_now.is_empty() {
+            flagged_now.push((first.depth, first.name.clone(), start));
+        }
+        for (d, name, _) in flagged_now {
+            if !self.layers.iter().any(|(_, n)| *n == name) {
+                self.layers.push((d, name));
+            }
+        }
+        self.layers.sort_by_key(|(d, _)| *d);
+        if ratio.is_finite() && self.worst.as_ref().is_none_or(|w| ratio < w.0) {
+            self.worst = Some((
+                ratio,
+                first.name.clone(),
+                first.grad_norm,
+                top.name.clone(),
+                top.grad_norm,
+            ));
+        }
+    }
+
+    fn finding(&self, c: &DetectorConfig, out: &mut Vec<Finding>) {
+        let Some(first) = self.first else { return };
+        let layers: Vec<String> = self.layers.iter().map(|(_, n)| n.clone()).collect();
+        let evidence = match &self.worst {
+            Some((ratio, low, low_norm, high, high_norm)) => format!(
+                "gradient norm of {low} down to {low_norm:.3e}, {ratio:.1e} times that of {high} ({high_norm:.3e}); {} layer(s) below {:.0e} of the last or {:.0e} absolute for {} or more observations",
+                layers.len(),
+                c.vanishing_ratio,
+                c.vanishing_norm,
+                c.patience
+            ),
+            None => format!(
+                "{} layer(s) below {:.0e} absolute for {} or more observations",
+                layers.len(),
+                c.vanishing_norm,
+                c.patience
+            ),
+        };
+        out.push(Finding {
+            kind: FindingKind::Vanishing,
+            severity: Severity::Warning,
+            evidence,
+            steps: [first, self.last],
+            peak: self.worst.as_ref().map(|w| w.0),
+            remedy: format!(
+                "insert BatchNorm after {} (grad_layers::batch_norm), use LeakyReLU with Kaiming init instead of saturating activations (grad_layers::Activation::LeakyRelu, grad_layers::init::Initializer::KaimingNormal), or initialise with LSUV (grad_layers::lsuv)",
+                layers.first().map_or("the first layer", String::as_str)
+            ),
+            layers,
+        });
+    }
+}
+
+/// Dead or saturated units behind one probe.
+#[derive(Debug, Clone)]
+struct ProbeEpisode {
+    name: String,
+    kind: FindingKind,
+    first: u64,
+    last: u64,
+    peak: f64,
+    detail: String,
+}
+
+/// Update ratios out of band: per layer, the median over the last `patience` observations,
+/// out of band `patience` times in a row (a transient at the start of training is not a
+/// finding).
+#[derive(Debug, Clone, Default)]
+struct UpdateRatios {
+    /// Per layer depth, the last `patience` finite ratios.
+    recent: Vec<VecDeque<f64>>,
+    /// Per layer depth, how many consecutive medians were out of band (signed: too small < 0).
+    streak: Vec<i64>,
+    /// Per layer name: (too small?, first step, last step, extreme median).
+    episodes: Vec<(String, usize, bool, u64, u64, f64)>,
+}
+
+impl UpdateRatios {
+    fn observe(&mut self, r: &StepRecord, c: &DetectorConfig) {
+        let [lo, hi] = c.update_ratio_band;
+        self.recent.resize(r.layers.len(), VecDeque::new());
+        self.streak.resize(r.layers.len(), 0);
+        for (d, layer) in r.layers.iter().enumerate() {
+            let window = &mut self.recent[d];
+            match layer.update_ratio.filter(|v| v.is_finite()) {
+                Some(v) => window.push_back(v),
+                None => continue,
+            }
+            if window.len() > c.patience {
+                window.pop_front();
+            }
+            if window.len() < c.patience {
+                continue;
+            }
+            let m = lower_median(&mut window.iter().copied().collect::<Vec<_>>());
+            let small = m < lo;
+            let streak = &mut self.streak[d];
+            *streak = match (small, m > hi) {
+                (true, _) => (*streak).min(0) - 1,
+                (_, true) => (*streak).max(0) + 1,
+                _ => 0,
+            };
+            if streak.unsigned_abs() < c.patience as u64 {
+                continue;
+            }
+            let first = r.step;
+            match self
+                .episodes
+                .iter_mut()
+                .find(|e| e.0 == layer.name && e.2 == small)
+            {
+                Some(e) => {
+                    e.4 = r.step;
+                    if (small && m < e.5) || (!small && m > e.5) {
+                        e.5 = m;
+                    }
+                }
+                None => self
+                    .episodes
+                    .push((layer.name.clone(), d, small, first, r.step, m)),
+            }
+        }
+    }
+
+    fn finding(&self, c: &DetectorConfig, out: &mut Vec<Finding>) {
+        let [lo, hi] = c.update_ratio_band;
+        for (small, too, remedy) in [
+            (
+                true,
+                "small",
+                "raise the learning rate (or the layer's: its updates barely move it); about 1e-3 of the weights per step is typical",
+            ),
+            (
+                false,
+                "large",
+                "lower the learning rate or clip the gradients (grad_regularize::Clipped); about 1e-3 of the weights per step is typical",
+            ),
+        ] {
+            let mut list: Vec<&(String, usize, bool, u64, u64, f64)> =
+                self.episodes.iter().filter(|e| e.2 == small).collect();
+            if list.is_empty() {
+                continue;
+            }
+            list.sort_by_key(|e| e.1);
+            let first = list.iter().map(|e| e.3).min().unwrap_or(0);
+            let last = list.iter().map(|e| e.4).max().unwrap_or(0);
+            let extreme =
+                list.iter()
+                    .map(|e| e.5)
+                    .fold(if small { f64::INFINITY } else { 0.0 }, |a, b| {
+                        if small { a.min(b) } else { a.max(b) }
+                    });
+            out.push(Finding {
+                kind: FindingKind::UpdateRatio,
+                severity: Severity::Info,
+                evidence: format!(
+                    "median update-to-weight ratio over {} observations too {too} (outside [{lo:.0e}, {hi:.0e}]): {}",
+                    c.patience,
+                    list.iter()
+                        .map(|e| format!("{} {:.1e}", e.0, e.5))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                layers: list.iter().map(|e| e.0.clone()).collect(),
+                steps: [first, last],
+                peak: Some(extreme),
+                remedy: remedy.into(),
+            });
+        }
     }
 }

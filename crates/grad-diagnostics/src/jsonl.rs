@@ -2,7 +2,9 @@
 //! crashes leaves a log that reads back up to its last complete line.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
+
+use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 
 use crate::record::StepRecord;
@@ -39,17 +41,30 @@ impl JsonlSink {
         Ok(Self { file, path })
     }
 
-    /// Opens the log at `path` for appending (creating it if needed), to continue a run.
+    /// Opens the log at `path` for appending (creating it if needed), to continue a run. A log
+    /// whose last line was cut off (a crash mid-write) first gets a newline, so the partial line
+    /// stays one bad line and the next record a good one.
     ///
     /// # Errors
     /// [`Error::Io`] when the file cannot be opened.
     pub fn append(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let file = OpenOptions::new()
+        let mut file = OpenOptions::new()
             .create(true)
+            .read(true)
             .append(true)
             .open(&path)
             .map_err(|e| Error::io(&path, e))?;
+        let len = file.metadata().map_err(|e| Error::io(&path, e))?.len();
+        if len > 0 {
+            let mut last = [0u8];
+            file.seek(SeekFrom::Start(len - 1))
+                .and_then(|_| file.read_exact(&mut last))
+                .map_err(|e| Error::io(&path, e))?;
+            if last[0] != b'\n' {
+                file.write_all(b"\n").map_err(|e| Error::io(&path, e))?;
+            }
+        }
         Ok(Self { file, path })
     }
 
@@ -86,29 +101,39 @@ pub struct LogContents {
 }
 
 /// Reads a JSON Lines log, keeping every record that parses and reporting the others by line
-/// number. Blank lines are skipped.
+/// number. Blank lines are skipped. Lines parse in parallel (a 100,000-step log is hundreds of
+/// megabytes), in blocks that keep file order.
 ///
 /// # Errors
 /// [`Error::Io`] when the file cannot be read.
 pub fn read_log(path: impl AsRef<Path>) -> Result<LogContents> {
     let path = path.as_ref();
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let lines: Vec<&[u8]> = bytes.split(|&b| b == b'\n').collect();
+    let parsed: Vec<Option<std::result::Result<StepRecord, BadLine>>> = lines
+        .par_iter()
+        .enumerate()
+        .map(|(i, line)| {
+            let text = String::from_utf8_lossy(line);
+            if text.trim().is_empty() {
+                return None;
+            }
+            Some(
+                serde_json::from_str::<StepRecord>(&text).map_err(|e| BadLine {
+                    line: i + 1,
+                    message: e.to_string(),
+                }),
+            )
+        })
+        .collect();
     let mut out = LogContents {
-        records: Vec::new(),
+        records: Vec::with_capacity(parsed.len()),
         bad_lines: Vec::new(),
     };
-    for (i, line) in BufReader::new(file).split(b'\n').enumerate() {
-        let bytes = line.map_err(|e| Error::io(path, e))?;
-        let text = String::from_utf8_lossy(&bytes);
-        if text.trim().is_empty() {
-            continue;
-        }
-        match serde_json::from_str::<StepRecord>(&text) {
+    for p in parsed.into_iter().flatten() {
+        match p {
             Ok(r) => out.records.push(r),
-            Err(e) => out.bad_lines.push(BadLine {
-                line: i + 1,
-                message: e.to_string(),
-            }),
+            Err(bad) => out.bad_lines.push(bad),
         }
     }
     Ok(out)

@@ -39,6 +39,7 @@
 
 mod detect;
 mod error;
+mod histogram;
 mod jsonl;
 mod monitor;
 pub mod plot;
@@ -46,14 +47,17 @@ mod probe;
 mod record;
 mod report;
 mod stats;
+mod tensorboard;
 
-pub use detect::{DetectorConfig, Finding, FindingKind, Severity, detect};
+pub use detect::{DetectorConfig, Detectors, Finding, FindingKind, Severity, detect};
 pub use error::{Error, Result};
+pub use histogram::{BINS, FIRST_EXPONENT, Histogram};
 pub use jsonl::{BadLine, JsonlSink, LogContents, read_log};
-pub use monitor::{GradMonitor, LayerGrouping, MonitorConfig};
+pub use monitor::{GradMonitor, LayerGrouping, MonitorConfig, StepContext};
 pub use probe::Probe;
-pub use record::{LayerStats, ParamStats, ProbeKind, ProbeStats, StepRecord};
+pub use record::{ClipRecord, LayerStats, ParamStats, ProbeKind, ProbeStats, StepRecord};
 pub use report::{LayerSummary, RunReport};
+pub use tensorboard::TensorBoardSink;
 
 #[cfg(test)]
 mod autotraits {

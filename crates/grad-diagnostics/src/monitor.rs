@@ -7,21 +7,31 @@
 //! elements kept from the previous observation: exact for tensors up to
 //! [`MonitorConfig::update_sample`] elements, an unbiased estimate (relative error about
 //! `sqrt(2 / sample)`) for larger ones, so the monitor keeps `sample` floats per parameter instead
-//! of a copy of the model. History lives in a ring buffer of bounded length.
+//! of a copy of the model. History lives in a ring buffer of bounded length; the detectors keep
+//! running state of their own, so their verdicts cover the whole run.
+//!
+//! A record also carries, when known, the loss, the learning rate and what a clipping optimizer
+//! did (`backward_step` collects all three), and per layer a histogram of `|g|` and one of the
+//! sampled update ratios (see [`Histogram`](crate::Histogram)), computed in the same read as the
+//! moments. A parameter the loss does not reach is recorded as having no gradient
+//! (`ParamStats::has_grad`), never as a zero one.
 
 use std::collections::VecDeque;
 
+use candle_core::Tensor;
 use candle_core::backprop::GradStore;
 use candle_nn::{Optimizer, VarMap};
-use grad_core::{NamedVars, natural_cmp};
+use grad_core::{NamedVars, VarOrder};
 use serde::{Deserialize, Serialize};
 
-use crate::Result;
-use crate::detect::{DetectorConfig, Finding, detect};
+use crate::detect::{DetectorConfig, Detectors, Finding};
+use crate::histogram::Histogram;
 use crate::probe::Probe;
 use crate::record::{LayerStats, ParamStats, StepRecord};
 use crate::report::RunReport;
 use crate::stats::{self, gather, gather_on_device};
+use crate::stats::{Observation, Wanted};
+use crate::{Error, Result};
 use grad_core::device::Path;
 use rayon::prelude::*;
 
@@ -58,8 +68,10 @@ pub struct MonitorConfig {
     pub history: usize,
     /// How parameters group into layers. Default: [`LayerGrouping::StripLast`].
     pub grouping: LayerGrouping,
-    /// The layers in network order; `None` sorts layer names naturally (`layer.2` before
-    /// `layer.10`). Layers not listed follow, naturally sorted. Default: `None`.
+    /// The layers in network order. `None` takes the parameters' order: the order the model
+    /// created its variables for [`GradMonitor::from_var_map`] (network order for a model built
+    /// layer by layer), the given order for [`NamedVars::new`]. Layers not listed follow in that
+    /// order; an entry that names no layer is an error. Default: `None`.
     pub layer_order: Option<Vec<String>>,
     /// Weight elements kept per parameter for update ratios. Default: 4096.
     pub update_sample: usize,
@@ -87,7 +99,7 @@ struct Tracked {
     /// Flat positions sampled for the update ratio, and their values at the last observation.
     positions: Vec<usize>,
     /// The positions as a u32 tensor on the parameter's device (composed path, made once).
-    device_positions: Option<candle_core::Tensor>,
+    device_positions: Option<Tensor>,
     previous: Option<Sample>,
 }
 
@@ -95,7 +107,7 @@ struct Tracked {
 #[derive(Debug)]
 enum Sample {
     Host(Vec<f64>),
-    Device(candle_core::Tensor),
+    Device(Tensor),
 }
 
 /// Watches a model's gradients step by step.
@@ -123,19 +135,32 @@ enum Sample {
 pub struct GradMonitor {
     config: MonitorConfig,
     params: NamedVars,
+    buffers: Vec<String>,
     layers: Vec<String>,
     tracked: Vec<Tracked>,
     probes: Vec<Probe>,
     history: VecDeque<StepRecord>,
+    detectors: Detectors,
     clip_threshold: Option<f64>,
+    warnings: Vec<String>,
+}
+
+/// What the training loop knows about a step beyond its gradients.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StepContext<'a> {
+    /// The loss (a scalar tensor), read in the same transfer as the statistics.
+    pub loss: Option<&'a Tensor>,
+    /// The learning rate in force.
+    pub learning_rate: Option<f64>,
 }
 
 impl GradMonitor {
-    /// A monitor of `params` (usually [`NamedVars::from_var_map`]).
+    /// A monitor of `params` (usually [`NamedVars::from_var_map`]: the parameters, in the
+    /// order the model created them).
     ///
     /// # Errors
-    /// [`Error::Core`](crate::Error::Core) for `every` or `history` of 0, or invalid detector
-    /// thresholds.
+    /// [`Error::Core`] for `every` or `history` of 0, invalid detector thresholds, or a
+    /// `layer_order` entry that names no layer ([`grad_core::Error::UnknownName`]).
     pub fn new(params: NamedVars, config: MonitorConfig) -> Result<Self> {
         grad_core::validate::at_least_one(
             "every",
@@ -143,6 +168,7 @@ impl GradMonitor {
         )?;
         grad_core::validate::at_least_one("history", config.history)?;
         config.detectors.validate()?;
+        // Layers in the order their first parameter appears.
         let mut layers: Vec<String> = Vec::new();
         for name in params.names() {
             let l = config.grouping.layer_of(name);
@@ -151,33 +177,48 @@ impl GradMonitor {
             }
         }
         let given = config.layer_order.clone().unwrap_or_default();
-        layers.sort_by(|a, b| {
-            let (pa, pb) = (
-                given.iter().position(|g| g == a),
-                given.iter().position(|g| g == b),
-            );
-            match (pa, pb) {
-                (Some(x), Some(y)) => x.cmp(&y),
-                (Some(_), None) => std::cmp::Ordering::Less,
-                (None, Some(_)) => std::cmp::Ordering::Greater,
-                (None, None) => natural_cmp(a, b),
-            }
-        });
-        // Parameters in network order: by layer, then naturally by name.
-        let mut entries: Vec<(usize, String, candle_core::Var)> = params
+        if let Some(unknown) = given.iter().find(|g| !layers.contains(g)) {
+            return Err(Error::Core(grad_core::Error::UnknownName {
+                name: format!(
+                    "{unknown} (in layer_order; the layers are {})",
+                    layers.join(", ")
+                ),
+            }));
+        }
+        let by_position = |n: &String| layers.iter().position(|l| l == n).unwrap_or(usize::MAX);
+        let mut ordered: Vec<String> = given.clone();
+        let mut rest: Vec<String> = layers
             .iter()
-            .map(|(n, v)| {
+            .filter(|l| !given.contains(l))
+            .cloned()
+            .collect();
+        rest.sort_by_key(by_position);
+        ordered.extend(rest);
+        let layers = ordered;
+        let mut warnings = Vec::new();
+        if params.order() == VarOrder::Name && config.layer_order.is_none() {
+            warnings.push(
+                "layers are in name order, not network order: the variables' creation order \
+                 was not available; set MonitorConfig::layer_order"
+                    .to_owned(),
+            );
+        }
+        // Parameters in network order: by layer, then in their own order.
+        let mut entries: Vec<(usize, usize, String, candle_core::Var)> = params
+            .iter()
+            .enumerate()
+            .map(|(k, (n, v))| {
                 let layer = layers
                     .iter()
                     .position(|l| *l == config.grouping.layer_of(n))
                     .unwrap_or(0);
-                (layer, n.to_owned(), v.clone())
+                (layer, k, n.to_owned(), v.clone())
             })
             .collect();
-        entries.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| natural_cmp(&a.1, &b.1)));
+        entries.sort_by_key(|e| (e.0, e.1));
         let tracked = entries
             .iter()
-            .map(|(layer, _, v)| {
+            .map(|(layer, _, _, v)| {
                 let n = v.elem_count();
                 let m = n.min(config.update_sample.max(1));
                 Tracked {
@@ -188,20 +229,24 @@ impl GradMonitor {
                 }
             })
             .collect();
-        let params = NamedVars::new(entries.into_iter().map(|(_, n, v)| (n, v)))?;
+        let params = NamedVars::new(entries.into_iter().map(|(_, _, n, v)| (n, v)))?;
         Ok(Self {
+            detectors: Detectors::new(config.detectors.clone()),
             config,
             params,
+            buffers: Vec::new(),
             layers,
             tracked,
             probes: Vec::new(),
             history: VecDeque::new(),
             clip_threshold: None,
+            warnings,
         })
     }
 
-    /// A monitor of every floating-point variable of `vars` with the default settings: the
-    /// one-line drop-in for a candle training loop.
+    /// A monitor of the parameters of `vars` (buffers such as batch norm's running statistics
+    /// left out, and listed by [`buffers`](Self::buffers)) in the order the model created them,
+    /// with the default settings: the one-line drop-in for a candle training loop.
     ///
     /// # Errors
     /// As [`GradMonitor::new`].
@@ -212,13 +257,21 @@ impl GradMonitor {
     /// use grad_diagnostics::GradMonitor;
     /// let varmap = VarMap::new();
     /// let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-    /// let _layer = candle_nn::linear(4, 2, vb.pp("fc"))?;
+    /// let _conv = candle_nn::linear(4, 2, vb.pp("conv"))?;
+    /// let _bn = candle_nn::batch_norm(2, candle_nn::BatchNormConfig::default(), vb.pp("bn"))?;
+    /// let _fc = candle_nn::linear(2, 2, vb.pp("fc"))?;
     /// let monitor = GradMonitor::from_var_map(&varmap)?;
-    /// assert_eq!(monitor.layers(), ["fc"]);
+    /// assert_eq!(monitor.layers(), ["conv", "bn", "fc"]); // network order, not name order
+    /// assert_eq!(monitor.buffers(), ["bn.running_mean", "bn.running_var"]);
     /// # Ok::<(), grad_diagnostics::Error>(())
     /// ```
     pub fn from_var_map(vars: &VarMap) -> Result<Self> {
-        Self::new(NamedVars::from_var_map(vars), MonitorConfig::default())
+        let mut monitor = Self::new(NamedVars::from_var_map(vars), MonitorConfig::default())?;
+        monitor.buffers = NamedVars::buffers_of(vars)
+            .names()
+            .map(str::to_owned)
+            .collect();
+        Ok(monitor)
     }
 
     /// Adds an activation probe whose statistics join every observation.
@@ -242,175 +295,81 @@ impl GradMonitor {
     /// # Errors
     /// A candle error reading a tensor.
     pub fn observe(&mut self, step: u64, grads: &GradStore) -> Result<Option<&StepRecord>> {
+        self.observe_with(step, grads, StepContext::default())
+    }
+
+    /// [`observe`](Self::observe) with the loss and the learning rate, recorded with the
+    /// gradients' statistics (the loss is read in the same transfer).
+    ///
+    /// # Errors
+    /// As [`observe`](Self::observe); [`grad_core::Error::ShapeMismatch`] when the loss is not
+    /// a one-element tensor, [`grad_core::Error::UnsupportedDType`] when it is not a float.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Module, Tensor};
+    /// use candle_nn::{VarBuilder, VarMap};
+    /// use grad_diagnostics::{GradMonitor, StepContext};
+    /// let map = VarMap::new();
+    /// let fc = candle_nn::linear(4, 1, VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu))?;
+    /// let mut monitor = GradMonitor::from_var_map(&map)?;
+    /// let loss = fc.forward(&Tensor::ones((8, 4), DType::F32, &Device::Cpu)?)?.sqr()?.mean_all()?;
+    /// let grads = loss.backward()?;
+    /// let ctx = StepContext { loss: Some(&loss), learning_rate: Some(0.1) };
+    /// let record = monitor.observe_with(0, &grads, ctx)?.unwrap();
+    /// assert_eq!(record.learning_rate, Some(0.1));
+    /// assert_eq!(record.loss, Some(f64::from(loss.to_scalar::<f32>()?)));
+    /// # Ok::<(), grad_diagnostics::Error>(())
+    /// ```
+    pub fn observe_with(
+        &mut self,
+        step: u64,
+        grads: &GradStore,
+        context: StepContext<'_>,
+    ) -> Result<Option<&StepRecord>> {
         if !self.should_observe(step) {
             return Ok(None);
         }
+        let loss = match context.loss {
+            Some(l) => {
+                grad_core::float::ensure_float("GradMonitor", "loss", l.dtype())?;
+                if l.elem_count() != 1 {
+                    return Err(Error::Core(grad_core::Error::shape_mismatch(
+                        "GradMonitor",
+                        "loss",
+                        "a scalar (one element)",
+                        l.dims(),
+                    )));
+                }
+                Some(l.flatten_all()?.reshape(())?)
+            }
+            None => None,
+        };
         let named = self.params.grads(grads)?;
-        // Every gradient's statistics and every weight's norm, from one pass over all the
-        // tensors (fused), or one read-back of device reductions (composed).
-        let weights: Vec<candle_core::Tensor> = self
+        let weights: Vec<Tensor> = self
             .params
             .vars()
             .iter()
             .map(|v| v.as_tensor().clone())
             .collect();
-        let present: Vec<candle_core::Tensor> =
-            named.iter().filter_map(|e| e.grad().cloned()).collect();
+        let present: Vec<Tensor> = named.iter().filter_map(|e| e.grad().cloned()).collect();
         let path = weights
             .first()
             .map_or(Path::Fused, |w| Path::of(w.device()));
-        let (observation, samples, update_sums): (_, Vec<Sample>, Vec<Option<f64>>) = match path {
-            Path::Fused => {
-                let observation = stats::observe(&present, &weights, &[], path)?;
-                // The update-ratio samples: scattered reads, one task per parameter.
-                let samples: Vec<Vec<f64>> = weights
-                    .iter()
-                    .zip(&self.tracked)
-                    .collect::<Vec<_>>()
-                    .into_par_iter()
-                    .map(|(w, tracked)| gather(w, &tracked.positions))
-                    .collect::<Result<_>>()?;
-                let sums = samples
-                    .iter()
-                    .zip(&self.tracked)
-                    .map(|(sample, tracked)| match &tracked.previous {
-                        Some(Sample::Host(prev)) => Some(
-                            prev.iter()
-                                .zip(sample)
-                                .map(|(a, b)| (b - a) * (b - a))
-                                .sum::<f64>(),
-                        ),
-                        _ => None,
-                    })
-                    .collect();
-                let samples = samples.into_iter().map(Sample::Host).collect();
-                (observation, samples, sums)
-            }
-            Path::Composed => {
-                // The samples stay on the device; their squared differences join the read.
-                let mut samples = Vec::with_capacity(weights.len());
-                let mut extras = Vec::new();
-                for (w, tracked) in weights.iter().zip(&mut self.tracked) {
-                    let positions = match &tracked.device_positions {
-                        Some(p) => p.clone(),
-                        None => {
-                            let idx: Vec<u32> = tracked
-                                .positions
-                                .iter()
-                                .map(|&p| u32::try_from(p).unwrap_or(u32::MAX))
-                                .collect();
-                            let p = candle_core::Tensor::from_vec(
-                                idx,
-                                tracked.positions.len(),
-                                w.device(),
-                            )?;
-                            tracked.device_positions = Some(p.clone());
-                            p
-                        }
-                    };
-                    let sample = gather_on_device(w, &positions)?;
-                    if let Some(Sample::Device(prev)) = &tracked.previous {
-                        extras.push((&sample - prev)?.sqr()?.sum_all()?);
-                    }
-                    samples.push(Sample::Device(sample));
-                }
-                let observation = stats::observe(&present, &weights, &extras, path)?;
-                let mut sums = observation.extras.iter().copied();
-                let sums = self
-                    .tracked
-                    .iter()
-                    .map(|t| match t.previous {
-                        Some(Sample::Device(_)) => sums.next(),
-                        _ => None,
-                    })
-                    .collect();
-                (observation, samples, sums)
-            }
+        let extras: Vec<Tensor> = loss.into_iter().collect();
+        let (observation, samples, updates) = match path {
+            Path::Fused => self.read_fused(&present, &weights, &extras)?,
+            Path::Composed => self.read_composed(&present, &weights, &extras)?,
         };
-        let weight_norms = observation.norms;
-        let mut grad_moments = observation.moments.into_iter();
-        let layers = &self.layers;
-        let params: Vec<(ParamStats, Sample, f64)> = named
-            .iter()
-            .zip(&self.tracked)
-            .zip(&weight_norms)
-            .zip(samples.into_iter().zip(update_sums))
-            .map(
-                |(((entry, tracked), weight_norm), (sample, update_sum))| -> Result<_> {
-                    let w = entry.var().as_tensor();
-                    let weight_norm = *weight_norm;
-                    let g = if entry.grad().is_some() {
-                        grad_moments.next().unwrap_or_default()
-                    } else {
-                        stats::Moments::default()
-                    };
-                    // The update's squared norm, estimated from the sampled elements.
-                    let sampled = tracked.positions.len().max(1) as f64;
-                    let update_sq: Option<f64> =
-                        update_sum.map(|d: f64| d * w.elem_count() as f64 / sampled);
-                    let stats = ParamStats {
-                        name: entry.name().to_owned(),
-                        layer: layers[tracked.layer].clone(),
-                        numel: w.elem_count(),
-                        grad_norm: g.norm(),
-                        grad_max_abs: g.max_abs,
-                        grad_mean: g.mean,
-                        grad_std: g.std(),
-                        zero_fraction: g.zero_fraction(),
-                        nan_count: g.nan,
-                        inf_count: g.inf,
-                        weight_norm,
-                        update_ratio: update_sq.map(|u| ratio(u.sqrt(), weight_norm)),
-                    };
-                    Ok((stats, sample, update_sq.unwrap_or(f64::NAN)))
-                },
-            )
-            .collect::<Result<Vec<_>>>()?;
-
-        let mut layer_stats: Vec<LayerStats> = layers
-            .iter()
-            .enumerate()
-            .map(|(depth, name)| LayerStats {
-                name: name.clone(),
-                depth,
-                grad_norm: 0.0,
-                grad_max_abs: 0.0,
-                weight_norm: 0.0,
-                update_ratio: None,
-                non_finite: 0,
-            })
-            .collect();
-        let mut update_sq = vec![Some(0.0); layers.len()];
-        let mut global_sq = 0.0f64;
-        let mut records = Vec::with_capacity(params.len());
-        for ((stats, sample, upd), tracked) in params.into_iter().zip(self.tracked.iter_mut()) {
-            let l = &mut layer_stats[tracked.layer];
-            l.grad_norm += stats.grad_norm * stats.grad_norm;
-            l.grad_max_abs = l.grad_max_abs.max(stats.grad_max_abs);
-            l.weight_norm += stats.weight_norm * stats.weight_norm;
-            l.non_finite += stats.nan_count + stats.inf_count;
-            if stats.grad_max_abs.is_nan() {
-                l.grad_max_abs = f64::NAN;
-            }
-            update_sq[tracked.layer] =
-                update_sq[tracked.layer].and_then(|u| (!upd.is_nan()).then_some(u + upd));
-            global_sq += stats.grad_norm * stats.grad_norm;
-            tracked.previous = Some(sample);
-            records.push(stats);
-        }
-        for (l, u) in layer_stats.iter_mut().zip(update_sq) {
-            l.grad_norm = l.grad_norm.sqrt();
-            l.weight_norm = l.weight_norm.sqrt();
-            l.update_ratio = u.map(|u| ratio(u.sqrt(), l.weight_norm));
-        }
+        let loss_value = context
+            .loss
+            .map(|_| observation.extras.first().copied().unwrap_or(f64::NAN));
+        let record = self.assemble(step, &named, observation, samples, updates)?;
         let record = StepRecord {
-            step,
-            global_grad_norm: global_sq.sqrt(),
-            clip_threshold: self.clip_threshold,
-            params: records,
-            layers: layer_stats,
-            probes: self.probes.iter().map(Probe::stats).collect(),
+            loss: loss_value,
+            learning_rate: context.learning_rate,
+            ..record
         };
+        self.detectors.observe(&record);
         if self.history.len() == self.config.history {
             self.history.pop_front();
         }
@@ -418,12 +377,231 @@ impl GradMonitor {
         Ok(self.history.back())
     }
 
-    /// `loss.backward()`, [`observe`](Self::observe) at `step`, then `optimizer.step` — in
-    /// place of candle's `optimizer.backward_step(&loss)`, so a training loop gains the monitor
-    /// by changing one line.
+    /// One parallel pass over gradients and weights; update-ratio samples gathered on the host.
+    fn read_fused(
+        &self,
+        present: &[Tensor],
+        weights: &[Tensor],
+        extras: &[Tensor],
+    ) -> Result<(Observation, Vec<Sample>, Vec<Update>)> {
+        let wanted = Wanted {
+            tensors: present,
+            others: weights,
+            extras,
+            ..Wanted::default()
+        };
+        let observation = stats::observe(wanted, Path::Fused)?;
+        // The update-ratio samples: scattered reads, one task per parameter.
+        let samples: Vec<Vec<f64>> = weights
+            .iter()
+            .zip(&self.tracked)
+            .collect::<Vec<_>>()
+            .into_par_iter()
+            .map(|(w, tracked)| gather(w, &tracked.positions))
+            .collect::<Result<_>>()?;
+        let updates = samples
+            .iter()
+            .zip(&self.tracked)
+            .map(|(sample, tracked)| match &tracked.previous {
+                Some(Sample::Host(prev)) => {
+                    let mut histogram = Histogram::default();
+                    let mut sum = 0.0;
+                    for (a, b) in prev.iter().zip(sample) {
+                        sum += (b - a) * (b - a);
+                        histogram.add(element_ratio(b - a, *b));
+                    }
+                    Some((sum, histogram))
+                }
+                _ => None,
+            })
+            .collect();
+        let samples = samples.into_iter().map(Sample::Host).collect();
+        Ok((observation, samples, updates))
+    }
+
+    /// Candle reductions on the device, read back as one tensor; the samples stay there.
+    fn read_composed(
+        &mut self,
+        present: &[Tensor],
+        weights: &[Tensor],
+        extras: &[Tensor],
+    ) -> Result<(Observation, Vec<Sample>, Vec<Update>)> {
+        let mut samples = Vec::with_capacity(weights.len());
+        let mut sums = Vec::new();
+        let mut ratios = Vec::new();
+        for (w, tracked) in weights.iter().zip(&mut self.tracked) {
+            let positions = match &tracked.device_positions {
+                Some(p) => p.clone(),
+                None => {
+                    let idx: Vec<u32> = tracked
+                        .positions
+                        .iter()
+                        .map(|&p| u32::try_from(p).unwrap_or(u32::MAX))
+                        .collect();
+                    let p = Tensor::from_vec(idx, tracked.positions.len(), w.device())?;
+                    tracked.device_positions = Some(p.clone());
+                    p
+                }
+            };
+            let sample = gather_on_device(w, &positions)?;
+            if let Some(Sample::Device(prev)) = &tracked.previous {
+                let diff = (&sample - prev)?;
+                sums.push(diff.sqr()?.sum_all()?);
+                ratios.push(element_ratios(&diff, &sample)?);
+            }
+            samples.push(Sample::Device(sample));
+        }
+        let mut all_extras = extras.to_vec();
+        all_extras.extend(sums);
+        let wanted = Wanted {
+            tensors: present,
+            others: weights,
+            ratios: &ratios,
+            extras: &all_extras,
+        };
+        let mut observation = stats::observe(wanted, Path::Composed)?;
+        let mut sums = observation.extras.split_off(extras.len()).into_iter();
+        let mut histograms = std::mem::take(&mut observation.ratio_histograms).into_iter();
+        let updates = self
+            .tracked
+            .iter()
+            .map(|t| match t.previous {
+                Some(Sample::Device(_)) => sums.next().zip(histograms.next()),
+                _ => None,
+            })
+            .collect();
+        Ok((observation, samples, updates))
+    }
+
+    /// Per-parameter and per-layer statistics from what was read.
+    fn assemble(
+        &mut self,
+        step: u64,
+        named: &grad_core::NamedGrads,
+        observation: Observation,
+        samples: Vec<Sample>,
+        updates: Vec<Update>,
+    ) -> Result<StepRecord> {
+        let weight_norms = observation.norms;
+        let mut grad_moments = observation.moments.into_iter();
+        let mut grad_histograms = observation.histograms.into_iter();
+        let layers = &self.layers;
+        let mut layer_stats: Vec<LayerStats> = layers
+            .iter()
+            .enumerate()
+            .map(|(depth, name)| LayerStats {
+                name: name.clone(),
+                depth,
+                has_grad: false,
+                grad_norm: 0.0,
+                grad_max_abs: 0.0,
+                weight_norm: 0.0,
+                update_ratio: None,
+                non_finite: 0,
+                grad_histogram: Histogram::default(),
+                update_histogram: None,
+            })
+            .collect();
+        let mut layer_update: Vec<Option<(f64, Histogram)>> =
+            vec![Some((0.0, Histogram::default())); layers.len()];
+        let mut global_sq = 0.0f64;
+        let mut records = Vec::with_capacity(named.len());
+        let rows = named
+            .iter()
+            .zip(self.tracked.iter_mut())
+            .zip(weight_norms)
+            .zip(samples.into_iter().zip(updates));
+        for (((entry, tracked), weight_norm), (sample, update)) in rows {
+            let w = entry.var().as_tensor();
+            let has_grad = entry.grad().is_some();
+            let (g, histogram) = if has_grad {
+                (
+                    grad_moments.next().unwrap_or_default(),
+                    grad_histograms.next().unwrap_or_default(),
+                )
+            } else {
+                (stats::Moments::default(), Histogram::default())
+            };
+            // The update's squared norm, estimated from the sampled elements.
+            let sampled = tracked.positions.len().max(1) as f64;
+            let update_sq = update
+                .as_ref()
+                .map(|(d, _)| d * w.elem_count() as f64 / sampled);
+            let stats = ParamStats {
+                name: entry.name().to_owned(),
+                layer: layers[tracked.layer].clone(),
+                numel: w.elem_count(),
+                has_grad,
+                grad_norm: g.norm(),
+                grad_max_abs: g.max_abs,
+                grad_mean: g.mean,
+                grad_std: g.std(),
+                zero_fraction: g.zero_fraction(),
+                nan_count: g.nan,
+                inf_count: g.inf,
+                weight_norm,
+                update_ratio: update_sq.map(|u| ratio(u.sqrt(), weight_norm)),
+            };
+            let l = &mut layer_stats[tracked.layer];
+            l.has_grad |= has_grad;
+            l.grad_norm += stats.grad_norm * stats.grad_norm;
+            l.grad_max_abs = l.grad_max_abs.max(stats.grad_max_abs);
+            l.weight_norm += stats.weight_norm * stats.weight_norm;
+            l.non_finite += stats.nan_count + stats.inf_count;
+            if stats.grad_max_abs.is_nan() {
+                l.grad_max_abs = f64::NAN;
+            }
+            l.grad_histogram.merge(&histogram);
+            let slot = &mut layer_update[tracked.layer];
+            *slot = match (slot.take(), update_sq, update) {
+                (Some((sum, mut h)), Some(u), Some((_, uh))) if !u.is_nan() => {
+                    h.merge(&uh);
+                    Some((sum + u, h))
+                }
+                _ => None,
+            };
+            global_sq += stats.grad_norm * stats.grad_norm;
+            tracked.previous = Some(sample);
+            records.push(stats);
+        }
+        for (l, u) in layer_stats.iter_mut().zip(layer_update) {
+            l.grad_norm = l.grad_norm.sqrt();
+            l.weight_norm = l.weight_norm.sqrt();
+            if let Some((sum, h)) = u {
+                l.update_ratio = Some(ratio(sum.sqrt(), l.weight_norm));
+                l.update_histogram = Some(h);
+            }
+        }
+        Ok(StepRecord {
+            step,
+            loss: None,
+            learning_rate: None,
+            clip: None,
+            global_grad_norm: global_sq.sqrt(),
+            clip_threshold: self.clip_threshold,
+            params: records,
+            layers: layer_stats,
+            probes: self.probes.iter().map(Probe::stats).collect(),
+        })
+    }
+
+    /// Adds what a clipping optimizer did to the last record (when the loop ran the optimizer
+    /// itself, after [`observe`](Self::observe)); [`backward_step`](Self::backward_step) does
+    /// this on its own.
+    pub fn annotate(&mut self, outcome: grad_core::step::StepOutcome) {
+        if let Some(last) = self.history.back_mut() {
+            last.clip = Some(outcome.into());
+        }
+    }
+
+    /// `loss.backward()`, [`observe_with`](Self::observe_with) at `step` with the loss and the
+    /// optimizer's learning rate, then `optimizer.step` — in place of candle's
+    /// `optimizer.backward_step(&loss)`, so a training loop gains the monitor by changing one
+    /// line. When the optimizer is a `grad_regularize::Clipped`, the record also says whether
+    /// the step was clipped or skipped and the norm before clipping ([`grad_core::step`]).
     ///
     /// # Errors
-    /// candle's backward or optimizer errors, and [`observe`](Self::observe)'s.
+    /// candle's backward or optimizer errors, and [`observe_with`](Self::observe_with)'s.
     ///
     /// ```
     /// use candle_core::{DType, Device, Module, Tensor};
@@ -437,12 +615,13 @@ impl GradMonitor {
     /// let loss = layer.forward(&Tensor::ones((8, 4), DType::F32, &Device::Cpu)?)?.sqr()?.mean_all()?;
     /// monitor.backward_step(0, &loss, &mut sgd)?;
     /// assert_eq!(monitor.history().len(), 1);
+    /// assert_eq!(monitor.last().unwrap().learning_rate, Some(0.1));
     /// # Ok::<(), grad_diagnostics::Error>(())
     /// ```
     pub fn backward_step<O: Optimizer>(
         &mut self,
         step: u64,
-        loss: &candle_core::Tensor,
+        loss: &Tensor,
         optimizer: &mut O,
     ) -> Result<Option<&StepRecord>> {
         let grads = loss.backward()?;
@@ -450,9 +629,19 @@ impl GradMonitor {
         // monitor reports them as the loss produced them.
         let observed = self.should_observe(step);
         if observed {
-            self.observe(step, &grads)?;
+            let context = StepContext {
+                loss: Some(loss),
+                learning_rate: Some(optimizer.learning_rate()),
+            };
+            self.observe_with(step, &grads, context)?;
         }
+        grad_core::step::take();
         optimizer.step(&grads)?;
+        if let Some(outcome) = grad_core::step::take()
+            && observed
+        {
+            self.annotate(outcome);
+        }
         Ok(if observed { self.history.back() } else { None })
     }
 
@@ -471,22 +660,46 @@ impl GradMonitor {
         &self.layers
     }
 
-    /// What the detectors find in the kept history.
-    pub fn findings(&self) -> Vec<Finding> {
-        let records: Vec<StepRecord> = self.history.iter().cloned().collect();
-        detect(&records, &self.config.detectors)
+    /// The buffers of the `VarMap` the monitor was built from ([`from_var_map`](Self::from_var_map)):
+    /// never monitored as parameters.
+    pub fn buffers(&self) -> &[String] {
+        &self.buffers
     }
 
-    /// A report of the kept history: per-layer summary and findings.
+    /// What the detectors found over the whole run so far (not only the kept history).
+    pub fn findings(&self) -> Vec<Finding> {
+        self.detectors.findings()
+    }
+
+    /// A report of the run: per-layer summary of the kept history, the findings over the whole
+    /// run, the buffers and any warning about the layer order.
     pub fn report(&self) -> RunReport {
-        let records: Vec<StepRecord> = self.history.iter().cloned().collect();
-        RunReport::from_records(&records, &self.config.detectors)
+        let mut report = RunReport::from_parts(self.history.iter(), self.findings());
+        report.buffers = self.buffers.clone();
+        report.warnings = self.warnings.clone();
+        report
     }
 
     /// The configuration.
     pub fn config(&self) -> &MonitorConfig {
         &self.config
     }
+}
+
+/// A parameter's update since the last observation: the sampled squared difference and the
+/// element-wise update-ratio histogram (`None` at the first observation).
+type Update = Option<(f64, Histogram)>;
+
+/// One element's update ratio `|d| / |w|`: 0 when it did not move, infinite when it moved
+/// away from an exact zero.
+fn element_ratio(d: f64, w: f64) -> f64 {
+    if d == 0.0 { 0.0 } else { d.abs() / w.abs() }
+}
+
+/// [`element_ratio`] of tensors, on their device.
+fn element_ratios(diff: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let r = diff.abs()?.div(&w.abs()?)?;
+    Ok(diff.eq(0.0)?.where_cond(&diff.zeros_like()?, &r)?)
 }
 
 /// `a / b`, with 0/0 = 0 (an untouched zero parameter did not move).

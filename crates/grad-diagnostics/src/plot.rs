@@ -5,7 +5,10 @@
 //! - [`global_norm`]: the global gradient norm over steps, with the clipping threshold when one
 //!   was set — exploding gradients spike;
 //! - [`update_ratio`]: each layer's update-to-weight ratio over steps (log scale);
-//! - [`probe_fractions`]: each probe's dead (ReLU) or saturated (sigmoid/tanh) fraction over steps.
+//! - [`probe_fractions`]: each probe's dead (ReLU) or saturated (sigmoid/tanh) fraction over steps;
+//! - [`gradient_histograms`]: per layer, the distribution of `|g|` over steps (TensorBoard's
+//!   "distributions" view): a column per step, a row per factor-of-two bin, shaded by the share
+//!   of that step's elements in the bin.
 //!
 //! Non-positive and non-finite values cannot sit on a log axis and are left out of those plots.
 
@@ -13,6 +16,7 @@ use std::path::{Path, PathBuf};
 
 use plotters::prelude::*;
 
+use crate::histogram::{BINS, FIRST_EXPONENT};
 use crate::record::{ProbeKind, ProbeStats, StepRecord};
 use crate::{Error, Result};
 
@@ -347,8 +351,88 @@ pub fn probe_fractions(records: &[StepRecord], path: &Path) -> Result<PathBuf> {
     .draw(path)
 }
 
-/// Draws all four plots into `dir` (created if missing) as `gradient_flow.svg`,
-/// `global_norm.svg`, `update_ratio.svg` and `probes.svg` (the last only when there are probes).
+/// Per layer (a panel each, input side on top), the share of the gradient's elements in each
+/// magnitude bin, over steps: at most 200 steps, evenly spread, are drawn.
+///
+/// # Errors
+/// [`Error::Plot`] when the file cannot be written.
+pub fn gradient_histograms(records: &[StepRecord], path: &Path) -> Result<PathBuf> {
+    let err = |e: &dyn std::fmt::Display| plot_error(path, e);
+    let steps = spread(records, 200);
+    let layers: Vec<&str> = records
+        .last()
+        .map(|r| r.layers.iter().map(|l| l.name.as_str()).collect())
+        .unwrap_or_default();
+    // The bins with data anywhere, so the rows are not mostly empty.
+    let used = |k: usize| {
+        steps
+            .iter()
+            .any(|r| r.layers.iter().any(|l| l.grad_histogram.count(k) > 0))
+    };
+    let lo = (0..BINS).find(|&k| used(k)).unwrap_or(0);
+    let hi = (0..BINS).rev().find(|&k| used(k)).unwrap_or(BINS - 1);
+    let height = 120 * u32::try_from(layers.len().clamp(1, 40)).unwrap_or(40) + 60;
+    let root = SVGBackend::new(path, (SIZE.0, height)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let root = root
+        .titled(
+            "gradient magnitudes |g| per layer over steps",
+            ("sans-serif", 20),
+        )
+        .map_err(|e| err(&e))?;
+    let panels = root.split_evenly((layers.len().max(1), 1));
+    let x0 = steps.first().map_or(0.0, |r| step_x(r));
+    let x1 = steps.last().map_or(1.0, |r| step_x(r)).max(x0 + 1.0);
+    let width = (x1 - x0) / steps.len().max(1) as f64;
+    #[allow(clippy::cast_possible_wrap, reason = "bins are few")]
+    let exponent = |k: usize| FIRST_EXPONENT + k as i32;
+    for (panel, name) in panels.iter().zip(&layers) {
+        let mut chart = ChartBuilder::on(panel)
+            .caption(*name, ("sans-serif", 14))
+            .margin(6)
+            .x_label_area_size(24)
+            .y_label_area_size(60)
+            .build_cartesian_2d(x0..x1 + width, exponent(lo)..exponent(hi) + 1)
+            .map_err(|e| err(&e))?;
+        chart
+            .configure_mesh()
+            .y_desc("log2 |g|")
+            .y_labels(5)
+            .disable_x_mesh()
+            .draw()
+            .map_err(|e| err(&e))?;
+        let mut cells = Vec::new();
+        for r in &steps {
+            let Some(h) = r
+                .layers
+                .iter()
+                .find(|l| l.name == *name)
+                .map(|l| &l.grad_histogram)
+            else {
+                continue;
+            };
+            let total = h.bins.iter().sum::<u64>().max(1) as f64;
+            for k in lo..=hi {
+                let share = h.count(k) as f64 / total;
+                if share > 0.0 {
+                    let shade = 255 - (share.sqrt() * 235.0).min(235.0) as u8;
+                    let x = step_x(r);
+                    cells.push(Rectangle::new(
+                        [(x, exponent(k)), (x + width, exponent(k) + 1)],
+                        RGBColor(shade, shade, 255).filled(),
+                    ));
+                }
+            }
+        }
+        chart.draw_series(cells).map_err(|e| err(&e))?;
+    }
+    root.present().map_err(|e| err(&e))?;
+    Ok(path.to_path_buf())
+}
+
+/// Draws all the plots into `dir` (created if missing) as `gradient_flow.svg`,
+/// `global_norm.svg`, `update_ratio.svg`, `gradient_histograms.svg` and `probes.svg` (the last
+/// only when there are probes).
 ///
 /// # Errors
 /// [`Error::Io`] when the folder cannot be created, [`Error::Plot`] when a plot fails.
@@ -358,6 +442,7 @@ pub fn plot_all(records: &[StepRecord], dir: &Path) -> Result<Vec<PathBuf>> {
         gradient_flow(records, 5, "gradient flow", &dir.join("gradient_flow.svg"))?,
         global_norm(records, &dir.join("global_norm.svg"))?,
         update_ratio(records, &dir.join("update_ratio.svg"))?,
+        gradient_histograms(records, &dir.join("gradient_histograms.svg"))?,
     ];
     if records.last().is_some_and(|r| !r.probes.is_empty()) {
         out.push(probe_fractions(records, &dir.join("probes.svg"))?);

@@ -5,6 +5,13 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::histogram::Histogram;
+
+/// serde's default for the presence flags of logs written before they existed.
+fn present() -> bool {
+    true
+}
+
 /// JSON has no NaN or infinity; these fields are written as the strings `"nan"`, `"inf"` and
 /// `"-inf"` when non-finite (the convention of gradkit's conformance files), so the steps where
 /// things go wrong survive in a log.
@@ -70,6 +77,11 @@ pub struct ParamStats {
     pub layer: String,
     /// Number of elements.
     pub numel: usize,
+    /// Whether the parameter received a gradient at all. `false` means it is absent from the
+    /// `GradStore` (a cut graph, a `detach`, an unused parameter), not an all-zero gradient; the
+    /// gradient statistics are then 0.
+    #[serde(default = "present")]
+    pub has_grad: bool,
     /// L2 norm of the gradient.
     #[serde(with = "float")]
     pub grad_norm: f64,
@@ -105,6 +117,9 @@ pub struct LayerStats {
     pub name: String,
     /// Its position in network order (0 = closest to the input).
     pub depth: usize,
+    /// Whether any of its parameters received a gradient.
+    #[serde(default = "present")]
+    pub has_grad: bool,
     /// L2 norm of all its parameters' gradients together.
     #[serde(with = "float")]
     pub grad_norm: f64,
@@ -119,6 +134,35 @@ pub struct LayerStats {
     pub update_ratio: Option<f64>,
     /// NaN and infinite gradient elements.
     pub non_finite: u64,
+    /// The magnitudes `|g|` of every gradient element of the layer.
+    #[serde(default)]
+    pub grad_histogram: Histogram,
+    /// The element-wise update ratios `|w_t - w_prev| / |w_t|` of the sampled weight elements
+    /// (`None` at the first observation).
+    #[serde(default)]
+    pub update_histogram: Option<Histogram>,
+}
+
+/// What a clipping optimizer did at the observed step (`grad_regularize::Clipped`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ClipRecord {
+    /// The global L2 norm of the gradients before clipping.
+    #[serde(with = "float")]
+    pub total_norm: f64,
+    /// Whether clipping changed a gradient.
+    pub clipped: bool,
+    /// Whether the step was skipped for non-finite gradients.
+    pub skipped: bool,
+}
+
+impl From<grad_core::step::StepOutcome> for ClipRecord {
+    fn from(o: grad_core::step::StepOutcome) -> Self {
+        Self {
+            total_norm: o.total_norm,
+            clipped: o.clipped,
+            skipped: o.skipped,
+        }
+    }
 }
 
 /// What an activation probe kind means for saturation and dead units.
@@ -171,6 +215,17 @@ pub struct ProbeStats {
 pub struct StepRecord {
     /// The training step.
     pub step: u64,
+    /// The loss at this step, when the monitor was given it (`backward_step` takes it from the
+    /// loss tensor).
+    #[serde(default, with = "float::opt")]
+    pub loss: Option<f64>,
+    /// The learning rate in force, when given (`backward_step` takes it from the optimizer).
+    #[serde(default, with = "float::opt")]
+    pub learning_rate: Option<f64>,
+    /// What a clipping optimizer did at this step, when one ran (`backward_step` picks it up
+    /// from `grad_regularize::Clipped`; see [`grad_core::step`]).
+    #[serde(default)]
+    pub clip: Option<ClipRecord>,
     /// L2 norm of every parameter's gradient together.
     #[serde(with = "float")]
     pub global_grad_norm: f64,

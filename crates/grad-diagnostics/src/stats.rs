@@ -8,13 +8,14 @@
 //! The composed path (other devices) computes the same statistics with candle reductions on the
 //! tensors' device and reads them back as one small tensor per observation.
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use grad_core::device::{Path, read_back, scalar, wide_dtype};
 use grad_core::float::{Float, FloatFn, Real, dispatch};
 use grad_core::host::{ChunkFn, map_chunks, storage_slice};
 use grad_core::reduce::sum_by;
 
 use crate::Result;
+use crate::histogram::{BINS, FIRST_EXPONENT, Histogram};
 
 /// Moments of a tensor's elements.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -147,24 +148,117 @@ pub(crate) fn chunk_moments<T: Float>(xs: &[T]) -> Moments {
     m
 }
 
-/// Moments of the first `full` tensors, only the sum of squares (and count) of the rest.
+/// Per-chunk histogram counts: the [`BINS`] magnitude bins, then zeros, infinities and NaN.
+type Counts = [u32; BINS + 3];
+
+/// The slot of each f32 exponent byte: its bin (clamped into the range), or, for the two
+/// special exponents, the zero slot (0: zeros and subnormals) and the infinity slot (255:
+/// infinities and NaN). [`chunk_counts`] moves subnormals and NaN where they belong afterwards.
+const F32_SLOTS: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut e = 1;
+    while e < 255 {
+        let bin = e as i32 - 127 - FIRST_EXPONENT;
+        t[e] = if bin < 0 {
+            0
+        } else if bin >= BINS as i32 {
+            (BINS - 1) as u8
+        } else {
+            bin as u8
+        };
+        e += 1;
+    }
+    t[0] = BINS as u8;
+    t[255] = (BINS + 1) as u8;
+    t
+};
+
+/// The histogram counts of one cached chunk (a third pass over data the moments just read),
+/// given the chunk's exact zero, NaN and infinity counts from the moments. A value's slot is a
+/// table lookup on its exponent bits; four interleaved tallies keep the increments independent.
+#[inline(always)]
+fn chunk_counts<T: Float>(xs: &[T], m: &Moments) -> Counts {
+    let mut tallies = [[0u32; BINS + 3]; 4];
+    if T::DTYPE == DType::F64 {
+        for (i, x) in xs.iter().enumerate() {
+            let a = x.as_f64().abs();
+            let slot = if a == 0.0 {
+                BINS
+            } else if !a.is_finite() {
+                BINS + 1
+            } else {
+                Histogram::bin_of(a)
+            };
+            tallies[i & 3][slot] += 1;
+        }
+    } else {
+        // f16 and bf16 widen to f32 exactly.
+        let mut blocks = xs.chunks_exact(4);
+        for b in &mut blocks {
+            for (k, x) in b.iter().enumerate() {
+                let byte = (x.to_f32().to_bits() >> 23) & 0xff;
+                tallies[k][usize::from(F32_SLOTS[byte as usize])] += 1;
+            }
+        }
+        for x in blocks.remainder() {
+            let byte = (x.to_f32().to_bits() >> 23) & 0xff;
+            tallies[0][usize::from(F32_SLOTS[byte as usize])] += 1;
+        }
+    }
+    let mut c = [0u32; BINS + 3];
+    for t in &tallies {
+        for (a, b) in c.iter_mut().zip(t) {
+            *a += b;
+        }
+    }
+    #[allow(clippy::cast_possible_truncation, reason = "chunk counts fit u32")]
+    let (zeros, nan, inf) = (m.zeros as u32, m.nan as u32, m.inf as u32);
+    // The zero slot also holds subnormals (below the range: bin 0); the infinity slot NaN.
+    let subnormal = c[BINS].saturating_sub(zeros);
+    c[0] += subnormal;
+    c[BINS] = zeros;
+    c[BINS + 1] = inf;
+    c[BINS + 2] = nan;
+    c
+}
+
+fn histogram_of_counts(parts: &[Counts]) -> Histogram {
+    let mut total = [0u64; BINS + 3];
+    for p in parts {
+        for (t, &v) in total.iter_mut().zip(p.iter()) {
+            *t += u64::from(v);
+        }
+    }
+    Histogram::from_counts(
+        &total[..BINS],
+        total[BINS],
+        total[BINS + 2],
+        total[BINS + 1],
+    )
+}
+
+/// Moments and histogram counts of the first `full` tensors, only the sum of squares (and
+/// count) of the rest.
 struct MomentChunks {
     full: usize,
 }
 
 impl ChunkFn for MomentChunks {
-    type Output = Moments;
+    type Output = (Moments, Option<Counts>);
 
     #[inline(always)]
-    fn call<T: Float>(&self, tensor: usize, chunk: &[T]) -> Moments {
+    fn call<T: Float>(&self, tensor: usize, chunk: &[T]) -> Self::Output {
         if tensor < self.full {
-            chunk_moments(chunk)
+            let m = chunk_moments(chunk);
+            let counts = chunk_counts(chunk, &m);
+            (m, Some(counts))
         } else {
-            Moments {
+            let m = Moments {
                 count: chunk.len() as f64,
                 sum_sq: sum_by(chunk, |v| v * v),
                 ..Moments::default()
-            }
+            };
+            (m, None)
         }
     }
 }
@@ -174,37 +268,72 @@ impl ChunkFn for MomentChunks {
 pub(crate) struct Observation {
     /// The moments of each of the `tensors`.
     pub moments: Vec<Moments>,
+    /// The magnitude histogram of each of the `tensors`.
+    pub histograms: Vec<Histogram>,
     /// The L2 norm of each of the `others`.
     pub norms: Vec<f64>,
+    /// The magnitude histogram of each of the `ratios`.
+    pub ratio_histograms: Vec<Histogram>,
     /// The values of the rank-0 `extras`.
     pub extras: Vec<f64>,
 }
 
-/// The moments of each of `tensors`, the L2 norm of each of `others` and the values of the
-/// rank-0 `extras`: on the fused path one parallel pass over the CPU tensors; on the composed
-/// path candle reductions on the tensors' device, stacked into one `[k, 8]` tensor and read
-/// back in one transfer.
-pub(crate) fn observe(
-    tensors: &[Tensor],
-    others: &[Tensor],
-    extras: &[Tensor],
-    path: Path,
-) -> Result<Observation> {
+/// What [`observe`] reads: moments and histograms of `tensors`, L2 norms of `others`,
+/// histograms of `ratios` (composed path only: the fused path bins its host-side samples
+/// itself) and the values of the rank-0 `extras`.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Wanted<'a> {
+    pub tensors: &'a [Tensor],
+    pub others: &'a [Tensor],
+    pub ratios: &'a [Tensor],
+    pub extras: &'a [Tensor],
+}
+
+/// On the fused path one parallel pass over the CPU tensors; on the composed path candle
+/// reductions on the tensors' device, concatenated into one tensor and read back in one
+/// transfer.
+pub(crate) fn observe(wanted: Wanted<'_>, path: Path) -> Result<Observation> {
     if path == Path::Composed {
-        return composed_observe(tensors, others, extras);
+        return composed_observe(wanted);
     }
+    let Wanted {
+        tensors,
+        others,
+        ratios,
+        extras,
+    } = wanted;
     let all: Vec<Tensor> = tensors.iter().chain(others).cloned().collect();
-    let mut merged = map_chunks(
+    let parts = map_chunks(
         "moments",
         &all,
         &MomentChunks {
             full: tensors.len(),
         },
-    )?
-    .into_iter()
-    .map(|parts| parts.into_iter().fold(Moments::default(), Moments::merge));
-    let moments = merged.by_ref().take(tensors.len()).collect();
-    let norms = merged.map(|m| m.norm()).collect();
+    )?;
+    let mut moments = Vec::with_capacity(tensors.len());
+    let mut histograms = Vec::with_capacity(tensors.len());
+    let mut norms = Vec::with_capacity(others.len());
+    for (k, parts) in parts.into_iter().enumerate() {
+        let counts: Vec<Counts> = parts.iter().filter_map(|(_, c)| *c).collect();
+        let m = parts
+            .into_iter()
+            .map(|(m, _)| m)
+            .fold(Moments::default(), Moments::merge);
+        if k < tensors.len() {
+            moments.push(m);
+            histograms.push(histogram_of_counts(&counts));
+        } else {
+            norms.push(m.norm());
+        }
+    }
+    let mut ratio_histograms = Vec::with_capacity(ratios.len());
+    for r in ratios {
+        let mut h = Histogram::default();
+        for v in read_back(r)? {
+            h.add(v);
+        }
+        ratio_histograms.push(h);
+    }
     let extras = if extras.is_empty() {
         Vec::new()
     } else {
@@ -212,22 +341,29 @@ pub(crate) fn observe(
     };
     Ok(Observation {
         moments,
+        histograms,
         norms,
+        ratio_histograms,
         extras,
     })
 }
 
-/// Columns of a composed row: count, mean, m2, sum of squares, max |x|, zeros, NaN, Inf.
+/// Columns of a composed moment row: count, mean, m2, sum of squares, max |x|, zeros, NaN, Inf.
 const ROW: usize = 8;
+/// Columns of a composed histogram row: the bins, then zeros, NaN and infinities.
+const HISTOGRAM_ROW: usize = BINS + 3;
 
-fn composed_observe(
-    tensors: &[Tensor],
-    others: &[Tensor],
-    extras: &[Tensor],
-) -> Result<Observation> {
+fn composed_observe(wanted: Wanted<'_>) -> Result<Observation> {
+    let Wanted {
+        tensors,
+        others,
+        ratios,
+        extras,
+    } = wanted;
     let Some(device) = tensors
         .iter()
         .chain(others)
+        .chain(ratios)
         .chain(extras)
         .next()
         .map(Tensor::device)
@@ -235,40 +371,107 @@ fn composed_observe(
         return Ok(Observation::default());
     };
     let wide = wide_dtype(device);
-    let pad = |head: &[Tensor]| -> Result<Tensor> {
-        let mut cols = head.to_vec();
-        cols.resize(ROW, Tensor::zeros((), wide, device)?);
-        Ok(Tensor::stack(&cols, 0)?)
-    };
-    let mut rows = Vec::with_capacity(tensors.len() + others.len() + extras.len());
+    let mut pieces = Vec::new();
     for t in tensors {
-        rows.push(moment_row(t)?);
+        pieces.push(moment_row(t)?);
+        pieces.push(histogram_row(t)?);
     }
     for t in others {
-        let sum_sq = t.flatten_all()?.to_dtype(wide)?.sqr()?.sum_all()?;
-        rows.push(pad(&[Tensor::zeros((), wide, device)?, sum_sq])?);
+        pieces.push(
+            t.flatten_all()?
+                .to_dtype(wide)?
+                .sqr()?
+                .sum_all()?
+                .reshape(1)?,
+        );
+    }
+    for r in ratios {
+        pieces.push(histogram_row(r)?);
     }
     for e in extras {
-        rows.push(pad(&[e.to_dtype(wide)?])?);
+        pieces.push(e.to_dtype(wide)?.reshape(1)?);
     }
-    let values = read_back(&Tensor::stack(&rows, 0)?)?;
-    let mut rows = values.chunks_exact(ROW);
-    let moments = rows
-        .by_ref()
-        .take(tensors.len())
-        .map(moments_of_row)
-        .collect();
-    let norms = rows
-        .by_ref()
-        .take(others.len())
-        .map(|r| r[1].sqrt())
-        .collect();
-    let extras = rows.map(|r| r[0]).collect();
-    Ok(Observation {
-        moments,
-        norms,
-        extras,
-    })
+    let values = read_back(&Tensor::cat(&pieces, 0)?)?;
+    let mut rest = values.as_slice();
+    let mut take = |n: usize| -> &[f64] {
+        let (head, tail) = rest.split_at(n.min(rest.len()));
+        rest = tail;
+        head
+    };
+    let mut out = Observation::default();
+    for _ in tensors {
+        out.moments.push(moments_of_row(take(ROW)));
+        out.histograms.push(histogram_of_row(take(HISTOGRAM_ROW)));
+    }
+    for _ in others {
+        out.norms.push(take(1)[0].sqrt());
+    }
+    for _ in ratios {
+        out.ratio_histograms
+            .push(histogram_of_row(take(HISTOGRAM_ROW)));
+    }
+    for _ in extras {
+        out.extras.push(take(1)[0]);
+    }
+    Ok(out)
+}
+
+/// One tensor's magnitude histogram with candle ops on its device: the bin is
+/// `floor(log2 |x|)` (nudged by 1e-9, so that an exact power of two, whose logarithm may round
+/// just below the integer, lands in its own bin as its binary exponent does on the fused path),
+/// counted with `index_add`; then the zeros, NaN and infinities.
+pub(crate) fn histogram_row(t: &Tensor) -> Result<Tensor> {
+    let device = t.device();
+    let wide = wide_dtype(device);
+    if t.elem_count() == 0 {
+        return Ok(Tensor::zeros(HISTOGRAM_ROW, wide, device)?);
+    }
+    let x = t.flatten_all()?.to_dtype(wide)?;
+    let a = x.abs()?;
+    let counted =
+        |mask: Tensor| -> Result<Tensor> { Ok(mask.to_dtype(wide)?.sum_all()?.reshape(1)?) };
+    let zero = counted(a.eq(0.0)?)?;
+    let nan = counted(x.ne(&x)?)?;
+    let inf = counted(a.eq(f64::INFINITY)?)?;
+    // Finite and non-zero: a real bin; everything else goes to a spare slot, dropped below.
+    let regular = a.gt(0.0)?.mul(&a.lt(f64::INFINITY)?)?;
+    let safe = regular.where_cond(&a, &a.ones_like()?)?;
+    #[allow(clippy::cast_precision_loss, reason = "small integers")]
+    let (lo, hi) = (
+        f64::from(FIRST_EXPONENT),
+        f64::from(FIRST_EXPONENT) + (BINS - 1) as f64,
+    );
+    let bin = safe
+        .log()?
+        .affine(std::f64::consts::LOG2_E, 1e-9)?
+        .floor()?
+        .clamp(lo, hi)?
+        .affine(1.0, -lo)?;
+    #[allow(clippy::cast_precision_loss, reason = "a small integer")]
+    let spare = regular.where_cond(&bin, &bin.ones_like()?.affine(BINS as f64, 0.0)?)?;
+    let index = spare.to_dtype(DType::U32)?;
+    let counts = Tensor::zeros(BINS + 1, wide, device)?
+        .index_add(&index, &a.ones_like()?, 0)?
+        .narrow(0, 0, BINS)?;
+    Ok(Tensor::cat(&[counts, zero, nan, inf], 0)?)
+}
+
+fn histogram_of_row(r: &[f64]) -> Histogram {
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "exact counts"
+    )]
+    let counts: Vec<u64> = r.iter().map(|&v| v as u64).collect();
+    if counts.len() < HISTOGRAM_ROW {
+        return Histogram::default();
+    }
+    Histogram::from_counts(
+        &counts[..BINS],
+        counts[BINS],
+        counts[BINS + 1],
+        counts[BINS + 2],
+    )
 }
 
 /// One tensor's `[count, mean, m2, sum of squares, max |x|, zeros, NaN, Inf]` computed with
@@ -363,12 +566,43 @@ mod tests {
     #[test]
     fn fused_equals_composed() -> Result<()> {
         let t = Tensor::randn(0.5f32, 2.0, (300, 250), &Device::Cpu)?;
-        let a = observe(std::slice::from_ref(&t), &[], &[], Path::Fused)?.moments[0];
-        let b = observe(std::slice::from_ref(&t), &[], &[], Path::Composed)?.moments[0];
-        assert!((a.mean - b.mean).abs() < 1e-12);
-        assert!((a.std() - b.std()).abs() < 1e-9);
-        assert!((a.norm() - b.norm()).abs() < 1e-9 * b.norm());
-        assert_eq!((a.max_abs, a.zeros, a.nan), (b.max_abs, b.zeros, b.nan));
+        // Exact powers of two, zeros and non-finite values among the ordinary ones.
+        let special = Tensor::new(
+            &[
+                0.25f32,
+                -1.0,
+                1024.0,
+                0.0,
+                3e-20,
+                f32::NAN,
+                f32::INFINITY,
+                1e30,
+            ],
+            &Device::Cpu,
+        )?;
+        let tensors = [t.clone(), special];
+        let wanted = Wanted {
+            tensors: &tensors,
+            others: std::slice::from_ref(&t),
+            ..Wanted::default()
+        };
+        let a = observe(wanted, Path::Fused)?;
+        let b = observe(wanted, Path::Composed)?;
+        let (ma, mb) = (a.moments[0], b.moments[0]);
+        assert!((ma.mean - mb.mean).abs() < 1e-12);
+        assert!((ma.std() - mb.std()).abs() < 1e-9);
+        assert!((ma.norm() - mb.norm()).abs() < 1e-9 * mb.norm());
+        assert_eq!(
+            (ma.max_abs, ma.zeros, ma.nan),
+            (mb.max_abs, mb.zeros, mb.nan)
+        );
+        assert_eq!(a.histograms, b.histograms);
+        assert_eq!(a.histograms[0].total(), 75_000);
+        let h = &a.histograms[1];
+        assert_eq!((h.zero, h.nan, h.inf), (1, 1, 1));
+        assert_eq!(h.count(Histogram::bin_of(0.25)), 1);
+        assert_eq!(h.count(0), 1); // 3e-20 is below the range
+        assert!((a.norms[0] - b.norms[0]).abs() < 1e-9 * b.norms[0]);
         Ok(())
     }
 }

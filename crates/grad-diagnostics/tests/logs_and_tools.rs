@@ -93,7 +93,7 @@ fn plots_are_valid_svg_with_one_series_per_layer() {
     let mut rs = records(Style::Remedied);
     rs.iter_mut().for_each(|r| r.clip_threshold = Some(1.0));
     let files = plot::plot_all(&rs, &dir).unwrap();
-    assert_eq!(files.len(), 4);
+    assert_eq!(files.len(), 5);
     for f in &files {
         let svg = std::fs::read_to_string(f).unwrap();
         assert!(
@@ -175,5 +175,73 @@ fn gradscope_exit_statuses() {
         err.contains("garbage.jsonl:1")
             && err.lines().last().unwrap().contains("no readable record")
     );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn check_fails_at_or_above_the_chosen_severity() {
+    let dir = temp_dir("severity");
+    // One Info-level finding (update ratio far too large) and nothing worse.
+    let mut rs = records(Style::Remedied);
+    for (i, r) in rs.iter_mut().enumerate() {
+        r.step = i as u64;
+        for l in &mut r.layers {
+            l.update_ratio = Some(0.9);
+        }
+    }
+    let log = dir.join("info.jsonl");
+    write_log(&log, &rs);
+    let findings = grad_diagnostics::detect(&rs, &Default::default());
+    assert!(
+        findings
+            .iter()
+            .all(|f| f.severity == grad_diagnostics::Severity::Info),
+        "{findings:#?}"
+    );
+    assert!(!findings.is_empty());
+    let path = log.to_str().unwrap();
+    assert_eq!(gradscope(&["check", path]).0, 0, "warning is the default");
+    assert_eq!(gradscope(&["check", path, "--min-severity", "info"]).0, 1);
+    assert_eq!(
+        gradscope(&["check", path, "--min-severity", "critical"]).0,
+        0
+    );
+    let (code, _, err) = gradscope(&["check", path, "--min-severity", "loud"]);
+    assert_eq!(code, 2, "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Issue 15, problem 8: appending to a log whose last line was cut off keeps the cut line apart
+/// (one bad line) instead of gluing the next record onto it; nothing around it is lost.
+#[test]
+fn appending_after_a_truncated_line_loses_nothing_around_it() {
+    let dir = temp_dir("append");
+    let path = dir.join("log.jsonl");
+    let rs = records(Style::Remedied);
+    write_log(&path, &rs[..3]);
+    let text = std::fs::read_to_string(&path).unwrap();
+    // Cut the third line in half, as a crash mid-write would.
+    let cut = text.len() - text.lines().last().unwrap().len() / 2;
+    std::fs::write(&path, &text[..cut]).unwrap();
+    let mut sink = JsonlSink::append(&path).unwrap();
+    for r in &rs[3..] {
+        sink.write(r).unwrap();
+    }
+    let log = read_log(&path).unwrap();
+    assert_eq!(log.bad_lines.len(), 1);
+    assert_eq!(log.bad_lines[0].line, 3);
+    assert_eq!(log.records.len(), rs.len() - 1);
+    assert_eq!(log.records[..2], rs[..2]);
+    assert_eq!(log.records[2..], rs[3..]);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn plots_include_the_gradient_histograms() {
+    let dir = temp_dir("histograms");
+    let rs = records(Style::Sigmoid);
+    let path = plot::gradient_histograms(&rs, &dir.join("h.svg")).unwrap();
+    let svg = std::fs::read_to_string(path).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("layer.0") && svg.contains("<rect"));
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -350,8 +350,9 @@ fn finite(name: &'static str, value: f64) -> Result<()> {
     }
 }
 
-/// Re-initialises the variables of `map` chosen by `rule` (name and shape in, rule or `None`
-/// out), visiting them in natural name order so a seed gives the same weights every run.
+/// Re-initialises the parameters of `map` chosen by `rule` (name and shape in, rule or `None`
+/// out), visiting them in natural name order so a seed gives the same weights every run,
+/// however the model's code orders its layers. Buffers (running statistics) are never visited.
 /// Returns the names re-initialised.
 ///
 /// # Errors
@@ -379,7 +380,7 @@ pub fn reinit(
     rule: impl Fn(&str, &[usize]) -> Option<Initializer>,
 ) -> Result<Vec<String>> {
     let mut done = Vec::new();
-    for (name, var) in NamedVars::from_var_map(map).iter() {
+    for (name, var) in NamedVars::from_var_map(map).sorted().iter() {
         if let Some(init) = rule(name, var.dims()) {
             init.init_var(var, rng)?;
             done.push(name.to_owned());

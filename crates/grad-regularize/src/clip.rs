@@ -129,7 +129,8 @@ pub fn clip_grad_norm(
 }
 
 /// Clamps every gradient element into `[-clip_value, clip_value]`, in place
-/// (`torch.nn.utils.clip_grad_value_`): infinities become the bound, NaN stays NaN.
+/// (`torch.nn.utils.clip_grad_value_`): infinities become the bound, NaN stays NaN. Returns
+/// whether any element was clamped.
 ///
 /// # Errors
 /// [`Error::Core`] for `clip_value` not positive and finite or a non-float gradient.
@@ -137,11 +138,12 @@ pub fn clip_grad_norm(
 /// ```
 /// use candle_core::{Device, Tensor};
 /// let mut grads = vec![Tensor::new(&[3f32, -0.1, f32::NEG_INFINITY], &Device::Cpu)?];
-/// grad_regularize::clip_grad_value(&mut grads, 0.5)?;
+/// assert!(grad_regularize::clip_grad_value(&mut grads, 0.5)?);
 /// assert_eq!(grads[0].to_vec1::<f32>()?, [0.5, -0.1, -0.5]);
+/// assert!(!grad_regularize::clip_grad_value(&mut grads, 1.0)?); // nothing left to clamp
 /// # Ok::<(), grad_regularize::Error>(())
 /// ```
-pub fn clip_grad_value(grads: &mut [Tensor], clip_value: f64) -> Result<()> {
+pub fn clip_grad_value(grads: &mut [Tensor], clip_value: f64) -> Result<bool> {
     grad_core::validate::positive("clip_value", clip_value)?;
     Ok(clamp_all_in_place(grads, -clip_value, clip_value)?)
 }

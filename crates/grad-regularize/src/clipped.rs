@@ -5,7 +5,9 @@
 //! in one read, skips the step when a gradient is non-finite (like optax's `apply_if_finite`,
 //! up to a limit of consecutive skips that then becomes an error), applies the clipping policy
 //! in place, and steps. It keeps the numbers a training loop logs: the last total norm, whether
-//! the last step was clipped or skipped, and counters.
+//! the last step was clipped or skipped, and counters. Each step's outcome is also published on
+//! the calling thread ([`grad_core::step`]), where a `grad_diagnostics::GradMonitor` that ran the
+//! step picks it up for its record.
 
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
@@ -184,7 +186,7 @@ impl<O: Optimizer> Clipped<O> {
             self.counters.skipped += 1;
             self.counters.consecutive_skips += 1;
             report.skipped = true;
-            self.last = Some(report.clone());
+            self.record(&report);
             if let Some(limit) = self.config.max_consecutive_skips
                 && self.counters.consecutive_skips > limit
             {
@@ -205,8 +207,19 @@ impl<O: Optimizer> Clipped<O> {
         self.inner.step(&store)?;
         self.counters.steps += 1;
         self.counters.clipped += u64::from(report.clipped);
-        self.last = Some(report.clone());
+        self.record(&report);
         Ok(report)
+    }
+
+    /// Keeps the report and publishes its outcome for a monitor on this thread
+    /// ([`grad_core::step`]).
+    fn record(&mut self, report: &StepReport) {
+        grad_core::step::publish(grad_core::step::StepOutcome {
+            total_norm: report.total_norm,
+            clipped: report.clipped,
+            skipped: report.skipped,
+        });
+        self.last = Some(report.clone());
     }
 
     /// The last step's report.

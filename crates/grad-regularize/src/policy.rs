@@ -243,8 +243,7 @@ impl ClipPolicy {
         match group.rule {
             ClipRule::Unclipped => return Ok(()),
             ClipRule::Value { clip_value } => {
-                clip_grad_value(&mut tensors, clip_value)?;
-                outcome.clipped = true;
+                outcome.clipped = clip_grad_value(&mut tensors, clip_value)?;
             }
             ClipRule::Norm {
                 max_norm,

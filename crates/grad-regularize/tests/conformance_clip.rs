@@ -39,10 +39,12 @@ fn clip_case(case: &Case, p: Precision) -> Result<Outputs, CaseError> {
                 Tensor::new(outcome.total_norm, &Device::Cpu)?.to_dtype(p.dtype())?,
             );
         }
-        Some("value") => clip_grad_value(
-            &mut grads,
-            case.attr_f64("clip_value")?.ok_or("clip_value")?,
-        )?,
+        Some("value") => {
+            clip_grad_value(
+                &mut grads,
+                case.attr_f64("clip_value")?.ok_or("clip_value")?,
+            )?;
+        }
         other => return Err(format!("unknown kind {other:?}").into()),
     }
     for (i, g) in grads.into_iter().enumerate() {

@@ -3,7 +3,8 @@
 //! ```text
 //! gradscope summary run.jsonl          per-layer table and findings
 //! gradscope plot run.jsonl --out DIR   SVG plots into DIR
-//! gradscope check run.jsonl            exit status 1 when a detector fires
+//! gradscope check run.jsonl            exit status 1 when a finding of warning severity or
+//!                                      worse fires (--min-severity info|warning|critical)
 //! ```
 //!
 //! Errors (a missing file, a log with no readable record) are one line on stderr and exit
@@ -13,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use grad_diagnostics::{DetectorConfig, Error, RunReport, StepRecord, plot, read_log};
+use grad_diagnostics::{DetectorConfig, Error, RunReport, Severity, StepRecord, plot, read_log};
 
 /// Summarise, plot or check a gradkit gradient log (JSON Lines).
 #[derive(Debug, Parser)]
@@ -41,11 +42,35 @@ enum Command {
         #[arg(long, default_value = "gradscope-plots")]
         out: PathBuf,
     },
-    /// Exit with status 1 when a detector fires (for CI), 0 otherwise.
+    /// Exit with status 1 when a finding at or above a severity fires (for CI), 0 otherwise.
     Check {
         /// The log.
         log: PathBuf,
+        /// The least severe finding that fails the check.
+        #[arg(long, value_enum, default_value_t = MinSeverity::Warning)]
+        min_severity: MinSeverity,
     },
+}
+
+/// `--min-severity`'s values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum MinSeverity {
+    /// Any finding.
+    Info,
+    /// Warnings and critical findings (the default).
+    Warning,
+    /// Critical findings only.
+    Critical,
+}
+
+impl MinSeverity {
+    fn severity(self) -> Severity {
+        match self {
+            Self::Info => Severity::Info,
+            Self::Warning => Severity::Warning,
+            Self::Critical => Severity::Critical,
+        }
+    }
 }
 
 fn load(path: &Path) -> Result<Vec<StepRecord>, Error> {
@@ -78,34 +103,53 @@ fn detectors(path: Option<&Path>) -> Result<DetectorConfig, String> {
     Ok(cfg)
 }
 
+/// One line on stdout; a closed or full stdout is an error message, not a panic.
+fn say(line: &str) -> Result<(), String> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}").map_err(|e| format!("writing to stdout: {e}"))
+}
+
 fn run(cli: Cli) -> Result<ExitCode, String> {
     let config = detectors(cli.detectors.as_deref())?;
     match cli.command {
         Command::Summary { log } => {
             let records = load(&log).map_err(|e| e.to_string())?;
-            print!(
-                "{}",
-                RunReport::from_records(&records, &config).summary_table()
-            );
+            say(RunReport::from_records(&records, &config)
+                .summary_table()
+                .trim_end())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Plot { log, out } => {
             let records = load(&log).map_err(|e| e.to_string())?;
             for path in plot::plot_all(&records, &out).map_err(|e| e.to_string())? {
-                println!("{}", path.display());
+                say(&path.display().to_string())?;
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Check { log } => {
+        Command::Check { log, min_severity } => {
             let records = load(&log).map_err(|e| e.to_string())?;
             let report = RunReport::from_records(&records, &config);
             for f in &report.findings {
-                println!("{f}");
+                say(&format!("{f}"))?;
             }
+            let failing = report
+                .findings
+                .iter()
+                .filter(|f| f.severity >= min_severity.severity())
+                .count();
             if report.findings.is_empty() {
-                println!("no findings in {} observations", report.observations);
+                say(&format!(
+                    "no findings in {} observations",
+                    report.observations
+                ))?;
+            }
+            if failing == 0 {
                 Ok(ExitCode::SUCCESS)
             } else {
+                say(&format!(
+                    "{failing} finding(s) at or above {min_severity:?} severity"
+                ))?;
                 Ok(ExitCode::from(1))
             }
         }
