@@ -372,3 +372,21 @@ fn an_all_nan_gradient_has_a_histogram_that_says_so() {
     assert_eq!(h.nan, 18);
     assert_eq!(h.total(), 18);
 }
+
+#[test]
+fn a_nan_learning_rate_is_recorded_as_it_was() {
+    let map = VarMap::new();
+    let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+    let fc = candle_nn::linear(8, 2, vb.pp("fc")).unwrap();
+    let mut monitor = GradMonitor::from_var_map(&map).unwrap();
+    let loss = fc.forward(&x()).unwrap().sqr().unwrap().mean_all().unwrap();
+    let grads = loss.backward().unwrap();
+    let ctx = gradkit::diagnostics::StepContext {
+        loss: Some(&loss),
+        learning_rate: Some(f64::NAN),
+    };
+    let record = monitor.observe_with(0, &grads, ctx).unwrap().unwrap();
+    assert!(record.learning_rate.unwrap().is_nan());
+    let line = serde_json::to_string(record).unwrap();
+    assert!(line.contains(r#""learning_rate":"nan""#), "{line}");
+}

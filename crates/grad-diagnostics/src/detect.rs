@@ -19,9 +19,9 @@
 //!   last's (among the layers that have a gradient), for `patience` = 3 consecutive
 //!   observations.
 //! - **Exploding** (Pascanu, Mikolov & Bengio 2013): the global norm above `exploding_norm` = 1e6,
-//!   or grown `growth_factor` = 10x over the (lower) median of the up to `growth_window` = 5
-//!   previous finite observations to above the run's median (a climb back to the usual level
-//!   after a quiet patch, common late in training, is not an explosion).
+//!   or grown `growth_factor` = 10x over both the (lower) median of the up to `growth_window` = 5
+//!   previous finite observations and the run's median (a spike out of a quiet patch to a few
+//!   times the usual level, common late in training with small batches, is not an explosion).
 //! - **Non-finite**: any NaN/Inf gradient, named by the first step it appeared and the first
 //!   parameter in network order that carried it.
 //! - **Dead units** (Maas et al. 2013; Lu et al. 2019): a probed ReLU layer with more than
@@ -50,8 +50,8 @@ pub struct DetectorConfig {
     pub patience: usize,
     /// Global gradient-norm ceiling. Default: 1e6.
     pub exploding_norm: f64,
-    /// Growth of the global norm that counts as exploding (when it also ends above the median of
-    /// the observed run). Default: 10.
+    /// Growth of the global norm that counts as exploding, over the recent window and over the
+    /// run's median. Default: 10.
     pub growth_factor: f64,
     /// Previous observations whose median the growth is measured against. Default: 5.
     pub growth_window: usize,
@@ -471,10 +471,11 @@ impl Exploding {
         );
         self.run.push(v);
         let grew = baseline.is_finite() && v > c.growth_factor * baseline;
-        // The run's median (a sort of the thinned sample) only for a candidate.
+        // The run's median (a sort of the thinned sample) only for a candidate: a spike out of
+        // a quiet patch back to a few times the usual level is not an explosion.
         let severity = if v > c.exploding_norm {
             Some(Severity::Critical)
-        } else if grew && v > self.run.median() {
+        } else if grew && v > c.growth_factor * self.run.median() {
             Some(Severity::Warning)
         } else {
             None
