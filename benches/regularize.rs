@@ -20,7 +20,9 @@ use candle_core::{DType, Device, Tensor, Var};
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use grad_core::device::{Path, with_path};
 use grad_core::{NormType, Philox};
-use grad_regularize::{CrossEntropyOptions, clip_grad_norm, cross_entropy, cross_entropy_composed};
+use grad_regularize::{
+    CrossEntropyConfig, NonFiniteNorm, clip_grad_norm, cross_entropy, cross_entropy_composed,
+};
 use rayon::prelude::*;
 
 fn candle_clip(grads: &[Tensor], max_norm: f64) -> candle_core::Result<Vec<Tensor>> {
@@ -73,7 +75,7 @@ fn clip_bench(c: &mut Criterion) {
                     .map(|g| g.copy().expect("copy"))
                     .collect::<Vec<_>>()
             },
-            |gs| clip_grad_norm(gs, max_norm, NormType::L2, false).expect("clip"),
+            |gs| clip_grad_norm(gs, max_norm, NormType::L2, NonFiniteNorm::Scale).expect("clip"),
             BatchSize::LargeInput,
         )
     });
@@ -89,7 +91,7 @@ fn clip_bench(c: &mut Criterion) {
             },
             |gs| {
                 with_path(Path::Composed, || {
-                    clip_grad_norm(gs, max_norm, NormType::L2, false).expect("clip")
+                    clip_grad_norm(gs, max_norm, NormType::L2, NonFiniteNorm::Scale).expect("clip")
                 })
             },
             BatchSize::LargeInput,
@@ -120,7 +122,7 @@ fn cross_entropy_bench(c: &mut Criterion) {
         .expect("var");
         let t: Vec<u32> = (0..n).map(|i| (i * 7919 % classes) as u32).collect();
         let targets = Tensor::from_vec(t, n, &dev).expect("targets");
-        let opts = CrossEntropyOptions {
+        let opts = CrossEntropyConfig {
             label_smoothing: 0.1,
             ..Default::default()
         };

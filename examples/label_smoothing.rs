@@ -21,7 +21,7 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use clap::Parser;
 use grad_core::{NamedVars, Philox};
 use grad_layers::init::{FanMode, Initializer, Nonlinearity, reinit};
-use grad_regularize::{CrossEntropyOptions, cross_entropy};
+use grad_regularize::{CrossEntropyConfig, cross_entropy};
 use plotters::prelude::*;
 use serde::Serialize;
 use support::{OutDir, Result};
@@ -154,7 +154,7 @@ fn train(data: &support::Digits, cli: &Cli, smoothing: f64) -> Result<Calibratio
             ..Default::default()
         },
     )?;
-    let options = CrossEntropyOptions {
+    let options = CrossEntropyConfig {
         label_smoothing: smoothing,
         ..Default::default()
     };

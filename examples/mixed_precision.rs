@@ -25,7 +25,7 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use clap::Parser;
 use grad_core::{NamedVars, Philox};
 use grad_layers::init::{Initializer, Nonlinearity, calculate_gain, reinit};
-use grad_regularize::{CrossEntropyOptions, LossScaler, LossScalerConfig, cross_entropy};
+use grad_regularize::{CrossEntropyConfig, LossScaler, LossScalerConfig, cross_entropy};
 use serde::Serialize;
 use support::{OutDir, Result};
 
@@ -106,7 +106,7 @@ impl Mlp {
 
     /// The f32 master gradients of `loss * scale`, divided by `scale`, flattened.
     fn grads(&self, x: &Tensor, y: &Tensor, dtype: DType, scale: f64) -> Result<Vec<f32>> {
-        let loss = cross_entropy(&self.forward(x, dtype)?, y, &CrossEntropyOptions::default())?;
+        let loss = cross_entropy(&self.forward(x, dtype)?, y, &CrossEntropyConfig::default())?;
         let store = loss.affine(scale, 0.0)?.backward()?;
         let mut out = Vec::new();
         for (_, g) in self.params.grads(&store)?.present() {
@@ -171,7 +171,7 @@ fn train(cli: &Cli, data: &support::Digits, scaled: bool) -> Result<Run> {
     let mut scaler = LossScaler::new(LossScalerConfig::default())?;
     let (mut step, mut skipped, mut probes) = (0u64, 0u64, Vec::new());
     let n = data.train.images.dim(0)?;
-    let ce = CrossEntropyOptions::default();
+    let ce = CrossEntropyConfig::default();
     for _ in 0..cli.epochs {
         for idx in support::epoch_batches(n, 64, &mut rng)? {
             let (x, y) = support::rows(&data.train, &idx)?;

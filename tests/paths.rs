@@ -19,7 +19,7 @@ use gradkit::diagnostics::{GradMonitor, MonitorConfig, Probe, ProbeKind};
 use gradkit::layers::ops::DropoutKind;
 use gradkit::layers::{BatchNormConfig, DropoutConfig, batch_norm, dropout};
 use gradkit::regularize::{
-    Clipped, CrossEntropyOptions, LossScaler, LossScalerConfig, Reduction, cross_entropy,
+    Clipped, CrossEntropyConfig, LossScaler, LossScalerConfig, Reduction, cross_entropy,
 };
 use proptest::prelude::*;
 
@@ -205,7 +205,7 @@ proptest! {
         let weight = weighted.then(|| {
             Tensor::arange(1.0, classes as f64 + 1.0, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
         });
-        let options = CrossEntropyOptions { weight, reduction, label_smoothing: smoothing, ..Default::default() };
+        let options = CrossEntropyConfig { weight, reduction, label_smoothing: smoothing, ..Default::default() };
         let run = || {
             let v = Var::from_tensor(&logits).unwrap();
             let loss = cross_entropy(v.as_tensor(), &t, &options).unwrap();
@@ -411,14 +411,14 @@ fn broadcast_and_strided_inputs_agree() {
             ));
             let targets = Tensor::new(&[1i64, 0, 3], &Device::Cpu).unwrap();
             out.push(vals(
-                &cross_entropy(input, &targets, &CrossEntropyOptions::default()).unwrap(),
+                &cross_entropy(input, &targets, &CrossEntropyConfig::default()).unwrap(),
             ));
             let mut grads = vec![input.clone()];
             let clip = gradkit::regularize::clip_grad_norm(
                 &mut grads,
                 1.0,
                 gradkit::core::NormType::L2,
-                false,
+                gradkit::regularize::NonFiniteNorm::Scale,
             )
             .unwrap();
             out.push(vec![clip.total_norm]);

@@ -27,7 +27,7 @@ use grad_layers::init::{FanMode, Initializer, Nonlinearity, reinit};
 use grad_layers::{
     Activation, BatchNorm, BatchNormConfig, Dropout, DropoutConfig, batch_norm, dropout,
 };
-use grad_regularize::{CrossEntropyOptions, cross_entropy};
+use grad_regularize::{CrossEntropyConfig, cross_entropy};
 use serde::Serialize;
 
 use crate::support::{Digits, Result, Sgd, accuracy, context, epoch_batches, rows};
@@ -333,7 +333,7 @@ pub fn run(
     let mut sink = log
         .map(|p| JsonlSink::create(p).map_err(context("cannot create the log")))
         .transpose()?;
-    let loss_options = CrossEntropyOptions::default();
+    let loss_options = CrossEntropyConfig::default();
     let (mut step, mut clipped_steps, mut epoch_loss) = (0u64, 0u64, 0.0);
     for _ in 0..options.epochs {
         epoch_loss = 0.0;

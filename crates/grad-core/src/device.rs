@@ -62,7 +62,7 @@ impl Path {
     ///
     /// ```
     /// use candle_core::Device;
-    /// use grad_core::device::{Path, with_path};
+    /// use gradkit::core::device::{Path, with_path};
     /// assert_eq!(Path::of(&Device::Cpu), Path::Fused);
     /// assert_eq!(with_path(Path::Composed, || Path::of(&Device::Cpu)), Path::Composed);
     /// ```
@@ -84,13 +84,13 @@ impl Path {
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
-/// use grad_core::device::{Path, with_path};
-/// use grad_core::{NormType, global_norm};
+/// use gradkit::core::device::{Path, with_path};
+/// use gradkit::core::{NormType, global_norm};
 /// let g = Tensor::new(&[3f32, 4.0], &Device::Cpu)?;
 /// let fused = global_norm(&[g.clone()], NormType::L2)?;
 /// let composed = with_path(Path::Composed, || global_norm(&[g.clone()], NormType::L2))?;
 /// assert_eq!(fused, composed);
-/// # Ok::<(), grad_core::Error>(())
+/// # Ok::<(), gradkit::core::Error>(())
 /// ```
 pub fn with_path<R>(path: Path, f: impl FnOnce() -> R) -> R {
     struct Restore(Option<Path>);
@@ -107,7 +107,7 @@ pub fn with_path<R>(path: Path, f: impl FnOnce() -> R) -> R {
 /// no f64 (f32 there).
 ///
 /// ```
-/// assert_eq!(grad_core::device::wide_dtype(&candle_core::Device::Cpu), candle_core::DType::F64);
+/// assert_eq!(gradkit::core::device::wide_dtype(&candle_core::Device::Cpu), candle_core::DType::F64);
 /// ```
 pub fn wide_dtype(device: &Device) -> DType {
     if device.is_metal() {
@@ -125,9 +125,9 @@ pub fn wide_dtype(device: &Device) -> DType {
 ///
 /// ```
 /// use candle_core::{DType, Device};
-/// let t = grad_core::device::scalar(0.25, DType::F32, &Device::Cpu)?;
+/// let t = gradkit::core::device::scalar(0.25, DType::F32, &Device::Cpu)?;
 /// assert_eq!(t.to_scalar::<f32>()?, 0.25);
-/// # Ok::<(), grad_core::Error>(())
+/// # Ok::<(), gradkit::core::Error>(())
 /// ```
 pub fn scalar(value: f64, dtype: DType, device: &Device) -> Result<Tensor> {
     Ok(Tensor::ones((), dtype, device)?.affine(value, 0.0)?)
@@ -146,11 +146,11 @@ thread_local! {
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
-/// let before = grad_core::device::read_back_count();
+/// let before = gradkit::core::device::read_back_count();
 /// let t = Tensor::new(&[1f32, 2.0], &Device::Cpu)?;
-/// assert_eq!(grad_core::device::read_back(&t)?, [1.0, 2.0]);
-/// assert_eq!(grad_core::device::read_back_count(), before + 1);
-/// # Ok::<(), grad_core::Error>(())
+/// assert_eq!(gradkit::core::device::read_back(&t)?, [1.0, 2.0]);
+/// assert_eq!(gradkit::core::device::read_back_count(), before + 1);
+/// # Ok::<(), gradkit::core::Error>(())
 /// ```
 pub fn read_back(t: &Tensor) -> Result<Vec<f64>> {
     READ_BACKS.set(READ_BACKS.get() + 1);

@@ -126,7 +126,7 @@ impl Error {
     /// An [`Error::ShapeMismatch`]: `op` found `got` where it needed `expected` for `arg`.
     ///
     /// ```
-    /// let e = grad_core::Error::shape_mismatch("clip", "grad", "[2, 3]", &[3, 2]);
+    /// let e = gradkit::core::Error::shape_mismatch("clip", "grad", "[2, 3]", &[3, 2]);
     /// assert_eq!(e.to_string(), "clip: shape mismatch for grad: expected [2, 3], got [3, 2]");
     /// ```
     pub fn shape_mismatch(
@@ -141,5 +141,67 @@ impl Error {
             expected: expected.into(),
             got: got.to_vec(),
         }
+    }
+}
+
+/// Converts to candle's error type, so `?` works in a function returning
+/// `candle_core::Result`. A candle error inside comes back as it was; any other keeps this error
+/// reachable with [`downcast`].
+impl From<Error> for candle_core::Error {
+    fn from(err: Error) -> Self {
+        match err {
+            Error::Candle(e) => e,
+            other => to_candle(other),
+        }
+    }
+}
+
+/// Wraps a gradkit error in a `candle_core::Error` that keeps it typed: the message is the
+/// error's own, and [`downcast`] gets the error back. Every gradkit crate's `From<Error> for
+/// candle_core::Error` is built on this; a candle error inside a gradkit error should be
+/// unwrapped first rather than wrapped twice.
+///
+/// ```
+/// let e = gradkit::core::Error::shape_mismatch("clip", "grad", "[2, 3]", &[3, 2]);
+/// let wrapped = gradkit::core::to_candle(e);
+/// assert!(wrapped.to_string().contains("clip: shape mismatch for grad"));
+/// ```
+pub fn to_candle<E>(err: E) -> candle_core::Error
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let context = err.to_string();
+    candle_core::Error::WrappedContext {
+        wrapped: Box::new(err),
+        context,
+    }
+}
+
+/// The gradkit error of type `E` inside a `candle_core::Error` (for example one returned by a
+/// layer's `Module::forward` or by `Optimizer::step` of `Clipped`), looking through candle's
+/// context, path and backtrace layers; `None` when it holds no such error.
+///
+/// ```
+/// use candle_core::{DType, Device, Module, Tensor};
+/// use candle_nn::VarBuilder;
+/// use gradkit::layers::{Error, PReluConfig, prelu};
+///
+/// let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
+/// let act = prelu(PReluConfig { num_parameters: 3, ..Default::default() }, vb)?;
+/// let x = Tensor::zeros((2, 4), DType::F32, &Device::Cpu)?; // 4 channels, not 3
+/// let err = act.forward(&x).unwrap_err(); // a candle_core::Error, as Module returns
+/// assert!(matches!(gradkit::core::downcast::<Error>(&err), Some(Error::Core(_))));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn downcast<E>(err: &candle_core::Error) -> Option<&E>
+where
+    E: std::error::Error + 'static,
+{
+    match err {
+        candle_core::Error::WrappedContext { wrapped, .. } => wrapped.downcast_ref::<E>(),
+        candle_core::Error::Context { inner, .. }
+        | candle_core::Error::WithPath { inner, .. }
+        | candle_core::Error::WithBacktrace { inner, .. } => downcast(inner),
+        _ => None,
     }
 }

@@ -370,7 +370,7 @@ pub fn erf_f32(x: f32) -> f32 {
 /// fused multiply-add, so both builds round identically: results do not depend on the CPU.
 ///
 /// ```
-/// let sum: f64 = grad_core::float::with_avx2(
+/// let sum: f64 = gradkit::core::float::with_avx2(
 ///     #[inline(always)]
 ///     || (0..100).map(f64::from).sum(),
 /// );
@@ -408,8 +408,8 @@ pub fn is_float(dtype: DType) -> bool {
 ///
 /// ```
 /// use candle_core::DType;
-/// assert!(grad_core::float::ensure_float("demo", "x", DType::BF16).is_ok());
-/// assert!(grad_core::float::ensure_float("demo", "x", DType::U32).is_err());
+/// assert!(gradkit::core::float::ensure_float("demo", "x", DType::BF16).is_ok());
+/// assert!(gradkit::core::float::ensure_float("demo", "x", DType::U32).is_err());
 /// ```
 pub fn ensure_float(op: &'static str, arg: &'static str, dtype: DType) -> Result<()> {
     if is_float(dtype) {

@@ -134,7 +134,7 @@ impl fmt::Display for GradcheckReport {
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
-/// use grad_core::{GradcheckConfig, gradcheck};
+/// use gradkit::core::{GradcheckConfig, gradcheck};
 /// let x = Tensor::new(&[[0.5f64, -1.0], [2.0, 0.25]], &Device::Cpu)?;
 /// let w = Tensor::new(&[[1.5f64], [-0.5]], &Device::Cpu)?;
 /// let report = gradcheck(
@@ -143,7 +143,7 @@ impl fmt::Display for GradcheckReport {
 ///     &GradcheckConfig::default(),
 /// )?;
 /// assert!(report.passed());
-/// # Ok::<(), grad_core::Error>(())
+/// # Ok::<(), gradkit::core::Error>(())
 /// ```
 pub fn gradcheck<F, E>(f: F, inputs: &[Tensor], config: &GradcheckConfig) -> Result<GradcheckReport>
 where

@@ -40,9 +40,9 @@ use crate::{Error, Result};
 /// ```
 /// use candle_core::{Device, Tensor};
 /// let mut g = Tensor::new(&[1f32, -2.0], &Device::Cpu)?;
-/// grad_core::scale_in_place(&mut g, 0.5)?;
+/// gradkit::core::scale_in_place(&mut g, 0.5)?;
 /// assert_eq!(g.to_vec1::<f32>()?, [0.5, -1.0]);
-/// # Ok::<(), grad_core::Error>(())
+/// # Ok::<(), gradkit::core::Error>(())
 /// ```
 pub fn scale_in_place(tensor: &mut Tensor, factor: f64) -> Result<()> {
     scale_all_in_place(std::slice::from_mut(tensor), factor)
@@ -57,9 +57,9 @@ pub fn scale_in_place(tensor: &mut Tensor, factor: f64) -> Result<()> {
 /// ```
 /// use candle_core::{Device, Tensor};
 /// let mut gs = vec![Tensor::new(&[2f32], &Device::Cpu)?, Tensor::new(&[4f64, 6.0], &Device::Cpu)?];
-/// grad_core::scale_all_in_place(&mut gs, 0.5)?;
+/// gradkit::core::scale_all_in_place(&mut gs, 0.5)?;
 /// assert_eq!(gs[1].to_vec1::<f64>()?, [2.0, 3.0]);
-/// # Ok::<(), grad_core::Error>(())
+/// # Ok::<(), gradkit::core::Error>(())
 /// ```
 pub fn scale_all_in_place(tensors: &mut [Tensor], factor: f64) -> Result<()> {
     for t in tensors.iter() {
@@ -183,9 +183,9 @@ pub fn unscale_all_in_place(tensors: &mut [Tensor], factor: f64) -> Result<bool>
 /// ```
 /// use candle_core::{Device, Tensor};
 /// let mut g = Tensor::new(&[3f64, -0.5, -7.0], &Device::Cpu)?;
-/// grad_core::clamp_in_place(&mut g, -1.0, 1.0)?;
+/// gradkit::core::clamp_in_place(&mut g, -1.0, 1.0)?;
 /// assert_eq!(g.to_vec1::<f64>()?, [1.0, -0.5, -1.0]);
-/// # Ok::<(), grad_core::Error>(())
+/// # Ok::<(), gradkit::core::Error>(())
 /// ```
 pub fn clamp_in_place(tensor: &mut Tensor, min: f64, max: f64) -> Result<bool> {
     clamp_all_in_place(std::slice::from_mut(tensor), min, max)
@@ -201,9 +201,9 @@ pub fn clamp_in_place(tensor: &mut Tensor, min: f64, max: f64) -> Result<bool> {
 /// ```
 /// use candle_core::{Device, Tensor};
 /// let mut g = Tensor::new(&[[1f32, 1.0], [2.0, 2.0]], &Device::Cpu)?;
-/// grad_core::scale_rows_in_place(&mut g, &[0.5, 2.0])?;
+/// gradkit::core::scale_rows_in_place(&mut g, &[0.5, 2.0])?;
 /// assert_eq!(g.to_vec2::<f32>()?, [[0.5, 0.5], [4.0, 4.0]]);
-/// # Ok::<(), grad_core::Error>(())
+/// # Ok::<(), gradkit::core::Error>(())
 /// ```
 pub fn scale_rows_in_place(tensor: &mut Tensor, factors: &[f64]) -> Result<()> {
     ensure_float("scale_rows_in_place", "tensor", tensor.dtype())?;
@@ -247,11 +247,11 @@ pub fn unit_count(tensor: &Tensor) -> usize {
 /// ```
 /// use candle_core::{Device, Tensor};
 /// let mut g = Tensor::new(&[1024f32, 2048.0], &Device::Cpu)?;
-/// assert!(!grad_core::unscale_in_place(&mut g, 1.0 / 1024.0)?);
+/// assert!(!gradkit::core::unscale_in_place(&mut g, 1.0 / 1024.0)?);
 /// assert_eq!(g.to_vec1::<f32>()?, [1.0, 2.0]);
 /// let mut bad = Tensor::new(&[f32::INFINITY], &Device::Cpu)?;
-/// assert!(grad_core::unscale_in_place(&mut bad, 0.5)?);
-/// # Ok::<(), grad_core::Error>(())
+/// assert!(gradkit::core::unscale_in_place(&mut bad, 0.5)?);
+/// # Ok::<(), gradkit::core::Error>(())
 /// ```
 pub fn unscale_in_place(tensor: &mut Tensor, factor: f64) -> Result<bool> {
     unscale_all_in_place(std::slice::from_mut(tensor), factor)

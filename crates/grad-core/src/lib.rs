@@ -22,7 +22,7 @@
 //! ```
 //! use candle_core::{DType, Device, Var};
 //! use candle_nn::{Module, VarBuilder, VarMap};
-//! use grad_core::{NamedVars, NormType, global_norm};
+//! use gradkit::core::{NamedVars, NormType, global_norm};
 //!
 //! let map = VarMap::new();
 //! let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
@@ -34,7 +34,7 @@
 //! assert_eq!(grads.len(), 2); // fc.bias and fc.weight, never the input
 //! let norm = global_norm(&grads.tensors(), NormType::L2)?;
 //! assert!(norm > 0.0);
-//! # Ok::<(), grad_core::Error>(())
+//! # Ok::<(), gradkit::core::Error>(())
 //! ```
 
 pub mod device;
@@ -53,7 +53,7 @@ pub mod step;
 pub mod strategies;
 pub mod validate;
 
-pub use error::{Error, Result};
+pub use error::{Error, Result, downcast, to_candle};
 pub use gradcheck::{GradcheckConfig, GradcheckReport, InputReport, WorstElement, gradcheck};
 pub use inplace::{
     clamp_all_in_place, clamp_in_place, scale_all_in_place, scale_in_place, scale_rows_in_place,

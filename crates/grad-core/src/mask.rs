@@ -73,7 +73,7 @@ impl MaskStream {
     /// The word at position `low` of the segment.
     ///
     /// ```
-    /// use grad_core::mask::MaskStream;
+    /// use gradkit::core::mask::MaskStream;
     /// let s = MaskStream::new(7, 0);
     /// let mut words = [0; 3];
     /// s.fill(5, &mut words);
@@ -177,14 +177,14 @@ fn segment_of(position: u64) -> u32 {
 ///
 /// ```
 /// use candle_core::Device;
-/// use grad_core::PhiloxState;
-/// use grad_core::mask::{MaskStream, mask_words_tensor};
+/// use gradkit::core::PhiloxState;
+/// use gradkit::core::mask::{MaskStream, mask_words_tensor};
 /// let at = PhiloxState { seed: 3, offset: 1000 };
 /// let words = mask_words_tensor(at, 600, &Device::Cpu)?.to_vec1::<u32>()?;
 /// let mut host = vec![0u32; 600];
 /// MaskStream::at(at).fill(at.offset, &mut host);
 /// assert_eq!(words, host);
-/// # Ok::<(), grad_core::Error>(())
+/// # Ok::<(), gradkit::core::Error>(())
 /// ```
 pub fn mask_words_tensor(state: PhiloxState, n: usize, device: &Device) -> Result<Tensor> {
     let mut parts = Vec::new();

@@ -48,11 +48,11 @@ impl NormType {
     /// [`Error::InvalidHyperParameter`] when `p <= 0`, `p` is NaN or `p = -inf`.
     ///
     /// ```
-    /// use grad_core::NormType;
+    /// use gradkit::core::NormType;
     /// assert_eq!(NormType::from_p(2.0)?, NormType::L2);
     /// assert_eq!(NormType::from_p(f64::INFINITY)?, NormType::Inf);
     /// assert!(NormType::from_p(0.0).is_err());
-    /// # Ok::<(), grad_core::Error>(())
+    /// # Ok::<(), gradkit::core::Error>(())
     /// ```
     pub fn from_p(p: f64) -> Result<Self> {
         let norm = match p {
@@ -162,11 +162,11 @@ impl MultiNorm {
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
-/// use grad_core::{NormType, global_norm};
+/// use gradkit::core::{NormType, global_norm};
 /// let a = Tensor::new(&[3f32, 0.0], &Device::Cpu)?;
 /// let b = Tensor::new(&[[4f32]], &Device::Cpu)?;
 /// assert_eq!(global_norm(&[a, b], NormType::L2)?, 5.0);
-/// # Ok::<(), grad_core::Error>(())
+/// # Ok::<(), gradkit::core::Error>(())
 /// ```
 pub fn global_norm(tensors: &[Tensor], norm_type: NormType) -> Result<f64> {
     Ok(multi_norm(tensors, norm_type)?.total)
@@ -182,14 +182,14 @@ pub fn global_norm(tensors: &[Tensor], norm_type: NormType) -> Result<f64> {
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
-/// use grad_core::{NormType, multi_norm};
+/// use gradkit::core::{NormType, multi_norm};
 /// let a = Tensor::new(&[1f32, f32::NAN], &Device::Cpu)?;
 /// let b = Tensor::new(&[2f32, -2.0], &Device::Cpu)?;
 /// let norms = multi_norm(&[a, b], NormType::L1)?;
 /// assert!(norms.total.is_nan());
 /// assert_eq!(norms.per_tensor[1].norm, 4.0);
 /// assert_eq!(norms.first_non_finite(), Some(0));
-/// # Ok::<(), grad_core::Error>(())
+/// # Ok::<(), gradkit::core::Error>(())
 /// ```
 pub fn multi_norm(tensors: &[Tensor], norm_type: NormType) -> Result<MultiNorm> {
     norm_type.validate()?;
@@ -218,9 +218,9 @@ pub fn multi_norm(tensors: &[Tensor], norm_type: NormType) -> Result<MultiNorm> 
 /// ```
 /// use candle_core::{Device, Tensor};
 /// let w = Tensor::new(&[[3f32, 4.0], [0.0, 1.0]], &Device::Cpu)?;
-/// assert_eq!(grad_core::unit_norms(&w)?, [5.0, 1.0]);
-/// assert_eq!(grad_core::unit_norms(&w.flatten_all()?)?, [26f64.sqrt()]);
-/// # Ok::<(), grad_core::Error>(())
+/// assert_eq!(gradkit::core::unit_norms(&w)?, [5.0, 1.0]);
+/// assert_eq!(gradkit::core::unit_norms(&w.flatten_all()?)?, [26f64.sqrt()]);
+/// # Ok::<(), gradkit::core::Error>(())
 /// ```
 pub fn unit_norms(t: &Tensor) -> Result<Vec<f64>> {
     ensure_float("unit_norms", "tensor", t.dtype())?;
@@ -263,9 +263,9 @@ pub fn unit_norms(t: &Tensor) -> Result<Vec<f64>> {
 /// ```
 /// use candle_core::{Device, Tensor};
 /// let w = Tensor::new(&[[3f32, 4.0], [0.0, 1.0]], &Device::Cpu)?;
-/// let n = grad_core::unit_norm_tensor(&w)?;
+/// let n = gradkit::core::unit_norm_tensor(&w)?;
 /// assert_eq!(n.to_vec1::<f64>()?, [5.0, 1.0]);
-/// # Ok::<(), grad_core::Error>(())
+/// # Ok::<(), gradkit::core::Error>(())
 /// ```
 pub fn unit_norm_tensor(t: &Tensor) -> Result<Tensor> {
     ensure_float("unit_norms", "tensor", t.dtype())?;

@@ -43,8 +43,8 @@ pub const BUFFER_NAMES: [&str; 3] = ["running_mean", "running_var", "num_batches
 /// Whether `name` names a buffer: its last dot-separated component is one of [`BUFFER_NAMES`].
 ///
 /// ```
-/// assert!(grad_core::is_buffer_name("layer.1.bn.running_var"));
-/// assert!(!grad_core::is_buffer_name("layer.1.bn.weight"));
+/// assert!(gradkit::core::is_buffer_name("layer.1.bn.running_var"));
+/// assert!(!gradkit::core::is_buffer_name("layer.1.bn.weight"));
 /// ```
 pub fn is_buffer_name(name: &str) -> bool {
     let last = name.rsplit('.').next().unwrap_or(name);
@@ -70,12 +70,12 @@ impl NamedVars {
     ///
     /// ```
     /// use candle_core::{DType, Device, Var};
-    /// use grad_core::NamedVars;
+    /// use gradkit::core::NamedVars;
     /// let w = Var::zeros((2, 3), DType::F32, &Device::Cpu)?;
     /// let b = Var::zeros(2, DType::F32, &Device::Cpu)?;
     /// let params = NamedVars::new([("fc.weight", w), ("fc.bias", b)])?;
     /// assert_eq!(params.names().collect::<Vec<_>>(), ["fc.weight", "fc.bias"]);
-    /// # Ok::<(), grad_core::Error>(())
+    /// # Ok::<(), gradkit::core::Error>(())
     /// ```
     pub fn new<S: Into<String>>(entries: impl IntoIterator<Item = (S, Var)>) -> Result<Self> {
         let mut out = Self::default();
@@ -103,7 +103,7 @@ impl NamedVars {
     /// ```
     /// use candle_core::{DType, Device};
     /// use candle_nn::{VarBuilder, VarMap};
-    /// use grad_core::{NamedVars, VarOrder};
+    /// use gradkit::core::{NamedVars, VarOrder};
     /// let map = VarMap::new();
     /// let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
     /// candle_nn::linear(4, 4, vb.pp("encoder"))?;
@@ -117,7 +117,7 @@ impl NamedVars {
     /// );
     /// let buffers = NamedVars::buffers_of(&map);
     /// assert_eq!(buffers.names().collect::<Vec<_>>(), ["bn.running_mean", "bn.running_var"]);
-    /// # Ok::<(), grad_core::Error>(())
+    /// # Ok::<(), gradkit::core::Error>(())
     /// ```
     pub fn from_var_map(map: &VarMap) -> Self {
         Self::of_var_map(map, |name, var| {
@@ -232,7 +232,7 @@ impl NamedVars {
     ///
     /// ```
     /// use candle_core::{DType, Device, Tensor, Var};
-    /// use grad_core::NamedVars;
+    /// use gradkit::core::NamedVars;
     /// let w = Var::new(&[1f32, 2.0], &Device::Cpu)?;
     /// let unused = Var::zeros(3, DType::F32, &Device::Cpu)?;
     /// let params = NamedVars::new([("w", w.clone()), ("unused", unused)])?;
@@ -240,7 +240,7 @@ impl NamedVars {
     /// let grads = params.grads(&store)?;
     /// assert_eq!(grads.get("w").unwrap().to_vec1::<f32>()?, [2.0, 4.0]);
     /// assert!(grads.get("unused").is_none());
-    /// # Ok::<(), grad_core::Error>(())
+    /// # Ok::<(), gradkit::core::Error>(())
     /// ```
     pub fn grads(&self, store: &GradStore) -> Result<NamedGrads> {
         let entries = self
@@ -383,13 +383,13 @@ impl NamedGrads {
     ///
     /// ```
     /// use candle_core::{Device, Var};
-    /// use grad_core::{NamedVars, scale_in_place};
+    /// use gradkit::core::{NamedVars, scale_in_place};
     /// let w = Var::new(&[1f32, 2.0], &Device::Cpu)?;
     /// let store = w.sqr()?.sum_all()?.backward()?;
     /// let mut grads = NamedVars::new([("w", w.clone())])?.grads(&store)?;
     /// grads.apply(|gs| gs.iter_mut().try_for_each(|g| scale_in_place(g, 0.5)))?;
     /// assert_eq!(grads.get("w").unwrap().to_vec1::<f32>()?, [1.0, 2.0]);
-    /// # Ok::<(), grad_core::Error>(())
+    /// # Ok::<(), gradkit::core::Error>(())
     /// ```
     pub fn apply<R, E: From<Error>>(
         &mut self,
@@ -427,7 +427,7 @@ impl NamedGrads {
 ///
 /// ```
 /// use std::cmp::Ordering;
-/// use grad_core::natural_cmp;
+/// use gradkit::core::natural_cmp;
 /// assert_eq!(natural_cmp("layer.2.weight", "layer.10.weight"), Ordering::Less);
 /// assert_eq!(natural_cmp("a.bias", "a.weight"), Ordering::Less);
 /// ```

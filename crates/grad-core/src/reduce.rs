@@ -15,7 +15,7 @@ pub const LANES: usize = 16;
 ///
 /// ```
 /// let xs = [1.0f32, 2.0, 3.0];
-/// assert_eq!(grad_core::reduce::sum_by(&xs, |v| v * v), 14.0);
+/// assert_eq!(gradkit::core::reduce::sum_by(&xs, |v| v * v), 14.0);
 /// ```
 #[inline(always)]
 pub fn sum_by<T: Float>(xs: &[T], f: impl Fn(f64) -> f64) -> f64 {
@@ -37,7 +37,7 @@ pub fn sum_by<T: Float>(xs: &[T], f: impl Fn(f64) -> f64) -> f64 {
 /// ```
 /// let g = [1.0f64, -1.0];
 /// let x = [3.0f64, 5.0];
-/// assert_eq!(grad_core::reduce::sum_by2(&g, &x, |g, x| g * x), -2.0);
+/// assert_eq!(gradkit::core::reduce::sum_by2(&g, &x, |g, x| g * x), -2.0);
 /// ```
 #[inline(always)]
 pub fn sum_by2<T: Float>(a: &[T], b: &[T], f: impl Fn(f64, f64) -> f64) -> f64 {
@@ -62,7 +62,7 @@ pub fn sum_by2<T: Float>(a: &[T], b: &[T], f: impl Fn(f64, f64) -> f64) -> f64 {
 /// The largest `|x_j|` (0 for an empty slice; NaN elements are ignored).
 ///
 /// ```
-/// assert_eq!(grad_core::reduce::max_abs(&[1.0f32, -4.0, 2.0]), 4.0);
+/// assert_eq!(gradkit::core::reduce::max_abs(&[1.0f32, -4.0, 2.0]), 4.0);
 /// ```
 #[inline(always)]
 pub fn max_abs<T: Float>(xs: &[T]) -> f64 {

@@ -53,7 +53,7 @@ fn mulhilo(a: u32, b: u32) -> (u32, u32) {
 ///
 /// ```
 /// // Known-answer test from the Random123 distribution (kat_vectors).
-/// let out = grad_core::rng::philox4x32_10([0; 4], [0; 2]);
+/// let out = gradkit::core::rng::philox4x32_10([0; 4], [0; 2]);
 /// assert_eq!(out, [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8]);
 /// ```
 pub fn philox4x32_10(counter: [u32; 4], key: [u32; 2]) -> [u32; 4] {
@@ -131,7 +131,7 @@ impl PhiloxState {
     /// moving the state. The result does not depend on the number of threads.
     ///
     /// ```
-    /// use grad_core::rng::PhiloxState;
+    /// use gradkit::core::rng::PhiloxState;
     /// let s = PhiloxState { seed: 7, offset: 3 };
     /// let mut all = vec![0; 10];
     /// PhiloxState::new(7).fill_u32(&mut all);
@@ -205,14 +205,14 @@ fn group_words(first: u64, key: [u32; 2]) -> [u32; 4 * LANES] {
 ///
 /// ```
 /// use candle_core::{DType, Device};
-/// use grad_core::Philox;
+/// use gradkit::core::Philox;
 /// let mut a = Philox::new(42);
 /// let x = a.normal((2, 3), 0.0, 1.0, DType::F32, &Device::Cpu)?;
 /// let mut b = Philox::new(42);
 /// let y = b.normal((2, 3), 0.0, 1.0, DType::F32, &Device::Cpu)?;
 /// assert_eq!(x.to_vec2::<f32>()?, y.to_vec2::<f32>()?);
 /// assert_eq!(a.state().offset, 6);
-/// # Ok::<(), grad_core::Error>(())
+/// # Ok::<(), gradkit::core::Error>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Philox {
@@ -264,11 +264,11 @@ impl Philox {
     ///
     /// ```
     /// use candle_core::{DType, Device};
-    /// let mut rng = grad_core::Philox::new(0);
+    /// let mut rng = gradkit::core::Philox::new(0);
     /// let u = rng.uniform(1000, -2.0, 2.0, DType::F64, &Device::Cpu)?;
     /// let v = u.to_vec1::<f64>()?;
     /// assert!(v.iter().all(|x| (-2.0..2.0).contains(x)));
-    /// # Ok::<(), grad_core::Error>(())
+    /// # Ok::<(), gradkit::core::Error>(())
     /// ```
     pub fn uniform(
         &mut self,
@@ -384,12 +384,12 @@ impl Philox {
     /// [`Error::InvalidHyperParameter`] for `p` outside `[0, 1]`.
     ///
     /// ```
-    /// let mut rng = grad_core::Philox::new(3);
+    /// let mut rng = gradkit::core::Philox::new(3);
     /// let mask = rng.bernoulli_bits(100, 1.0)?;
     /// assert_eq!(mask.len(), 2);
     /// assert_eq!(mask[0], u64::MAX);
     /// assert_eq!(mask[1], (1u64 << 36) - 1);
-    /// # Ok::<(), grad_core::Error>(())
+    /// # Ok::<(), gradkit::core::Error>(())
     /// ```
     pub fn bernoulli_bits(&mut self, n: usize, p: f64) -> Result<Vec<u64>> {
         let threshold = bernoulli_threshold(p)?;

@@ -29,7 +29,7 @@ thread_local! {
 /// Leaves `outcome` for a watcher on this thread, replacing any not yet taken.
 ///
 /// ```
-/// use grad_core::step::{StepOutcome, publish, take};
+/// use gradkit::core::step::{StepOutcome, publish, take};
 /// publish(StepOutcome { total_norm: 3.0, clipped: true, skipped: false });
 /// assert_eq!(take().map(|o| o.clipped), Some(true));
 /// assert_eq!(take(), None);

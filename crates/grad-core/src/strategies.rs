@@ -6,7 +6,7 @@
 //! its `.contiguous()` copy to check that a kernel reads layouts correctly.
 //!
 //! ```
-//! use grad_core::strategies::{TensorSpec, tensor};
+//! use gradkit::core::strategies::{TensorSpec, tensor};
 //! use proptest::prelude::*;
 //! use proptest::strategy::ValueTree;
 //! use proptest::test_runner::TestRunner;

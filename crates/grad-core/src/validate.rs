@@ -4,7 +4,7 @@
 //! range, so configs validate every field in one fallible step with `?`.
 //!
 //! ```
-//! use grad_core::validate;
+//! use gradkit::core::validate;
 //! assert!(validate::positive("eps", 1e-5).is_ok());
 //! assert!(validate::positive("eps", 0.0).is_err());
 //! assert!(validate::unit_interval("p", f64::NAN).is_err());

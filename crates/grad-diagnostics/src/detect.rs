@@ -36,8 +36,23 @@ use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
-use crate::Result;
 use crate::record::{ProbeKind, StepRecord};
+use crate::{Remedy, Result};
+
+/// What an explosion calls for.
+const EXPLODING: &[Remedy] = &[
+    Remedy::ClipGlobalNorm,
+    Remedy::LowerLearningRate,
+    Remedy::BatchNorm,
+    Remedy::LayerNorm,
+];
+
+/// What vanishing gradients call for.
+const VANISHING: &[Remedy] = &[
+    Remedy::BatchNorm,
+    Remedy::LeakyReluWithKaiming,
+    Remedy::Lsuv,
+];
 
 /// Detector thresholds; the defaults are documented in the module.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -155,7 +170,11 @@ pub struct Finding {
     /// the largest fraction), where one applies.
     #[serde(default, with = "crate::record::float::opt")]
     pub peak: Option<f64>,
-    /// What to do, in terms of gradkit's API.
+    /// What to do, in order of preference.
+    #[serde(default)]
+    pub remedies: Vec<Remedy>,
+    /// The remedies in words, with the gradkit items that do them
+    /// ([`Remedy::render_all`]).
     pub remedy: String,
 }
 
@@ -178,7 +197,7 @@ impl std::fmt::Display for Finding {
 /// Runs every detector over `records` (oldest first).
 ///
 /// ```
-/// use grad_diagnostics::{DetectorConfig, detect};
+/// use gradkit::diagnostics::{DetectorConfig, detect};
 /// assert!(detect(&[], &DetectorConfig::default()).is_empty());
 /// ```
 pub fn detect<'a>(
@@ -298,7 +317,8 @@ impl Detectors {
                 ),
                 steps: [nf.step, nf.last],
                 peak: None,
-                remedy: "skip non-finite steps with grad_regularize::Clipped (skip_non_finite) and trace the source back from this parameter; with f16/bf16 scale the loss with grad_regularize::LossScaler".into(),
+                remedies: vec![Remedy::SkipNonFinite, Remedy::LossScaling],
+                remedy: Remedy::render_all(&[Remedy::SkipNonFinite, Remedy::LossScaling]),
             });
         }
         self.exploding.finding(&mut out);
@@ -311,7 +331,12 @@ impl Detectors {
                         e.peak * 100.0,
                         e.detail
                     ),
-                    "use LeakyReLU or PReLU (grad_layers::Activation::LeakyRelu, grad_layers::prelu), lower the learning rate, or re-initialise the layer's bias (grad_layers::init::reinit)",
+                    &[
+                        Remedy::LeakyReluWithKaiming,
+                        Remedy::Prelu,
+                        Remedy::LowerLearningRate,
+                        Remedy::Reinit,
+                    ][..],
                 ),
                 _ => (
                     format!(
@@ -319,7 +344,7 @@ impl Detectors {
                         e.peak * 100.0,
                         e.detail
                     ),
-                    "normalise the layer's input (grad_layers::batch_norm, grad_layers::layer_norm) and use Xavier init with the activation's gain (grad_layers::init::Initializer::XavierNormal, calculate_gain)",
+                    &[Remedy::BatchNorm, Remedy::LayerNorm, Remedy::XavierWithGain][..],
                 ),
             };
             out.push(Finding {
@@ -329,7 +354,8 @@ impl Detectors {
                 evidence,
                 steps: [e.first, e.last],
                 peak: Some(e.peak),
-                remedy: remedy.into(),
+                remedies: remedy.to_vec(),
+                remedy: Remedy::render_all(remedy),
             });
         }
         self.ratios.finding(&self.config, &mut out);
@@ -387,7 +413,8 @@ impl NoGradient {
             ),
             steps: [since, last],
             peak: None,
-            remedy: "look for an op without a backward between the loss and these parameters: candle-nn's fast LayerNorm, RmsNorm and softmax_last_dim drop gradients (use grad_layers::layer_norm / rms_norm / ops::layer_norm, or candle_nn::ops::softmax), a detach(), or a parameter the forward never uses".into(),
+            remedies: vec![Remedy::GradientKeepingOps],
+            remedy: Remedy::GradientKeepingOps.render(),
         });
     }
 }
@@ -532,9 +559,8 @@ impl Exploding {
             ),
             steps: [first, self.last],
             peak: Some(*peak),
-            remedy: format!(
-                "clip the global norm at about 1-5x its median ({median:.3e}) with grad_regularize::Clipped and ClipRule::global_norm, lower the learning rate, or add normalisation (grad_layers::batch_norm / layer_norm)"
-            ),
+            remedies: EXPLODING.to_vec(),
+            remedy: Remedy::render_all(EXPLODING),
         });
     }
 }
@@ -656,10 +682,8 @@ impl Vanishing {
             evidence,
             steps: [first, self.last],
             peak: self.worst.as_ref().map(|w| w.0),
-            remedy: format!(
-                "insert BatchNorm after {} (grad_layers::batch_norm), use LeakyReLU with Kaiming init instead of saturating activations (grad_layers::Activation::LeakyRelu, grad_layers::init::Initializer::KaimingNormal), or initialise with LSUV (grad_layers::lsuv)",
-                layers.first().map_or("the first layer", String::as_str)
-            ),
+            remedies: VANISHING.to_vec(),
+            remedy: Remedy::render_all(VANISHING),
             layers,
         });
     }
@@ -739,15 +763,11 @@ impl UpdateRatios {
     fn finding(&self, c: &DetectorConfig, out: &mut Vec<Finding>) {
         let [lo, hi] = c.update_ratio_band;
         for (small, too, remedy) in [
-            (
-                true,
-                "small",
-                "raise the learning rate (or the layer's: its updates barely move it); about 1e-3 of the weights per step is typical",
-            ),
+            (true, "small", &[Remedy::RaiseLearningRate][..]),
             (
                 false,
                 "large",
-                "lower the learning rate or clip the gradients (grad_regularize::Clipped); about 1e-3 of the weights per step is typical",
+                &[Remedy::LowerLearningRate, Remedy::ClipGlobalNorm][..],
             ),
         ] {
             let mut list: Vec<&(String, usize, bool, u64, u64, f64)> =
@@ -778,7 +798,8 @@ impl UpdateRatios {
                 layers: list.iter().map(|e| e.0.clone()).collect(),
                 steps: [first, last],
                 peak: Some(extreme),
-                remedy: remedy.into(),
+                remedies: remedy.to_vec(),
+                remedy: Remedy::render_all(remedy),
             });
         }
     }

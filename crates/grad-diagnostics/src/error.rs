@@ -56,3 +56,15 @@ impl Error {
         }
     }
 }
+
+/// Converts to candle's error type, so `?` works in a function returning `candle_core::Result`:
+/// a candle error inside comes back as it was; any other stays reachable with
+/// [`grad_core::downcast::<Error>`](grad_core::downcast).
+impl From<Error> for candle_core::Error {
+    fn from(err: Error) -> Self {
+        match err {
+            Error::Candle(e) => e,
+            other => grad_core::to_candle(other),
+        }
+    }
+}

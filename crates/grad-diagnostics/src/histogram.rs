@@ -20,7 +20,7 @@ pub const FIRST_EXPONENT: i32 = -40;
 /// non-empty one.
 ///
 /// ```
-/// use grad_diagnostics::Histogram;
+/// use gradkit::diagnostics::Histogram;
 /// let mut h = Histogram::default();
 /// for v in [0.0, 1.0, 1.5, -3.0, f64::NAN, 1e-30] {
 ///     h.add(v);

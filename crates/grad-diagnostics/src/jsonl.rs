@@ -13,16 +13,16 @@ use crate::{Error, Result};
 /// Appends records to a JSON Lines file.
 ///
 /// ```
-/// use grad_diagnostics::{JsonlSink, read_log};
+/// use gradkit::diagnostics::{JsonlSink, read_log};
 /// # let dir = std::env::temp_dir().join(format!("gradkit-doc-{}", std::process::id()));
 /// # std::fs::create_dir_all(&dir).unwrap();
 /// let path = dir.join("run.jsonl");
 /// let mut sink = JsonlSink::create(&path)?;
-/// # let record: grad_diagnostics::StepRecord = serde_json::from_str(r#"{"step":0,"global_grad_norm":1.0,"clip_threshold":null,"params":[],"layers":[],"probes":[]}"#).unwrap();
+/// # let record: gradkit::diagnostics::StepRecord = serde_json::from_str(r#"{"step":0,"global_grad_norm":1.0,"clip_threshold":null,"params":[],"layers":[],"probes":[]}"#).unwrap();
 /// sink.write(&record)?;
 /// let log = read_log(&path)?;
 /// assert_eq!(log.records.len(), 1);
-/// # Ok::<(), grad_diagnostics::Error>(())
+/// # Ok::<(), gradkit::diagnostics::Error>(())
 /// ```
 #[derive(Debug)]
 pub struct JsonlSink {

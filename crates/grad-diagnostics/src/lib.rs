@@ -11,15 +11,15 @@
 //! - detectors ([`detect`]) for vanishing and exploding gradients, NaN/Inf, dead and saturated
 //!   units and update ratios, each naming the layers and a remedy in gradkit's API;
 //! - [`RunReport`] with a plain-text summary, a JSON Lines log ([`JsonlSink`], [`read_log`]),
-//!   SVG plots ([`plot`]) and the `gradscope` command-line tool.
+//!   SVG plots ([`plot`]) and the `gradscope` command-line tool (feature `cli`).
 //!
 //! Built on [`grad_core`]; never depends on the other gradkit crates.
 //!
 //! ```
 //! use candle_core::{DType, Device, Module, Tensor};
 //! use candle_nn::{VarBuilder, VarMap};
-//! use grad_core::NamedVars;
-//! use grad_diagnostics::{GradMonitor, MonitorConfig};
+//! use gradkit::core::NamedVars;
+//! use gradkit::diagnostics::{GradMonitor, MonitorConfig};
 //!
 //! let map = VarMap::new();
 //! let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
@@ -34,7 +34,7 @@
 //!     monitor.observe(step, &grads)?;
 //! }
 //! println!("{}", monitor.report().summary_table());
-//! # Ok::<(), grad_diagnostics::Error>(())
+//! # Ok::<(), gradkit::diagnostics::Error>(())
 //! ```
 
 mod detect;
@@ -45,6 +45,7 @@ mod monitor;
 pub mod plot;
 mod probe;
 mod record;
+mod remedy;
 mod report;
 mod stats;
 mod tensorboard;
@@ -56,6 +57,7 @@ pub use jsonl::{BadLine, JsonlSink, LogContents, read_log};
 pub use monitor::{GradMonitor, LayerGrouping, MonitorConfig, StepContext};
 pub use probe::Probe;
 pub use record::{ClipRecord, LayerStats, ParamStats, ProbeKind, ProbeStats, StepRecord};
+pub use remedy::Remedy;
 pub use report::{LayerSummary, RunReport};
 pub use tensorboard::TensorBoardSink;
 

@@ -115,8 +115,8 @@ enum Sample {
 /// ```
 /// use candle_core::{DType, Device, Module, Tensor};
 /// use candle_nn::{VarBuilder, VarMap};
-/// use grad_core::NamedVars;
-/// use grad_diagnostics::{GradMonitor, MonitorConfig};
+/// use gradkit::core::NamedVars;
+/// use gradkit::diagnostics::{GradMonitor, MonitorConfig};
 /// let map = VarMap::new();
 /// let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
 /// let net = candle_nn::seq()
@@ -129,7 +129,7 @@ enum Sample {
 /// let record = monitor.observe(0, &grads)?.unwrap();
 /// assert_eq!(record.layers.len(), 2);
 /// assert!(record.global_grad_norm > 0.0);
-/// # Ok::<(), grad_diagnostics::Error>(())
+/// # Ok::<(), gradkit::diagnostics::Error>(())
 /// ```
 #[derive(Debug)]
 pub struct GradMonitor {
@@ -254,7 +254,7 @@ impl GradMonitor {
     /// ```
     /// use candle_core::{DType, Device};
     /// use candle_nn::{VarBuilder, VarMap};
-    /// use grad_diagnostics::GradMonitor;
+    /// use gradkit::diagnostics::GradMonitor;
     /// let varmap = VarMap::new();
     /// let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
     /// let _conv = candle_nn::linear(4, 2, vb.pp("conv"))?;
@@ -263,7 +263,7 @@ impl GradMonitor {
     /// let monitor = GradMonitor::from_var_map(&varmap)?;
     /// assert_eq!(monitor.layers(), ["conv", "bn", "fc"]); // network order, not name order
     /// assert_eq!(monitor.buffers(), ["bn.running_mean", "bn.running_var"]);
-    /// # Ok::<(), grad_diagnostics::Error>(())
+    /// # Ok::<(), gradkit::diagnostics::Error>(())
     /// ```
     pub fn from_var_map(vars: &VarMap) -> Result<Self> {
         let mut monitor = Self::new(NamedVars::from_var_map(vars), MonitorConfig::default())?;
@@ -308,7 +308,7 @@ impl GradMonitor {
     /// ```
     /// use candle_core::{DType, Device, Module, Tensor};
     /// use candle_nn::{VarBuilder, VarMap};
-    /// use grad_diagnostics::{GradMonitor, StepContext};
+    /// use gradkit::diagnostics::{GradMonitor, StepContext};
     /// let map = VarMap::new();
     /// let fc = candle_nn::linear(4, 1, VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu))?;
     /// let mut monitor = GradMonitor::from_var_map(&map)?;
@@ -318,7 +318,7 @@ impl GradMonitor {
     /// let record = monitor.observe_with(0, &grads, ctx)?.unwrap();
     /// assert_eq!(record.learning_rate, Some(0.1));
     /// assert_eq!(record.loss, Some(f64::from(loss.to_scalar::<f32>()?)));
-    /// # Ok::<(), grad_diagnostics::Error>(())
+    /// # Ok::<(), gradkit::diagnostics::Error>(())
     /// ```
     pub fn observe_with(
         &mut self,
@@ -606,7 +606,7 @@ impl GradMonitor {
     /// ```
     /// use candle_core::{DType, Device, Module, Tensor};
     /// use candle_nn::{Optimizer, SGD, VarBuilder, VarMap};
-    /// use grad_diagnostics::GradMonitor;
+    /// use gradkit::diagnostics::GradMonitor;
     /// let varmap = VarMap::new();
     /// let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
     /// let layer = candle_nn::linear(4, 1, vb.pp("fc"))?;
@@ -616,7 +616,7 @@ impl GradMonitor {
     /// monitor.backward_step(0, &loss, &mut sgd)?;
     /// assert_eq!(monitor.history().len(), 1);
     /// assert_eq!(monitor.last().unwrap().learning_rate, Some(0.1));
-    /// # Ok::<(), grad_diagnostics::Error>(())
+    /// # Ok::<(), gradkit::diagnostics::Error>(())
     /// ```
     pub fn backward_step<O: Optimizer>(
         &mut self,

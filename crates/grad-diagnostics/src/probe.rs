@@ -19,15 +19,15 @@ use grad_core::host::{CHUNK, INLINE_MAX, cpu_slice, par_map};
 use grad_core::reduce::sum_by;
 use rayon::prelude::*;
 
+use crate::Result;
 use crate::record::{ProbeKind, ProbeStats};
 use crate::stats::{Moments, chunk_moments};
-use crate::{Error, Result};
 
 /// A pass-through module that records activation and gradient statistics.
 ///
 /// ```
 /// use candle_core::{DType, Device, Module, Tensor, Var};
-/// use grad_diagnostics::{Probe, ProbeKind};
+/// use gradkit::diagnostics::{Probe, ProbeKind};
 /// let probe = Probe::new("layer.0", ProbeKind::Relu, 4);
 /// let x = Var::new(&[[1f32, -2.0], [3.0, -4.0]], &Device::Cpu)?;
 /// let y = probe.forward(&x.as_tensor().relu()?)?;
@@ -148,7 +148,7 @@ impl Probe {
     /// when the input takes part in autograd.
     ///
     /// # Errors
-    /// [`Error::Core`] for a non-float input.
+    /// [`Error::Core`](crate::Error::Core) for a non-float input.
     pub fn try_forward(&self, x: &Tensor) -> Result<Tensor> {
         if !self.is_enabled() {
             return Ok(x.clone());
@@ -329,10 +329,7 @@ fn summarise(inner: &Inner, state: &State) -> ProbeStats {
 
 impl Module for Probe {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        self.try_forward(xs).map_err(|e| match e {
-            Error::Candle(c) => c,
-            other => candle_core::Error::wrap(other),
-        })
+        self.try_forward(xs).map_err(candle_core::Error::from)
     }
 }
 
@@ -479,7 +476,7 @@ impl CustomOp1 for GradTap {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = dispatch(self.name(), s.dtype(), Copy(s, l)).map_err(candle_core::Error::wrap)?;
+        let out = dispatch(self.name(), s.dtype(), Copy(s, l)).map_err(candle_core::Error::from)?;
         Ok((out, l.shape().clone()))
     }
 
@@ -510,7 +507,7 @@ impl CustomOp1 for GradTap {
         let mut state = self.0.state.lock().unwrap_or_else(PoisonError::into_inner);
         if Path::of(grad.device()) == Path::Fused {
             let norm = grad_core::global_norm(std::slice::from_ref(grad), grad_core::NormType::L2)
-                .map_err(candle_core::Error::wrap)?;
+                .map_err(candle_core::Error::from)?;
             state.grad_norm = Some(norm);
             state.pending.grad_norm = None;
         } else {

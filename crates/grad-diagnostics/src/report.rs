@@ -87,7 +87,7 @@ impl RunReport {
     /// The report of `records` (oldest first) under `config`.
     ///
     /// ```
-    /// use grad_diagnostics::RunReport;
+    /// use gradkit::diagnostics::RunReport;
     /// let report = RunReport::from_records(&[], &Default::default());
     /// assert_eq!(report.observations, 0);
     /// ```
@@ -192,7 +192,7 @@ impl RunReport {
     /// the findings.
     ///
     /// ```
-    /// use grad_diagnostics::RunReport;
+    /// use gradkit::diagnostics::RunReport;
     /// let report = RunReport::from_records(&[], &Default::default());
     /// assert!(report.summary_table().contains("no findings"));
     /// ```

@@ -118,14 +118,14 @@ fn masked_crc(bytes: &[u8]) -> u32 {
 /// Writes [`StepRecord`]s as a TensorBoard event file.
 ///
 /// ```
-/// use grad_diagnostics::TensorBoardSink;
+/// use gradkit::diagnostics::TensorBoardSink;
 /// let dir = std::env::temp_dir().join(format!("gradkit-tb-doc-{}", std::process::id()));
 /// std::fs::create_dir_all(&dir).unwrap();
 /// let sink = TensorBoardSink::create(&dir)?;
 /// assert!(sink.path().file_name().unwrap().to_string_lossy().starts_with("events.out.tfevents."));
 /// assert!(TensorBoardSink::create(dir.join("missing")).is_err());
 /// # std::fs::remove_dir_all(&dir).ok();
-/// # Ok::<(), grad_diagnostics::Error>(())
+/// # Ok::<(), gradkit::diagnostics::Error>(())
 /// ```
 #[derive(Debug)]
 pub struct TensorBoardSink {

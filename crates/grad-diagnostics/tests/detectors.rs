@@ -32,7 +32,11 @@ fn a_deep_sigmoid_mlp_is_flagged_vanishing_naming_the_early_layers() {
         .map(|l| l["layer.".len()..].parse().unwrap())
         .collect();
     assert!(depths.windows(2).all(|w| w[0] < w[1]), "{depths:?}");
-    assert!(v.remedy.contains("grad_layers::batch_norm"));
+    assert!(
+        v.remedies
+            .contains(&gradkit::diagnostics::Remedy::BatchNorm)
+            && v.remedy.contains("gradkit::layers::batch_norm")
+    );
 }
 
 #[test]
@@ -45,7 +49,7 @@ fn a_relu_mlp_with_weights_scaled_up_is_flagged_exploding() {
         .iter()
         .find(|f| f.kind == FindingKind::Exploding)
         .unwrap_or_else(|| panic!("{findings:#?}"));
-    assert!(e.remedy.contains("grad_regularize::Clipped"));
+    assert!(e.remedy.contains("gradkit::regularize::Clipped"));
 }
 
 #[test]

@@ -17,7 +17,7 @@ use candle_core::{Module, Tensor};
 use grad_core::float::Real;
 use serde::{Deserialize, Serialize};
 
-use crate::{Error, Result};
+use crate::Result;
 
 /// SELU's `alpha`.
 pub const SELU_ALPHA: f64 = 1.673_263_242_354_377_3;
@@ -38,7 +38,7 @@ pub enum GeluApproximation {
 ///
 /// ```
 /// use candle_core::{Device, Module, Tensor};
-/// use grad_layers::Activation;
+/// use gradkit::layers::Activation;
 /// let act: Activation = serde_json::from_str(r#"{"LeakyRelu":{"negative_slope":0.1}}"#).unwrap();
 /// let y = act.forward(&Tensor::new(&[-2f32, 3.0], &Device::Cpu)?)?;
 /// assert_eq!(y.to_vec1::<f32>()?, [-0.2, 3.0]);
@@ -117,10 +117,10 @@ impl Activation {
     /// `alpha`.
     ///
     /// # Errors
-    /// [`Error::Core`] naming the parameter.
+    /// [`Error::Core`](crate::Error::Core) naming the parameter.
     ///
     /// ```
-    /// use grad_layers::Activation;
+    /// use gradkit::layers::Activation;
     /// assert!(Activation::Softplus { beta: 0.0, threshold: 20.0 }.validate().is_err());
     /// assert!(Activation::Hardtanh { min_val: 1.0, max_val: 1.0 }.validate().is_err());
     /// assert!(Activation::Celu { alpha: 0.0 }.validate().is_err());
@@ -592,6 +592,6 @@ pub(crate) use with_elementwise;
 
 impl Module for Activation {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        self.try_forward(xs).map_err(Error::into_candle)
+        self.try_forward(xs).map_err(candle_core::Error::from)
     }
 }

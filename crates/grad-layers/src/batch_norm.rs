@@ -97,7 +97,7 @@ pub struct BatchNorm {
 /// ```
 /// use candle_core::{DType, Device, ModuleT, Tensor};
 /// use candle_nn::{VarBuilder, VarMap};
-/// use grad_layers::{BatchNormConfig, batch_norm};
+/// use gradkit::layers::{BatchNormConfig, batch_norm};
 /// let map = VarMap::new();
 /// let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
 /// let bn = batch_norm(3, BatchNormConfig::default(), vb.pp("bn"))?;
@@ -105,7 +105,7 @@ pub struct BatchNorm {
 /// let y = bn.try_forward(&x, true)?;
 /// assert_eq!(y.dims(), [8, 3, 4, 4]);
 /// assert_eq!(bn.num_batches_tracked()?, Some(1));
-/// # Ok::<(), grad_layers::Error>(())
+/// # Ok::<(), gradkit::layers::Error>(())
 /// ```
 pub fn batch_norm(
     num_features: usize,
@@ -266,6 +266,7 @@ impl BatchNorm {
 
 impl ModuleT for BatchNorm {
     fn forward_t(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        self.try_forward(xs, train).map_err(Error::into_candle)
+        self.try_forward(xs, train)
+            .map_err(candle_core::Error::from)
     }
 }

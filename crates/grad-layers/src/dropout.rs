@@ -17,9 +17,9 @@ use candle_core::{ModuleT, Tensor};
 use grad_core::{Philox, PhiloxState};
 use serde::{Deserialize, Serialize};
 
+use crate::Result;
 use crate::ops::dropout::words_needed;
 use crate::ops::{DropoutKind, dropout as dropout_fn};
-use crate::{Error, Result};
 
 /// Configuration of a [`Dropout`] layer.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -52,11 +52,11 @@ pub struct Dropout {
 /// Builds a [`Dropout`] layer.
 ///
 /// # Errors
-/// [`Error::Core`] when `p` is outside `[0, 1]` or NaN.
+/// [`Error::Core`](crate::Error::Core) when `p` is outside `[0, 1]` or NaN.
 ///
 /// ```
 /// use candle_core::{DType, Device, ModuleT, Tensor};
-/// use grad_layers::{DropoutConfig, dropout};
+/// use gradkit::layers::{DropoutConfig, dropout};
 /// let layer = dropout(DropoutConfig { p: 0.5, seed: 42, ..Default::default() })?;
 /// let x = Tensor::ones((4, 8), DType::F32, &Device::Cpu)?;
 /// let saved = layer.state();
@@ -65,7 +65,7 @@ pub struct Dropout {
 /// let b = layer.forward_t(&x, true)?;
 /// assert_eq!(a.to_vec2::<f32>()?, b.to_vec2::<f32>()?);
 /// assert_eq!(layer.forward_t(&x, false)?.to_vec2::<f32>()?, x.to_vec2::<f32>()?);
-/// # Ok::<(), grad_layers::Error>(())
+/// # Ok::<(), gradkit::layers::Error>(())
 /// ```
 pub fn dropout(config: DropoutConfig) -> Result<Dropout> {
     grad_core::validate::unit_interval("p", config.p)?;
@@ -120,6 +120,7 @@ impl Dropout {
 
 impl ModuleT for Dropout {
     fn forward_t(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        self.try_forward(xs, train).map_err(Error::into_candle)
+        self.try_forward(xs, train)
+            .map_err(candle_core::Error::from)
     }
 }

@@ -74,13 +74,16 @@ impl Error {
     pub(crate) fn empty(op: &'static str, what: &'static str) -> Self {
         Self::Core(grad_core::Error::EmptyInput { op, what })
     }
+}
 
-    /// Converts to candle's error type for the `Module`/`ModuleT` traits, keeping this error
-    /// inside (`candle_core::Error::Wrapped`) so callers can downcast to it.
-    pub(crate) fn into_candle(self) -> candle_core::Error {
-        match self {
-            Self::Candle(e) => e,
-            other => candle_core::Error::wrap(other),
+/// Converts to candle's error type, so `?` works in a function returning `candle_core::Result`
+/// (and the `Module`/`Optimizer` traits can return it): a candle error inside comes back as it
+/// was; any other stays reachable with [`grad_core::downcast::<Error>`](grad_core::downcast).
+impl From<Error> for candle_core::Error {
+    fn from(err: Error) -> Self {
+        match err {
+            Error::Candle(e) => e,
+            other => grad_core::to_candle(other),
         }
     }
 }

@@ -49,11 +49,11 @@ pub struct GroupNorm {
 /// use candle_nn::{VarBuilder, VarMap};
 /// let map = VarMap::new();
 /// let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
-/// let gn = grad_layers::group_norm(4, 16, Default::default(), vb.pp("gn"))?;
+/// let gn = gradkit::layers::group_norm(4, 16, Default::default(), vb.pp("gn"))?;
 /// let y = gn.forward(&Tensor::randn(0f32, 1.0, (2, 16, 5, 5), &Device::Cpu)?)?;
 /// assert_eq!(y.dims(), [2, 16, 5, 5]);
-/// assert!(grad_layers::group_norm(5, 16, Default::default(), vb.pp("bad")).is_err());
-/// # Ok::<(), grad_layers::Error>(())
+/// assert!(gradkit::layers::group_norm(5, 16, Default::default(), vb.pp("bad")).is_err());
+/// # Ok::<(), gradkit::layers::Error>(())
 /// ```
 pub fn group_norm(
     num_groups: usize,
@@ -122,6 +122,6 @@ impl GroupNorm {
 
 impl Module for GroupNorm {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        self.try_forward(xs).map_err(Error::into_candle)
+        self.try_forward(xs).map_err(candle_core::Error::from)
     }
 }

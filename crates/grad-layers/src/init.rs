@@ -59,10 +59,10 @@ impl FromStr for Nonlinearity {
 /// [`Error::Core`] for a non-finite `param`.
 ///
 /// ```
-/// use grad_layers::init::{Nonlinearity, calculate_gain};
+/// use gradkit::layers::init::{Nonlinearity, calculate_gain};
 /// assert_eq!(calculate_gain(Nonlinearity::Relu, None)?, 2f64.sqrt());
 /// assert_eq!(calculate_gain(Nonlinearity::Tanh, None)?, 5.0 / 3.0);
-/// # Ok::<(), grad_layers::Error>(())
+/// # Ok::<(), gradkit::layers::Error>(())
 /// ```
 pub fn calculate_gain(nonlinearity: Nonlinearity, param: Option<f64>) -> Result<f64> {
     Ok(match nonlinearity {
@@ -91,9 +91,9 @@ pub fn calculate_gain(nonlinearity: Nonlinearity, param: Option<f64>) -> Result<
 /// [`Error::Core`] with a rank mismatch for fewer than 2 dims (PyTorch raises the same).
 ///
 /// ```
-/// assert_eq!(grad_layers::init::fans(&[64, 3, 7, 7])?, (147, 3136));
-/// assert!(grad_layers::init::fans(&[10]).is_err());
-/// # Ok::<(), grad_layers::Error>(())
+/// assert_eq!(gradkit::layers::init::fans(&[64, 3, 7, 7])?, (147, 3136));
+/// assert!(gradkit::layers::init::fans(&[10]).is_err());
+/// # Ok::<(), gradkit::layers::Error>(())
 /// ```
 pub fn fans(shape: &[usize]) -> Result<(usize, usize)> {
     if shape.len() < 2 {
@@ -269,13 +269,13 @@ impl Initializer {
     ///
     /// ```
     /// use candle_core::{DType, Device};
-    /// use grad_core::Philox;
-    /// use grad_layers::init::{FanMode, Initializer, Nonlinearity};
+    /// use gradkit::core::Philox;
+    /// use gradkit::layers::init::{FanMode, Initializer, Nonlinearity};
     /// let rule = Initializer::KaimingUniform { a: 0.0, mode: FanMode::FanIn, nonlinearity: Nonlinearity::Relu };
     /// let w = rule.sample((256, 128), DType::F32, &Device::Cpu, &mut Philox::new(0))?;
     /// let bound = (6.0f32 / 128.0).sqrt();
     /// assert!(w.flatten_all()?.to_vec1::<f32>()?.iter().all(|v| v.abs() <= bound));
-    /// # Ok::<(), grad_layers::Error>(())
+    /// # Ok::<(), gradkit::layers::Error>(())
     /// ```
     pub fn sample(
         &self,
@@ -361,8 +361,8 @@ fn finite(name: &'static str, value: f64) -> Result<()> {
 /// ```
 /// use candle_core::{DType, Device};
 /// use candle_nn::{VarBuilder, VarMap};
-/// use grad_core::Philox;
-/// use grad_layers::init::{FanMode, Initializer, Nonlinearity, reinit};
+/// use gradkit::core::Philox;
+/// use gradkit::layers::init::{FanMode, Initializer, Nonlinearity, reinit};
 /// let map = VarMap::new();
 /// let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
 /// candle_nn::linear(8, 8, vb.pp("fc1"))?;
@@ -372,7 +372,7 @@ fn finite(name: &'static str, value: f64) -> Result<()> {
 ///     if name.ends_with("weight") { Some(kaiming) } else { Some(Initializer::Zeros) }
 /// })?;
 /// assert_eq!(done, ["fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight"]);
-/// # Ok::<(), grad_layers::Error>(())
+/// # Ok::<(), gradkit::layers::Error>(())
 /// ```
 pub fn reinit(
     map: &VarMap,

@@ -15,18 +15,29 @@ use crate::{Error, Result};
 pub struct LayerNormConfig {
     /// Added to the variance before the square root. Default: 1e-5.
     pub eps: f64,
-    /// Learn a `weight` (initialised to 1) shaped like `normalized_shape`. Default: true.
-    pub elementwise_affine: bool,
-    /// With `elementwise_affine`, also learn a `bias` (initialised to 0). Default: true.
-    pub bias: bool,
+    /// Which affine parameters to learn, shaped like `normalized_shape` (PyTorch's
+    /// `elementwise_affine` and `bias`). Default: [`Affine::WeightAndBias`].
+    pub affine: Affine,
+}
+
+/// The learnt affine parameters of a [`LayerNorm`]: PyTorch's `elementwise_affine` and `bias`
+/// arguments as their three valid combinations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum Affine {
+    /// No parameters (`elementwise_affine=False`): `y` is the normalised input.
+    None,
+    /// A `weight` initialised to 1 (`bias=False`).
+    Weight,
+    /// A `weight` initialised to 1 and a `bias` initialised to 0 (PyTorch's default).
+    #[default]
+    WeightAndBias,
 }
 
 impl Default for LayerNormConfig {
     fn default() -> Self {
         Self {
             eps: 1e-5,
-            elementwise_affine: true,
-            bias: true,
+            affine: Affine::WeightAndBias,
         }
     }
 }
@@ -54,10 +65,10 @@ pub struct LayerNorm {
 /// use candle_nn::{VarBuilder, VarMap};
 /// let map = VarMap::new();
 /// let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
-/// let ln = grad_layers::layer_norm(16, Default::default(), vb.pp("ln"))?;
+/// let ln = gradkit::layers::layer_norm(16, Default::default(), vb.pp("ln"))?;
 /// let y = ln.forward(&Tensor::randn(0f32, 3.0, (4, 16), &Device::Cpu)?)?;
 /// assert_eq!(y.dims(), [4, 16]);
-/// # Ok::<(), grad_layers::Error>(())
+/// # Ok::<(), gradkit::layers::Error>(())
 /// ```
 pub fn layer_norm(
     normalized_shape: impl Into<Shape>,
@@ -74,15 +85,12 @@ pub fn layer_norm(
             &normalized_shape,
         )));
     }
-    let (weight, bias) = if config.elementwise_affine {
-        let w = vb.get_with_hints(normalized_shape.as_slice(), "weight", Init::Const(1.0))?;
-        let b = config
-            .bias
-            .then(|| vb.get_with_hints(normalized_shape.as_slice(), "bias", Init::Const(0.0)))
-            .transpose()?;
-        (Some(w), b)
-    } else {
-        (None, None)
+    let param =
+        |name, value| vb.get_with_hints(normalized_shape.as_slice(), name, Init::Const(value));
+    let (weight, bias) = match config.affine {
+        Affine::None => (None, None),
+        Affine::Weight => (Some(param("weight", 1.0)?), None),
+        Affine::WeightAndBias => (Some(param("weight", 1.0)?), Some(param("bias", 0.0)?)),
     };
     Ok(LayerNorm {
         normalized_shape,
@@ -120,6 +128,6 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        self.try_forward(xs).map_err(Error::into_candle)
+        self.try_forward(xs).map_err(candle_core::Error::from)
     }
 }

@@ -17,7 +17,7 @@
 //! ```
 //! use candle_core::{DType, Device, Module, ModuleT, Tensor};
 //! use candle_nn::{VarBuilder, VarMap};
-//! use grad_layers::{BatchNormConfig, batch_norm, layer_norm};
+//! use gradkit::layers::{BatchNormConfig, batch_norm, layer_norm};
 //!
 //! let map = VarMap::new();
 //! let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
@@ -26,7 +26,7 @@
 //! let x = Tensor::randn(0f32, 1.0, (32, 8), &Device::Cpu)?;
 //! let y = ln.forward(&bn.forward_t(&x, true)?)?;
 //! assert_eq!(y.dims(), [32, 8]);
-//! # Ok::<(), grad_layers::Error>(())
+//! # Ok::<(), gradkit::layers::Error>(())
 //! ```
 
 mod activation;
@@ -48,7 +48,7 @@ pub use batch_norm::{BatchNorm, BatchNormConfig, batch_norm};
 pub use dropout::{Dropout, DropoutConfig, dropout};
 pub use error::{Error, Result};
 pub use group_norm::{GroupNorm, GroupNormConfig, group_norm};
-pub use layer_norm::{LayerNorm, LayerNormConfig, layer_norm};
+pub use layer_norm::{Affine, LayerNorm, LayerNormConfig, layer_norm};
 pub use prelu::{PRelu, PReluConfig, prelu};
 pub use rms_norm::{RmsNorm, RmsNormConfig, rms_norm};
 

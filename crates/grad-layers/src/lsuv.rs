@@ -61,8 +61,8 @@ pub struct LsuvLayer {
 ///
 /// ```
 /// use candle_core::{DType, Device, Module, Tensor, Var};
-/// use grad_core::Philox;
-/// use grad_layers::lsuv::{LsuvConfig, lsuv};
+/// use gradkit::core::Philox;
+/// use gradkit::layers::lsuv::{LsuvConfig, lsuv};
 /// let mut rng = Philox::new(0);
 /// let mut weights = Vec::new();
 /// for _ in 0..3 {
@@ -80,7 +80,7 @@ pub struct LsuvLayer {
 /// };
 /// let report = lsuv(&weights, &batch, &LsuvConfig::default(), &mut rng, output_of)?;
 /// assert!(report.iter().all(|layer| layer.converged));
-/// # Ok::<(), grad_layers::Error>(())
+/// # Ok::<(), gradkit::layers::Error>(())
 /// ```
 pub fn lsuv(
     weights: &[Var],

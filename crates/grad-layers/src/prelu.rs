@@ -4,7 +4,7 @@ use candle_core::{Module, Tensor};
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use crate::{Error, Result};
+use crate::Result;
 
 /// Configuration of [`PRelu`]: PyTorch's `nn.PReLU(num_parameters, init)`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -34,19 +34,19 @@ pub struct PRelu {
 /// Builds a [`PRelu`].
 ///
 /// # Errors
-/// [`Error::Core`] for `num_parameters` of 0, a non-finite `init`, or a stored weight of the
+/// [`Error::Core`](crate::Error::Core) for `num_parameters` of 0, a non-finite `init`, or a stored weight of the
 /// wrong shape.
 ///
 /// ```
 /// use candle_core::{DType, Device, Module, Tensor};
 /// use candle_nn::{VarBuilder, VarMap};
-/// use grad_layers::{PReluConfig, prelu};
+/// use gradkit::layers::{PReluConfig, prelu};
 /// let map = VarMap::new();
 /// let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
 /// let act = prelu(PReluConfig { num_parameters: 3, ..Default::default() }, vb.pp("act"))?;
 /// let y = act.forward(&Tensor::full(-4f32, (2, 3), &Device::Cpu)?)?;
 /// assert_eq!(y.to_vec2::<f32>()?, [[-1.0; 3], [-1.0; 3]]);
-/// # Ok::<(), grad_layers::Error>(())
+/// # Ok::<(), gradkit::layers::Error>(())
 /// ```
 pub fn prelu(config: PReluConfig, vb: VarBuilder) -> Result<PRelu> {
     grad_core::validate::at_least_one("num_parameters", config.num_parameters)?;
@@ -79,6 +79,6 @@ impl PRelu {
 
 impl Module for PRelu {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        self.try_forward(xs).map_err(Error::into_candle)
+        self.try_forward(xs).map_err(candle_core::Error::from)
     }
 }

@@ -11,13 +11,23 @@ use serde::{Deserialize, Serialize};
 use crate::{Error, Result};
 
 /// Configuration of [`RmsNorm`]: the arguments of PyTorch's `nn.RMSNorm`.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct RmsNormConfig {
     /// Added to the mean square; `None` is the input dtype's machine epsilon
     /// ([`ops::default_rms_eps`](crate::ops::default_rms_eps)). Default: `None`.
     pub eps: Option<f64>,
     /// Learn a `weight` (initialised to 1). Default: true.
     pub elementwise_affine: bool,
+}
+
+impl Default for RmsNormConfig {
+    /// PyTorch's defaults: `eps=None`, `elementwise_affine=True`.
+    fn default() -> Self {
+        Self {
+            eps: None,
+            elementwise_affine: true,
+        }
+    }
 }
 
 /// RMS normalisation over the trailing dims; a candle [`Module`] whose gradients reach the input
@@ -38,14 +48,14 @@ pub struct RmsNorm {
 /// ```
 /// use candle_core::{DType, Device, Module, Tensor};
 /// use candle_nn::{VarBuilder, VarMap};
-/// use grad_layers::{RmsNormConfig, rms_norm};
+/// use gradkit::layers::{RmsNormConfig, rms_norm};
 /// let map = VarMap::new();
 /// let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
 /// let cfg = RmsNormConfig { eps: Some(1e-6), elementwise_affine: true };
 /// let norm = rms_norm(8, cfg, vb.pp("norm"))?;
 /// let y = norm.forward(&Tensor::ones((2, 8), DType::F32, &Device::Cpu)?)?;
 /// assert!((y.to_vec2::<f32>()?[0][0] - 1.0).abs() < 1e-5);
-/// # Ok::<(), grad_layers::Error>(())
+/// # Ok::<(), gradkit::layers::Error>(())
 /// ```
 pub fn rms_norm(
     normalized_shape: impl Into<Shape>,
@@ -92,6 +102,6 @@ impl RmsNorm {
 
 impl Module for RmsNorm {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        self.try_forward(xs).map_err(Error::into_candle)
+        self.try_forward(xs).map_err(candle_core::Error::from)
     }
 }

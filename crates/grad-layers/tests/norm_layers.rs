@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Module, ModuleT, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use grad_layers::{
-    BatchNormConfig, Error, GroupNormConfig, LayerNormConfig, RmsNormConfig, batch_norm,
+    Affine, BatchNormConfig, Error, GroupNormConfig, LayerNormConfig, RmsNormConfig, batch_norm,
     group_norm, layer_norm, ops, rms_norm,
 };
 
@@ -379,4 +379,39 @@ fn concurrent_training_forwards_each_update_the_statistics_once() {
     for m in vals(bn.running_mean().unwrap()) {
         assert!((m - 2.0).abs() < 1e-12, "running mean {m}");
     }
+}
+
+#[test]
+fn rms_norm_default_config_learns_a_weight() -> Result<(), Box<dyn std::error::Error>> {
+    assert!(RmsNormConfig::default().elementwise_affine);
+    let map = VarMap::new();
+    let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+    rms_norm(4, RmsNormConfig::default(), vb.pp("rms"))?;
+    let names: Vec<String> = map.data().lock().unwrap().keys().cloned().collect();
+    assert_eq!(names, ["rms.weight"]);
+    Ok(())
+}
+
+#[test]
+fn layer_norm_affine_names_exactly_the_parameters_it_learns()
+-> Result<(), Box<dyn std::error::Error>> {
+    for (affine, expected) in [
+        (Affine::None, vec![]),
+        (Affine::Weight, vec!["ln.weight"]),
+        (Affine::WeightAndBias, vec!["ln.bias", "ln.weight"]),
+    ] {
+        let map = VarMap::new();
+        let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+        let config = LayerNormConfig {
+            affine,
+            ..Default::default()
+        };
+        let ln = layer_norm(4, config, vb.pp("ln"))?;
+        let mut names: Vec<String> = map.data().lock().unwrap().keys().cloned().collect();
+        names.sort();
+        assert_eq!(names, expected, "{affine:?}");
+        let y = ln.forward(&Tensor::randn(0f32, 1.0, (3, 4), &Device::Cpu)?)?;
+        assert_eq!(y.dims(), [3, 4]);
+    }
+    Ok(())
 }

@@ -57,8 +57,8 @@ impl AgcConfig {
 ///
 /// ```
 /// use candle_core::{Device, Tensor, Var};
-/// use grad_core::NamedVars;
-/// use grad_regularize::{AgcConfig, adaptive_clip};
+/// use gradkit::core::NamedVars;
+/// use gradkit::regularize::{AgcConfig, adaptive_clip};
 /// let w = Var::new(&[[1f32, 0.0], [0.0, 1.0]], &Device::Cpu)?;
 /// let params = NamedVars::new([("w", w.clone())])?;
 /// let store = w.affine(100.0, 0.0)?.sum_all()?.backward()?; // gradient 100 everywhere
@@ -67,7 +67,7 @@ impl AgcConfig {
 /// assert_eq!(clipped, 2);
 /// let g = grads.get("w").unwrap().to_vec2::<f32>()?;
 /// assert!((g[0][0] - 0.1 / 2f32.sqrt()).abs() < 1e-6); // each row now has norm 0.1
-/// # Ok::<(), grad_regularize::Error>(())
+/// # Ok::<(), gradkit::regularize::Error>(())
 /// ```
 pub fn adaptive_clip(grads: &mut NamedGrads, config: &AgcConfig) -> Result<usize> {
     config.validate()?;

@@ -14,22 +14,53 @@
 
 use candle_core::Tensor;
 use grad_core::{MultiNorm, NormType, clamp_all_in_place, multi_norm, scale_all_in_place};
+use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
 
 /// `clip_grad_norm_`'s guard against division by zero.
 const NORM_EPS: f64 = 1e-6;
 
+/// What norm clipping does when the total norm is NaN or infinite: PyTorch's
+/// `error_if_nonfinite` argument.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum NonFiniteNorm {
+    /// Scale anyway, as PyTorch does by default: a NaN total makes every gradient NaN and an
+    /// infinite one scales them to zero (or NaN where they are infinite), so the non-finite step
+    /// stays visible (`error_if_nonfinite=False`).
+    #[default]
+    Scale,
+    /// Fail with [`Error::NonFiniteTotalNorm`] and leave the gradients untouched
+    /// (`error_if_nonfinite=True`).
+    Error,
+}
+
+impl NonFiniteNorm {
+    /// `Ok` unless the policy is [`Error`](Self::Error) and `total_norm` is not finite.
+    ///
+    /// # Errors
+    /// [`Error::NonFiniteTotalNorm`] naming the norm and its value.
+    pub(crate) fn check(self, norm_type: NormType, total_norm: f64) -> Result<()> {
+        if self == Self::Error && !total_norm.is_finite() {
+            return Err(Error::NonFiniteTotalNorm {
+                norm_type: norm_type.p(),
+                total_norm,
+            });
+        }
+        Ok(())
+    }
+}
+
 /// The total `norm_type`-norm of the gradients (PyTorch's `get_total_norm`), with their
 /// non-finite counts. An empty list has norm 0.
 ///
 /// # Errors
-/// [`Error::NonFiniteTotalNorm`] when the total is NaN or infinite and `error_if_nonfinite`;
-/// [`Error::Core`] for an invalid norm type or a non-float gradient.
+/// [`Error::NonFiniteTotalNorm`] when the total is NaN or infinite and `non_finite` is
+/// [`NonFiniteNorm::Error`]; [`Error::Core`] for an invalid norm type or a non-float gradient.
 pub fn get_total_norm(
     grads: &[Tensor],
     norm_type: NormType,
-    error_if_nonfinite: bool,
+    non_finite: NonFiniteNorm,
 ) -> Result<MultiNorm> {
     if grads.is_empty() {
         norm_type.validate()?;
@@ -39,12 +70,7 @@ pub fn get_total_norm(
         });
     }
     let norms = multi_norm(grads, norm_type)?;
-    if error_if_nonfinite && !norms.total.is_finite() {
-        return Err(Error::NonFiniteTotalNorm {
-            norm_type: norm_type.p(),
-            total_norm: norms.total,
-        });
-    }
+    non_finite.check(norm_type, norms.total)?;
     Ok(norms)
 }
 
@@ -52,9 +78,17 @@ pub fn get_total_norm(
 /// `clip_grads_with_norm_`) and returns that coefficient.
 ///
 /// # Errors
-/// [`Error::Core`] for `max_norm` not positive and finite.
+/// [`Error::Core`] for `max_norm` not positive and finite, or a negative `total_norm` (no norm
+/// is; NaN and infinity pass, as in PyTorch).
 pub fn clip_grads_with_norm(grads: &mut [Tensor], max_norm: f64, total_norm: f64) -> Result<f64> {
     grad_core::validate::positive("max_norm", max_norm)?;
+    if total_norm < 0.0 {
+        return Err(Error::Core(grad_core::Error::InvalidHyperParameter {
+            name: "total_norm",
+            value: total_norm,
+            allowed: "a norm: >= 0, or NaN/inf for a non-finite one",
+        }));
+    }
     let coefficient = (max_norm / (total_norm + NORM_EPS)).min(1.0);
     // `min` returns the other operand for NaN: a NaN total must poison every gradient, as in
     // PyTorch (NaN * x = NaN).
@@ -97,29 +131,29 @@ impl ClipOutcome {
 /// in-place scaled write.
 ///
 /// # Errors
-/// [`Error::NonFiniteTotalNorm`] when the total norm is NaN or infinite and
-/// `error_if_nonfinite` (the gradients are then left untouched); [`Error::Core`] for `max_norm`
-/// not positive and finite, an invalid norm type or a non-float gradient.
+/// [`Error::NonFiniteTotalNorm`] when the total norm is NaN or infinite and `non_finite` is
+/// [`NonFiniteNorm::Error`] (the gradients are then left untouched); [`Error::Core`] for
+/// `max_norm` not positive and finite, an invalid norm type or a non-float gradient.
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
-/// use grad_core::NormType;
-/// use grad_regularize::clip_grad_norm;
+/// use gradkit::core::NormType;
+/// use gradkit::regularize::{NonFiniteNorm, clip_grad_norm};
 /// let mut grads = vec![Tensor::new(&[3f32, 4.0], &Device::Cpu)?];
-/// let outcome = clip_grad_norm(&mut grads, 1.0, NormType::L2, false)?;
+/// let outcome = clip_grad_norm(&mut grads, 1.0, NormType::L2, NonFiniteNorm::Scale)?;
 /// assert_eq!(outcome.total_norm, 5.0);
 /// let g = grads[0].to_vec1::<f32>()?;
 /// assert!((g[0] - 0.6).abs() < 1e-6 && (g[1] - 0.8).abs() < 1e-6);
-/// # Ok::<(), grad_regularize::Error>(())
+/// # Ok::<(), gradkit::regularize::Error>(())
 /// ```
 pub fn clip_grad_norm(
     grads: &mut [Tensor],
     max_norm: f64,
     norm_type: NormType,
-    error_if_nonfinite: bool,
+    non_finite: NonFiniteNorm,
 ) -> Result<ClipOutcome> {
     grad_core::validate::positive("max_norm", max_norm)?;
-    let norms = get_total_norm(grads, norm_type, error_if_nonfinite)?;
+    let norms = get_total_norm(grads, norm_type, non_finite)?;
     let coefficient = clip_grads_with_norm(grads, max_norm, norms.total)?;
     Ok(ClipOutcome {
         total_norm: norms.total,
@@ -138,10 +172,10 @@ pub fn clip_grad_norm(
 /// ```
 /// use candle_core::{Device, Tensor};
 /// let mut grads = vec![Tensor::new(&[3f32, -0.1, f32::NEG_INFINITY], &Device::Cpu)?];
-/// assert!(grad_regularize::clip_grad_value(&mut grads, 0.5)?);
+/// assert!(gradkit::regularize::clip_grad_value(&mut grads, 0.5)?);
 /// assert_eq!(grads[0].to_vec1::<f32>()?, [0.5, -0.1, -0.5]);
-/// assert!(!grad_regularize::clip_grad_value(&mut grads, 1.0)?); // nothing left to clamp
-/// # Ok::<(), grad_regularize::Error>(())
+/// assert!(!gradkit::regularize::clip_grad_value(&mut grads, 1.0)?); // nothing left to clamp
+/// # Ok::<(), gradkit::regularize::Error>(())
 /// ```
 pub fn clip_grad_value(grads: &mut [Tensor], clip_value: f64) -> Result<bool> {
     grad_core::validate::positive("clip_value", clip_value)?;

@@ -77,8 +77,8 @@ pub struct ClipCounters {
 /// ```
 /// use candle_core::{DType, Device, Tensor};
 /// use candle_nn::{Module, Optimizer, SGD, VarBuilder, VarMap};
-/// use grad_core::NamedVars;
-/// use grad_regularize::{ClipPolicy, ClipRule, Clipped, ClippedConfig};
+/// use gradkit::core::NamedVars;
+/// use gradkit::regularize::{ClipPolicy, ClipRule, Clipped, ClippedConfig};
 /// let map = VarMap::new();
 /// let net = candle_nn::linear(4, 1, VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu))?;
 /// let params = NamedVars::from_var_map(&map);
@@ -90,7 +90,7 @@ pub struct ClipCounters {
 /// let report = opt.try_backward_step(&loss)?;
 /// assert!(!report.skipped);
 /// assert_eq!(opt.counters().steps, 1);
-/// # Ok::<(), grad_regularize::Error>(())
+/// # Ok::<(), gradkit::regularize::Error>(())
 /// ```
 #[derive(Debug)]
 pub struct Clipped<O> {
@@ -124,13 +124,13 @@ impl<O: Optimizer> Clipped<O> {
     /// ```
     /// use candle_core::{DType, Device};
     /// use candle_nn::{Optimizer, SGD, VarBuilder, VarMap};
-    /// use grad_regularize::Clipped;
+    /// use gradkit::regularize::Clipped;
     /// let varmap = VarMap::new();
     /// let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
     /// let _layer = candle_nn::linear(4, 2, vb.pp("fc"))?;
     /// let mut sgd = Clipped::global_norm(SGD::new(varmap.all_vars(), 0.1)?, &varmap, 1.0)?;
     /// assert_eq!(sgd.learning_rate(), 0.1);
-    /// # Ok::<(), grad_regularize::Error>(())
+    /// # Ok::<(), gradkit::regularize::Error>(())
     /// ```
     pub fn global_norm(inner: O, vars: &VarMap, max_norm: f64) -> Result<Self> {
         let policy = ClipPolicy::single(ClipRule::global_norm(max_norm))?;
@@ -156,7 +156,8 @@ impl<O: Optimizer> Clipped<O> {
     ///
     /// # Errors
     /// [`Error::TooManySkippedSteps`] past the configured limit; a rule's error (a non-finite
-    /// norm with `error_if_nonfinite`); the inner optimizer's error.
+    /// norm with [`NonFiniteNorm::Error`](crate::NonFiniteNorm::Error)); the inner optimizer's
+    /// error.
     pub fn try_step(&mut self, grads: &GradStore) -> Result<StepReport> {
         let mut named = self.params.grads(grads)?;
         let tensors = named.tensors();
@@ -283,13 +284,15 @@ impl<O: Optimizer> Optimizer for Clipped<O> {
                 .enumerate()
                 .map(|(i, v)| (format!("param.{i}"), v.clone())),
         )
-        .map_err(candle_core::Error::wrap)?;
+        .map_err(candle_core::Error::from)?;
         let inner = O::new(vars, config.inner)?;
         Ok(Self::new(inner, params, config.clip))
     }
 
     fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
-        self.try_step(grads).map(|_| ()).map_err(Error::into_candle)
+        self.try_step(grads)
+            .map(|_| ())
+            .map_err(candle_core::Error::from)
     }
 
     fn learning_rate(&self) -> f64 {

@@ -29,25 +29,27 @@ pub enum Reduction {
     None,
 }
 
-/// Options of [`cross_entropy`]: PyTorch's keyword arguments.
+/// The configuration of [`cross_entropy`]: PyTorch's keyword arguments, checked when the loss
+/// is computed.
 #[derive(Debug, Clone)]
-pub struct CrossEntropyOptions {
+pub struct CrossEntropyConfig {
     /// Per-class weights `[C]`, same dtype as the logits. Default: none.
     pub weight: Option<Tensor>,
-    /// Class-index targets equal to this are ignored (it may be a valid class). Must stay at
-    /// the default with probability targets. Default: -100.
-    pub ignore_index: i64,
+    /// Class-index targets equal to this are ignored (it may be a valid class); `None` ignores
+    /// none. Probability targets take no index (PyTorch raises for one that is not negative).
+    /// Default: `Some(-100)`, PyTorch's.
+    pub ignore_index: Option<i64>,
     /// How to combine the losses. Default: [`Reduction::Mean`].
     pub reduction: Reduction,
     /// Label smoothing `eps` in `[0, 1]`. Default: 0.
     pub label_smoothing: f64,
 }
 
-impl Default for CrossEntropyOptions {
+impl Default for CrossEntropyConfig {
     fn default() -> Self {
         Self {
             weight: None,
-            ignore_index: -100,
+            ignore_index: Some(-100),
             reduction: Reduction::Mean,
             label_smoothing: 0.0,
         }
@@ -79,7 +81,7 @@ struct Prepared {
 /// forward and scaled in place by the backward; a second `backward()` of the same graph
 /// recomputes it); other devices use [`cross_entropy_composed`], which keeps the targets on the
 /// device and reads back one flag (whether any class index is out of range).
-/// With `label_smoothing = 0` and no options it equals `candle_nn::loss::cross_entropy`.
+/// With `label_smoothing = 0` and the default configuration it equals `candle_nn::loss::cross_entropy`.
 ///
 /// # Errors
 /// [`Error::TargetOutOfRange`] for a class index outside `[0, C)` that is not `ignore_index`;
@@ -89,23 +91,23 @@ struct Prepared {
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
-/// use grad_regularize::{CrossEntropyOptions, cross_entropy};
+/// use gradkit::regularize::{CrossEntropyConfig, cross_entropy};
 /// let logits = Tensor::new(&[[2f32, 0.0, 0.0], [0.0, 0.0, 4.0]], &Device::Cpu)?;
 /// let targets = Tensor::new(&[0i64, 2], &Device::Cpu)?;
-/// let plain = cross_entropy(&logits, &targets, &CrossEntropyOptions::default())?;
-/// let smoothed = cross_entropy(&logits, &targets, &CrossEntropyOptions { label_smoothing: 0.1, ..Default::default() })?;
+/// let plain = cross_entropy(&logits, &targets, &CrossEntropyConfig::default())?;
+/// let smoothed = cross_entropy(&logits, &targets, &CrossEntropyConfig { label_smoothing: 0.1, ..Default::default() })?;
 /// assert!(smoothed.to_scalar::<f32>()? > plain.to_scalar::<f32>()?);
-/// # Ok::<(), grad_regularize::Error>(())
+/// # Ok::<(), gradkit::regularize::Error>(())
 /// ```
 pub fn cross_entropy(
     logits: &Tensor,
     targets: &Tensor,
-    options: &CrossEntropyOptions,
+    config: &CrossEntropyConfig,
 ) -> Result<Tensor> {
-    let p = prepare(logits, targets, options)?;
+    let p = prepare(logits, targets, config)?;
     match Path::of(logits.device()) {
-        Path::Fused => fused(&p, options),
-        Path::Composed => composed(&p, options),
+        Path::Fused => fused(&p, config),
+        Path::Composed => composed(&p, config),
     }
 }
 
@@ -117,17 +119,17 @@ pub fn cross_entropy(
 pub fn cross_entropy_composed(
     logits: &Tensor,
     targets: &Tensor,
-    options: &CrossEntropyOptions,
+    config: &CrossEntropyConfig,
 ) -> Result<Tensor> {
-    composed(&prepare(logits, targets, options)?, options)
+    composed(&prepare(logits, targets, config)?, config)
 }
 
-fn fused(p: &Prepared, options: &CrossEntropyOptions) -> Result<Tensor> {
+fn fused(p: &Prepared, config: &CrossEntropyConfig) -> Result<Tensor> {
     if let TargetKind::Indices { ignore_index } = p.kind {
         let idx = p.targets.to_vec1::<i64>()?;
         if let Some(position) = idx
             .iter()
-            .position(|&t| t != ignore_index && !(0..p.classes as i64).contains(&t))
+            .position(|&t| ignore_index != Some(t) && !(0..p.classes as i64).contains(&t))
         {
             return Err(Error::TargetOutOfRange {
                 target: idx[position],
@@ -140,7 +142,7 @@ fn fused(p: &Prepared, options: &CrossEntropyOptions) -> Result<Tensor> {
         Some(w) => Some(w.to_dtype(DType::F64)?.to_vec1::<f64>()?),
         None => None,
     };
-    let reduce = match options.reduction {
+    let reduce = match config.reduction {
         Reduction::Mean => Reduce::Mean,
         Reduction::Sum => Reduce::Sum,
         Reduction::None => Reduce::None,
@@ -149,12 +151,12 @@ fn fused(p: &Prepared, options: &CrossEntropyOptions) -> Result<Tensor> {
         p.classes,
         p.kind,
         weight,
-        options.label_smoothing,
+        config.label_smoothing,
         reduce,
         p.logits.track_op(),
     );
     let loss = p.logits.apply_op2(&p.targets, op)?;
-    Ok(match options.reduction {
+    Ok(match config.reduction {
         Reduction::None => loss.reshape(p.loss_shape.as_slice())?,
         _ => loss,
     })
@@ -162,20 +164,27 @@ fn fused(p: &Prepared, options: &CrossEntropyOptions) -> Result<Tensor> {
 
 /// Fails with the first class index out of range, reading back one flag (and, only when it is
 /// set, the targets, to name the culprit).
-fn check_targets_on_device(targets: &Tensor, ignore_index: i64, classes: usize) -> Result<()> {
+fn check_targets_on_device(
+    targets: &Tensor,
+    ignore_index: Option<i64>,
+    classes: usize,
+) -> Result<()> {
     let dev = targets.device();
     let c = i64::try_from(classes).unwrap_or(i64::MAX);
-    let counted = targets.ne(&Tensor::new(ignore_index, dev)?.broadcast_as(targets.shape())?)?;
     let below = targets.lt(&Tensor::zeros(targets.shape(), DType::I64, dev)?)?;
     let above = targets.ge(&Tensor::new(c, dev)?.broadcast_as(targets.shape())?)?;
-    let bad = (counted.to_dtype(DType::F32)? * (below + above)?.to_dtype(DType::F32)?)?;
+    let mut bad = (below + above)?.to_dtype(DType::F32)?;
+    if let Some(ignore) = ignore_index {
+        let counted = targets.ne(&Tensor::new(ignore, dev)?.broadcast_as(targets.shape())?)?;
+        bad = (bad * counted.to_dtype(DType::F32)?)?;
+    }
     if read_back_scalar(&bad.max_all()?)? == 0.0 {
         return Ok(());
     }
     let idx = targets.to_vec1::<i64>()?;
     let position = idx
         .iter()
-        .position(|&t| t != ignore_index && !(0..c).contains(&t))
+        .position(|&t| ignore_index != Some(t) && !(0..c).contains(&t))
         .unwrap_or(0);
     Err(Error::TargetOutOfRange {
         target: idx.get(position).copied().unwrap_or(0),
@@ -184,8 +193,8 @@ fn check_targets_on_device(targets: &Tensor, ignore_index: i64, classes: usize) 
     })
 }
 
-fn composed(p: &Prepared, options: &CrossEntropyOptions) -> Result<Tensor> {
-    let (eps, c) = (options.label_smoothing, p.classes);
+fn composed(p: &Prepared, config: &CrossEntropyConfig) -> Result<Tensor> {
+    let (eps, c) = (config.label_smoothing, p.classes);
     let dev = p.logits.device();
     let lp = candle_nn::ops::log_softmax(&p.logits, 1)?;
     let dtype = lp.dtype();
@@ -215,7 +224,8 @@ fn composed(p: &Prepared, options: &CrossEntropyOptions) -> Result<Tensor> {
     let (losses, denominator) = match p.kind {
         TargetKind::Indices { ignore_index } => {
             check_targets_on_device(&p.targets, ignore_index, c)?;
-            let ignore = Tensor::new(ignore_index, dev)?.broadcast_as(rows)?;
+            // Ignoring none compares with a value no kept target has (it passed the range check).
+            let ignore = Tensor::new(ignore_index.unwrap_or(-1), dev)?.broadcast_as(rows)?;
             let mask = p.targets.ne(&ignore)?;
             let active = mask.to_dtype(dtype)?;
             let safe = mask.where_cond(&p.targets, &Tensor::zeros(rows, DType::I64, dev)?)?;
@@ -233,7 +243,7 @@ fn composed(p: &Prepared, options: &CrossEntropyOptions) -> Result<Tensor> {
             (loss, None)
         }
     };
-    Ok(match options.reduction {
+    Ok(match config.reduction {
         Reduction::None => losses.reshape(p.loss_shape.as_slice())?,
         Reduction::Sum => losses.sum_all()?,
         Reduction::Mean => match denominator {
@@ -263,9 +273,9 @@ fn composed(p: &Prepared, options: &CrossEntropyOptions) -> Result<Tensor> {
 /// ```
 /// use candle_core::{Device, Tensor};
 /// let one_hot = Tensor::new(&[[0f32, 1.0, 0.0, 0.0]], &Device::Cpu)?;
-/// let t = grad_regularize::smooth_labels(&one_hot, 0.2)?;
+/// let t = gradkit::regularize::smooth_labels(&one_hot, 0.2)?;
 /// assert_eq!(t.to_vec2::<f32>()?, [[0.05, 0.85, 0.05, 0.05]]);
-/// # Ok::<(), grad_regularize::Error>(())
+/// # Ok::<(), gradkit::regularize::Error>(())
 /// ```
 pub fn smooth_labels(targets: &Tensor, eps: f64) -> Result<Tensor> {
     grad_core::validate::unit_interval("label_smoothing", eps)?;
@@ -286,8 +296,8 @@ pub fn smooth_labels(targets: &Tensor, eps: f64) -> Result<Tensor> {
     Ok(targets.affine(1.0 - eps, eps / c)?)
 }
 
-fn prepare(logits: &Tensor, targets: &Tensor, options: &CrossEntropyOptions) -> Result<Prepared> {
-    grad_core::validate::unit_interval("label_smoothing", options.label_smoothing)?;
+fn prepare(logits: &Tensor, targets: &Tensor, config: &CrossEntropyConfig) -> Result<Prepared> {
+    grad_core::validate::unit_interval("label_smoothing", config.label_smoothing)?;
     grad_core::float::ensure_float(OP, "logits", logits.dtype())?;
     if logits.rank() == 0 {
         return Err(Error::Core(grad_core::Error::shape_mismatch(
@@ -321,7 +331,7 @@ fn prepare(logits: &Tensor, targets: &Tensor, options: &CrossEntropyOptions) -> 
             }
         })
     };
-    let weight = match &options.weight {
+    let weight = match &config.weight {
         Some(w) => {
             if w.dims() != [classes] {
                 return Err(Error::Core(grad_core::Error::shape_mismatch(
@@ -339,8 +349,8 @@ fn prepare(logits: &Tensor, targets: &Tensor, options: &CrossEntropyOptions) -> 
     };
     grad_core::ensure_same_device(OP, logits.device(), targets.device())?;
     let (targets, kind) = if grad_core::float::is_float(targets.dtype()) {
-        if options.ignore_index != -100 {
-            return Err(Error::IgnoreIndexWithProbabilities(options.ignore_index));
+        if let Some(index) = config.ignore_index.filter(|&i| i >= 0) {
+            return Err(Error::IgnoreIndexWithProbabilities(index));
         }
         if targets.dims() != logits.dims() {
             return Err(Error::Core(grad_core::Error::shape_mismatch(
@@ -364,11 +374,10 @@ fn prepare(logits: &Tensor, targets: &Tensor, options: &CrossEntropyOptions) -> 
             )));
         }
         let idx = targets.to_dtype(DType::I64)?.flatten_all()?.contiguous()?;
-        let ignore = options.ignore_index;
         (
             idx,
             TargetKind::Indices {
-                ignore_index: ignore,
+                ignore_index: config.ignore_index,
             },
         )
     };

@@ -13,9 +13,9 @@ pub enum Error {
     Core(#[from] grad_core::Error),
 
     /// The total gradient norm is NaN or infinite and the clipping rule asked to fail on that
-    /// (PyTorch's `error_if_nonfinite=True`).
+    /// ([`NonFiniteNorm::Error`](crate::NonFiniteNorm::Error), PyTorch's `error_if_nonfinite=True`).
     #[error(
-        "the total norm of order {norm_type} of the gradients is non-finite ({total_norm}), so it cannot be clipped; set error_if_nonfinite to false to scale anyway"
+        "the total norm of order {norm_type} of the gradients is non-finite ({total_norm}), so it cannot be clipped; use NonFiniteNorm::Scale to scale anyway"
     )]
     NonFiniteTotalNorm {
         /// The norm's exponent (`inf` for the max norm).
@@ -51,7 +51,9 @@ pub enum Error {
     },
 
     /// Probability targets do not support `ignore_index` (PyTorch raises the same).
-    #[error("cross_entropy: ignore_index ({0}) is only supported with class-index targets")]
+    #[error(
+        "cross_entropy: ignore_index ({0}) is only supported with class-index targets (set it to None)"
+    )]
     IgnoreIndexWithProbabilities(i64),
 
     /// An error raised by candle.
@@ -59,12 +61,14 @@ pub enum Error {
     Candle(#[from] candle_core::Error),
 }
 
-impl Error {
-    /// Converts to candle's error type (for the `Optimizer` trait), keeping this error inside.
-    pub(crate) fn into_candle(self) -> candle_core::Error {
-        match self {
-            Self::Candle(e) => e,
-            other => candle_core::Error::wrap(other),
+/// Converts to candle's error type, so `?` works in a function returning `candle_core::Result`
+/// (and `Optimizer::step` can return it): a candle error inside comes back as it was; any other
+/// stays reachable with [`grad_core::downcast::<Error>`](grad_core::downcast).
+impl From<Error> for candle_core::Error {
+    fn from(err: Error) -> Self {
+        match err {
+            Error::Candle(e) => e,
+            other => grad_core::to_candle(other),
         }
     }
 }

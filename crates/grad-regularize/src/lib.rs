@@ -17,16 +17,16 @@
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor, Var};
-//! use grad_core::{NamedVars, NormType};
-//! use grad_regularize::clip_grad_norm;
+//! use gradkit::core::{NamedVars, NormType};
+//! use gradkit::regularize::{NonFiniteNorm, clip_grad_norm};
 //!
 //! let w = Var::new(&[[1f32, 2.0], [3.0, 4.0]], &Device::Cpu)?;
 //! let x = Var::new(&[[1f32, 1.0]], &Device::Cpu)?; // an input: its gradient is never clipped
 //! let store = x.matmul(w.as_tensor())?.sqr()?.sum_all()?.backward()?;
 //! let mut grads = NamedVars::new([("w", w.clone())])?.grads(&store)?;
-//! let outcome = grads.apply(|gs| clip_grad_norm(gs, 1.0, NormType::L2, false))?;
+//! let outcome = grads.apply(|gs| clip_grad_norm(gs, 1.0, NormType::L2, NonFiniteNorm::Scale))?;
 //! assert!(outcome.clipped());
-//! # Ok::<(), grad_regularize::Error>(())
+//! # Ok::<(), gradkit::regularize::Error>(())
 //! ```
 
 mod agc;
@@ -40,11 +40,12 @@ mod policy;
 
 pub use agc::{AgcConfig, adaptive_clip};
 pub use clip::{
-    ClipOutcome, clip_grad_norm, clip_grad_value, clip_grads_with_norm, get_total_norm,
+    ClipOutcome, NonFiniteNorm, clip_grad_norm, clip_grad_value, clip_grads_with_norm,
+    get_total_norm,
 };
 pub use clipped::{ClipCounters, Clipped, ClippedConfig, ClippedOptimizerConfig, StepReport};
 pub use cross_entropy::{
-    CrossEntropyOptions, Reduction, cross_entropy, cross_entropy_composed, smooth_labels,
+    CrossEntropyConfig, Reduction, cross_entropy, cross_entropy_composed, smooth_labels,
 };
 pub use error::{Error, Result};
 pub use loss_scaler::{LossScaler, LossScalerConfig, LossScalerState};

@@ -76,8 +76,8 @@ pub struct LossScalerState {
 /// ```
 /// use candle_core::{DType, Device, Var};
 /// use candle_nn::{Optimizer, SGD};
-/// use grad_core::NamedVars;
-/// use grad_regularize::{LossScaler, LossScalerConfig};
+/// use gradkit::core::NamedVars;
+/// use gradkit::regularize::{LossScaler, LossScalerConfig};
 /// let w = Var::new(&[1f32, 2.0], &Device::Cpu)?;
 /// let params = NamedVars::new([("w", w.clone())])?;
 /// let mut sgd = SGD::new(vec![w.clone()], 0.1)?;
@@ -88,7 +88,7 @@ pub struct LossScalerState {
 /// scaler.update();
 /// assert!(stepped);
 /// assert_eq!(w.to_vec1::<f32>()?, [0.8, 1.6]);
-/// # Ok::<(), grad_regularize::Error>(())
+/// # Ok::<(), gradkit::regularize::Error>(())
 /// ```
 #[derive(Debug, Clone)]
 pub struct LossScaler {

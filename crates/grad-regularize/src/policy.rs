@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::Result;
 use crate::agc::{AgcConfig, adaptive_clip};
-use crate::clip::{clip_grad_value, clip_grads_with_norm, get_total_norm};
+use crate::clip::{NonFiniteNorm, clip_grad_value, clip_grads_with_norm, get_total_norm};
 
 /// How to clip a group's gradients.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -29,8 +29,8 @@ pub enum ClipRule {
         max_norm: f64,
         /// Which norm.
         norm_type: NormType,
-        /// Fail (rather than scale by a NaN or zero coefficient) on a non-finite total norm.
-        error_if_nonfinite: bool,
+        /// What a non-finite total norm does.
+        non_finite: NonFiniteNorm,
     },
     /// Adaptive gradient clipping, unit-wise ([`adaptive_clip`]).
     Adaptive {
@@ -47,7 +47,7 @@ impl ClipRule {
         Self::Norm {
             max_norm,
             norm_type: NormType::L2,
-            error_if_nonfinite: false,
+            non_finite: NonFiniteNorm::Scale,
         }
     }
 
@@ -124,8 +124,8 @@ pub struct GroupOutcome {
 ///
 /// ```
 /// use candle_core::{Device, Var};
-/// use grad_core::NamedVars;
-/// use grad_regularize::{ClipPolicy, ClipRule, ParamGroup, Selector};
+/// use gradkit::core::NamedVars;
+/// use gradkit::regularize::{ClipPolicy, ClipRule, ParamGroup, Selector};
 /// let policy = ClipPolicy::new(vec![
 ///     ParamGroup { name: "head".into(), select: Selector::Prefix("head.".into()), rule: ClipRule::Unclipped },
 ///     ParamGroup { name: "body".into(), select: Selector::All, rule: ClipRule::global_norm(1.0) },
@@ -137,11 +137,33 @@ pub struct GroupOutcome {
 /// let mut grads = params.grads(&store)?;
 /// let report = policy.apply(&mut grads, None)?;
 /// assert!(report[1].clipped && !report[0].clipped);
-/// # Ok::<(), grad_regularize::Error>(())
+/// # Ok::<(), gradkit::regularize::Error>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "Groups", into = "Groups")]
 pub struct ClipPolicy {
     groups: Vec<ParamGroup>,
+}
+
+/// A policy as written in a file: deserialised through [`ClipPolicy::new`], so a policy read
+/// from JSON is validated like one built in code.
+#[derive(Serialize, Deserialize)]
+struct Groups {
+    groups: Vec<ParamGroup>,
+}
+
+impl TryFrom<Groups> for ClipPolicy {
+    type Error = crate::Error;
+
+    fn try_from(g: Groups) -> Result<Self> {
+        Self::new(g.groups)
+    }
+}
+
+impl From<ClipPolicy> for Groups {
+    fn from(p: ClipPolicy) -> Self {
+        Self { groups: p.groups }
+    }
 }
 
 impl ClipPolicy {
@@ -195,7 +217,7 @@ impl ClipPolicy {
     /// a single global-L2 group then reuses them instead of reading the gradients again.
     ///
     /// # Errors
-    /// A rule's error (a non-finite norm with `error_if_nonfinite`).
+    /// A rule's error (a non-finite norm with [`NonFiniteNorm::Error`]).
     pub fn apply(
         &self,
         grads: &mut NamedGrads,
@@ -248,19 +270,14 @@ impl ClipPolicy {
             ClipRule::Norm {
                 max_norm,
                 norm_type,
-                error_if_nonfinite,
+                non_finite,
             } => {
                 let total = match all_l2 {
                     Some(norms) if self.global_l2() => {
-                        if error_if_nonfinite && !norms.total.is_finite() {
-                            return Err(crate::Error::NonFiniteTotalNorm {
-                                norm_type: 2.0,
-                                total_norm: norms.total,
-                            });
-                        }
+                        non_finite.check(NormType::L2, norms.total)?;
                         norms.total
                     }
-                    _ => get_total_norm(&tensors, norm_type, error_if_nonfinite)?.total,
+                    _ => get_total_norm(&tensors, norm_type, non_finite)?.total,
                 };
                 let coefficient = clip_grads_with_norm(&mut tensors, max_norm, total)?;
                 outcome.total_norm = Some(total);

@@ -10,7 +10,7 @@
 use candle_core::{Device, Tensor, Var};
 use grad_core::device::{Path, with_path};
 use grad_core::{NamedVars, NormType};
-use grad_regularize::{AgcConfig, adaptive_clip, clip_grad_norm, clip_grad_value};
+use grad_regularize::{AgcConfig, NonFiniteNorm, adaptive_clip, clip_grad_norm, clip_grad_value};
 use grad_testkit::{Case, CaseError, Outputs, Precision, run, run_as};
 
 /// The case's `<prefix>0`, `<prefix>1`, ... inputs, in order.
@@ -32,7 +32,11 @@ fn clip_case(case: &Case, p: Precision) -> Result<Outputs, CaseError> {
                 &mut grads,
                 case.attr_f64("max_norm")?.ok_or("max_norm")?,
                 norm_type,
-                case.attr_bool("error_if_nonfinite")?,
+                if case.attr_bool("error_if_nonfinite")? {
+                    NonFiniteNorm::Error
+                } else {
+                    NonFiniteNorm::Scale
+                },
             )?;
             out.insert(
                 "total_norm".into(),

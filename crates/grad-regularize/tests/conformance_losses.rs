@@ -10,20 +10,18 @@
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::Optimizer;
 use grad_core::device::{Path, with_path};
-use grad_regularize::{
-    CrossEntropyOptions, LossScaler, LossScalerConfig, Reduction, cross_entropy,
-};
+use grad_regularize::{CrossEntropyConfig, LossScaler, LossScalerConfig, Reduction, cross_entropy};
 use grad_testkit::{Case, CaseError, Outputs, Precision, grads_of, run, run_as};
 
 fn cross_entropy_case(case: &Case, p: Precision) -> Result<Outputs, CaseError> {
     let logits = Var::from_tensor(&case.input("logits")?.to_tensor(p.dtype())?)?;
     let targets = case.input("target")?.to_tensor(p.dtype())?;
-    let options = CrossEntropyOptions {
+    let options = CrossEntropyConfig {
         weight: case
             .input_opt("weight")
             .map(|w| w.to_tensor(p.dtype()))
             .transpose()?,
-        ignore_index: case.attr_i64("ignore_index")?.unwrap_or(-100),
+        ignore_index: Some(case.attr_i64("ignore_index")?.unwrap_or(-100)),
         reduction: match case.attr_str("reduction")? {
             Some("sum") => Reduction::Sum,
             Some("none") => Reduction::None,

@@ -11,7 +11,7 @@
 use candle_core::{DType, Device, Tensor, Var};
 use grad_core::{GradcheckConfig, NamedVars, Philox, gradcheck};
 use grad_regularize::{
-    CrossEntropyOptions, Error, LossScaler, LossScalerConfig, LossScalerState, Reduction,
+    CrossEntropyConfig, Error, LossScaler, LossScalerConfig, LossScalerState, Reduction,
     cross_entropy, cross_entropy_composed, smooth_labels,
 };
 use grad_testkit::grads_of;
@@ -56,7 +56,7 @@ fn ce_cases() -> impl Strategy<Value = CeCase> {
 }
 
 /// Logits, targets and options of a case, in `dtype`.
-fn build(c: &CeCase, dtype: DType) -> (Tensor, Tensor, CrossEntropyOptions) {
+fn build(c: &CeCase, dtype: DType) -> (Tensor, Tensor, CrossEntropyConfig) {
     let dev = Device::Cpu;
     let mut rng = Philox::new(c.seed);
     let logits = rng
@@ -102,9 +102,9 @@ fn build(c: &CeCase, dtype: DType) -> (Tensor, Tensor, CrossEntropyOptions) {
         .to_dtype(dtype)
         .unwrap()
     });
-    let options = CrossEntropyOptions {
+    let options = CrossEntropyConfig {
         weight,
-        ignore_index: if c.ignore { 2 } else { -100 },
+        ignore_index: c.ignore.then_some(2),
         reduction: c.reduction,
         label_smoothing: c.eps,
     };
@@ -115,7 +115,7 @@ fn loss_and_grad(
     fused: bool,
     logits: &Tensor,
     targets: &Tensor,
-    o: &CrossEntropyOptions,
+    o: &CrossEntropyConfig,
 ) -> (Vec<f64>, Vec<f64>) {
     let x = Var::from_tensor(logits).unwrap();
     let loss = if fused {
@@ -157,7 +157,7 @@ proptest! {
         let (l32, g32) = loss_and_grad(true, &x, &t, &o);
         let x64 = x.to_dtype(DType::F64).unwrap();
         let t64 = if c.soft { t.to_dtype(DType::F64).unwrap() } else { t.clone() };
-        let o64 = CrossEntropyOptions { weight: o.weight.as_ref().map(|w| w.to_dtype(DType::F64).unwrap()), ..o.clone() };
+        let o64 = CrossEntropyConfig { weight: o.weight.as_ref().map(|w| w.to_dtype(DType::F64).unwrap()), ..o.clone() };
         let (l64, g64) = loss_and_grad(true, &x64, &t64, &o64);
         prop_assert!(close(&l32, &l64, 1e-4));
         prop_assert!(close(&g32, &g64, 1e-4));
@@ -215,7 +215,7 @@ fn without_options_equals_candle_nn() {
         &Device::Cpu,
     )
     .unwrap();
-    let ours = cross_entropy(&logits, &targets, &CrossEntropyOptions::default()).unwrap();
+    let ours = cross_entropy(&logits, &targets, &CrossEntropyConfig::default()).unwrap();
     let theirs = candle_nn::loss::cross_entropy(&logits, &targets).unwrap();
     assert!((ours.to_scalar::<f32>().unwrap() - theirs.to_scalar::<f32>().unwrap()).abs() < 1e-6);
 }
@@ -228,7 +228,7 @@ fn huge_logits_stay_finite() {
     )
     .unwrap();
     let targets = Tensor::new(&[1i64, 1, 2], &Device::Cpu).unwrap();
-    let o = CrossEntropyOptions {
+    let o = CrossEntropyConfig {
         label_smoothing: 0.1,
         ..Default::default()
     };
@@ -312,7 +312,7 @@ fn bad_input_is_an_error() {
     let logits = Tensor::zeros((3, 4), DType::F32, &dev).unwrap();
     let t = Tensor::new(&[0i64, 4, 1], &dev).unwrap();
     assert!(matches!(
-        cross_entropy(&logits, &t, &CrossEntropyOptions::default()),
+        cross_entropy(&logits, &t, &CrossEntropyConfig::default()),
         Err(Error::TargetOutOfRange {
             target: 4,
             position: 1,
@@ -320,16 +320,16 @@ fn bad_input_is_an_error() {
         })
     ));
     let t = Tensor::new(&[0i64, -1, 1], &dev).unwrap();
-    assert!(cross_entropy(&logits, &t, &CrossEntropyOptions::default()).is_err());
+    assert!(cross_entropy(&logits, &t, &CrossEntropyConfig::default()).is_err());
     let ok = Tensor::new(&[0i64, 1, 2], &dev).unwrap();
     for eps in [-0.1, 1.5, f64::NAN] {
-        let o = CrossEntropyOptions {
+        let o = CrossEntropyConfig {
             label_smoothing: eps,
             ..Default::default()
         };
         assert!(cross_entropy(&logits, &ok, &o).is_err(), "eps {eps}");
     }
-    let o = CrossEntropyOptions {
+    let o = CrossEntropyConfig {
         weight: Some(Tensor::ones(3, DType::F32, &dev).unwrap()),
         ..Default::default()
     };
@@ -338,8 +338,8 @@ fn bad_input_is_an_error() {
         "weight of length 3 for 4 classes"
     );
     let soft = Tensor::zeros((3, 4), DType::F32, &dev).unwrap();
-    let o = CrossEntropyOptions {
-        ignore_index: 0,
+    let o = CrossEntropyConfig {
+        ignore_index: Some(0),
         ..Default::default()
     };
     assert!(matches!(
@@ -350,7 +350,7 @@ fn bad_input_is_an_error() {
         cross_entropy(
             &logits,
             &Tensor::new(&[0i64, 1], &dev).unwrap(),
-            &CrossEntropyOptions::default()
+            &CrossEntropyConfig::default()
         )
         .is_err()
     );
@@ -390,7 +390,7 @@ fn bad_input_is_an_error() {
 fn cross_entropy_backward_twice_gives_the_same_gradient() {
     let logits = Var::new(&[[0.5f64, -1.0, 2.0], [1.0, 0.0, -3.0]], &Device::Cpu).unwrap();
     let targets = Tensor::new(&[2i64, 0], &Device::Cpu).unwrap();
-    let options = CrossEntropyOptions {
+    let options = CrossEntropyConfig {
         label_smoothing: 0.1,
         ..Default::default()
     };
@@ -422,7 +422,7 @@ fn cross_entropy_backward_twice_gives_the_same_gradient() {
 fn a_masked_logit_without_smoothing_gives_a_finite_loss() {
     let logits = Var::new(&[[0f32, f32::NEG_INFINITY, 1.0]], &Device::Cpu).unwrap();
     let targets = Tensor::new(&[2i64], &Device::Cpu).unwrap();
-    let options = CrossEntropyOptions::default();
+    let options = CrossEntropyConfig::default();
     for f in [cross_entropy, cross_entropy_composed] {
         let loss = f(logits.as_tensor(), &targets, &options).unwrap();
         let l = loss.to_scalar::<f32>().unwrap();

@@ -22,6 +22,7 @@
 
 mod case;
 pub mod digits;
+mod error_kinds;
 mod runner;
 mod values;
 

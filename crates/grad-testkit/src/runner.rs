@@ -82,7 +82,8 @@ impl Summary {
 /// list as f64-only are left out), compares, and prints
 /// `conformance <op> <f64|f32>: N passed, M failed` to stderr, uncaptured.
 ///
-/// A case passes when: it expects an error and `op_fn` returns `Err`; or it expects tensors and
+/// A case passes when: it expects an error and `op_fn` returns the gradkit error listed for it
+/// (the reason PyTorch rejects the input, not any error); or it expects tensors and
 /// `op_fn` returns every one of them with the expected shape, within the precision's tolerances
 /// (NaN matching NaN, infinities matching in sign, integers exactly). Anything else — including an
 /// `Err` for a case that expects tensors — is a failure.
@@ -114,7 +115,7 @@ where
                 if precision == Precision::F32 && f64_only.contains(&case.name.as_str()) {
                     continue;
                 }
-                match check_case(case, precision, op_fn(case, precision)) {
+                match check_case(op, case, precision, op_fn(case, precision)) {
                     Ok(()) => summary.passed += 1,
                     Err(why) => summary.failures.push(format!("  {}: {why}", case.name)),
                 }
@@ -137,12 +138,13 @@ where
 }
 
 fn check_case(
+    op: &str,
     case: &Case,
     precision: Precision,
     got: Result<Outputs, CaseError>,
 ) -> Result<(), String> {
     match (&case.expected, got) {
-        (Expected::Error(_), Err(_)) => Ok(()),
+        (Expected::Error(_), Err(e)) => crate::error_kinds::check(op, &case.name, e.as_ref()),
         (Expected::Error(msg), Ok(_)) => Err(format!("expected an error ({msg}), got outputs")),
         (Expected::Tensors(_), Err(e)) => Err(format!("could not run: {e}")),
         (Expected::Tensors(expected), Ok(outputs)) => {

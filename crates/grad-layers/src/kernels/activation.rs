@@ -71,7 +71,7 @@ impl CustomOp1 for ActivationOp {
                 x: (s, l),
             },
         )
-        .map_err(candle_core::Error::wrap)?;
+        .map_err(candle_core::Error::from)?;
         Ok((out, l.shape().clone()))
     }
 
@@ -100,7 +100,7 @@ impl CustomOp2 for ActivationGrad {
             g: (s1, l1),
             x: (s2, l2),
         };
-        let out = dispatch(self.name(), dtype_of(s1), bwd).map_err(candle_core::Error::wrap)?;
+        let out = dispatch(self.name(), dtype_of(s1), bwd).map_err(candle_core::Error::from)?;
         Ok((out, l1.shape().clone()))
     }
 }
@@ -269,7 +269,7 @@ impl CustomOp2 for PReluOp {
             x: (s1, l1),
             w: (s2, l2),
         };
-        let out = dispatch(self.name(), dtype_of(s1), fwd).map_err(candle_core::Error::wrap)?;
+        let out = dispatch(self.name(), dtype_of(s1), fwd).map_err(candle_core::Error::from)?;
         Ok((out, l1.shape().clone()))
     }
 
@@ -291,7 +291,7 @@ impl CustomOp2 for PReluOp {
                 w,
             },
         )
-        .map_err(candle_core::Error::wrap)?;
+        .map_err(candle_core::Error::from)?;
         Ok((Some(dx), Some(gw)))
     }
 }

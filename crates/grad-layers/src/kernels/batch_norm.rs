@@ -366,7 +366,7 @@ impl CustomOp3 for BatchNormOp {
             b: (s3, l3),
         };
         let dtype = candle_core::backend::BackendStorage::dtype(s1);
-        let out = dispatch(self.name(), dtype, fwd).map_err(candle_core::Error::wrap)?;
+        let out = dispatch(self.name(), dtype, fwd).map_err(candle_core::Error::from)?;
         Ok((out, l1.shape().clone()))
     }
 
@@ -389,7 +389,7 @@ impl CustomOp3 for BatchNormOp {
                 w,
             },
         )
-        .map_err(candle_core::Error::wrap)?;
+        .map_err(candle_core::Error::from)?;
         let to_param = |v: Vec<f64>| -> candle_core::Result<Tensor> {
             Tensor::from_vec(v, w.shape(), w.device())?.to_dtype(w.dtype())
         };

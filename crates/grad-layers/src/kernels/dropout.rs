@@ -133,7 +133,7 @@ impl CustomOp1 for DropoutOp {
                 x: (storage, layout),
             },
         )
-        .map_err(candle_core::Error::wrap)?;
+        .map_err(candle_core::Error::from)?;
         Ok((out, layout.shape().clone()))
     }
 

@@ -330,7 +330,7 @@ impl CustomOp3 for RowNorm {
             b: (s3, l3),
         };
         let dtype = candle_core::backend::BackendStorage::dtype(s1);
-        let out = dispatch(self.name, dtype, fwd).map_err(candle_core::Error::wrap)?;
+        let out = dispatch(self.name, dtype, fwd).map_err(candle_core::Error::from)?;
         Ok((out, l1.shape().clone()))
     }
 
@@ -357,7 +357,7 @@ impl CustomOp3 for RowNorm {
                 stats,
             },
         )
-        .map_err(candle_core::Error::wrap)?;
+        .map_err(candle_core::Error::from)?;
         let gw = self
             .has_weight
             .then(|| Tensor::from_vec(gw, w.shape(), w.device())?.to_dtype(w.dtype()))

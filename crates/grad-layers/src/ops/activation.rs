@@ -17,12 +17,12 @@ use crate::{Error, Result};
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
-/// use grad_layers::{Activation, ops::activation};
+/// use gradkit::layers::{Activation, ops::activation};
 /// let x = Tensor::new(&[-1f64, 0.0, 2.0], &Device::Cpu)?;
 /// let y = activation(&x, Activation::Elu { alpha: 1.0 })?;
 /// let v = y.to_vec1::<f64>()?;
 /// assert!((v[0] - (-1f64).exp_m1()).abs() < 1e-15 && v[1] == 0.0 && v[2] == 2.0);
-/// # Ok::<(), grad_layers::Error>(())
+/// # Ok::<(), gradkit::layers::Error>(())
 /// ```
 pub fn activation(x: &Tensor, act: Activation) -> Result<Tensor> {
     validate(x, act)?;
@@ -154,9 +154,9 @@ fn validate(x: &Tensor, act: Activation) -> Result<()> {
 /// use candle_core::{Device, Tensor};
 /// let x = Tensor::new(&[[-1f32, 2.0], [-3.0, -4.0]], &Device::Cpu)?;
 /// let w = Tensor::new(&[0.5f32, 0.25], &Device::Cpu)?;
-/// let y = grad_layers::ops::prelu(&x, &w)?;
+/// let y = gradkit::layers::ops::prelu(&x, &w)?;
 /// assert_eq!(y.to_vec2::<f32>()?, [[-0.5, 2.0], [-1.5, -1.0]]);
-/// # Ok::<(), grad_layers::Error>(())
+/// # Ok::<(), gradkit::layers::Error>(())
 /// ```
 pub fn prelu(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
     let (channels, spatial) = validate_prelu(x, weight)?;

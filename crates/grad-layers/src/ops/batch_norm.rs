@@ -65,13 +65,13 @@ pub struct BatchMoments {
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
-/// use grad_layers::ops::{BatchNormStats, batch_norm};
+/// use gradkit::layers::ops::{BatchNormStats, batch_norm};
 /// let x = Tensor::new(&[[1f32, 10.0], [3.0, 30.0]], &Device::Cpu)?;
 /// let out = batch_norm(&x, None, None, BatchNormStats::Batch, 1e-5)?;
 /// let y = out.y.to_vec2::<f32>()?;
 /// assert!((y[0][0] + 1.0).abs() < 1e-4 && (y[1][1] - 1.0).abs() < 1e-4);
 /// assert_eq!(out.batch_stats.unwrap().mean.to_vec1::<f64>()?, [2.0, 20.0]);
-/// # Ok::<(), grad_layers::Error>(())
+/// # Ok::<(), gradkit::layers::Error>(())
 /// ```
 pub fn batch_norm(
     x: &Tensor,

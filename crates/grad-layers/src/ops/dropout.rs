@@ -106,15 +106,15 @@ fn coefficients(kind: DropoutKind, p: f64) -> (f64, f64, f64) {
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
-/// use grad_core::Philox;
-/// use grad_layers::ops::{DropoutKind, dropout};
+/// use gradkit::core::Philox;
+/// use gradkit::layers::ops::{DropoutKind, dropout};
 /// let x = Tensor::ones(1000, candle_core::DType::F32, &Device::Cpu)?;
 /// let mut rng = Philox::new(7);
 /// let y = dropout(&x, 0.25, DropoutKind::Element, &mut rng)?;
 /// let kept = y.to_vec1::<f32>()?.iter().filter(|v| **v > 0.0).count();
 /// assert!((650..850).contains(&kept));
 /// assert_eq!(rng.state().offset, 1000);
-/// # Ok::<(), grad_layers::Error>(())
+/// # Ok::<(), gradkit::layers::Error>(())
 /// ```
 pub fn dropout(x: &Tensor, p: f64, kind: DropoutKind, rng: &mut Philox) -> Result<Tensor> {
     let Some(plan) = plan(x, p, kind)? else {

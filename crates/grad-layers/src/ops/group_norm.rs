@@ -29,10 +29,10 @@ const OP: &str = "group_norm";
 /// ```
 /// use candle_core::{Device, Tensor};
 /// let x = Tensor::new(&[[1f64, 3.0, 10.0, 30.0]], &Device::Cpu)?;
-/// let y = grad_layers::ops::group_norm(&x, 2, None, None, 1e-12)?;
+/// let y = gradkit::layers::ops::group_norm(&x, 2, None, None, 1e-12)?;
 /// let v = y.to_vec2::<f64>()?;
 /// assert!((v[0][0] + 1.0).abs() < 1e-9 && (v[0][3] - 1.0).abs() < 1e-9);
-/// # Ok::<(), grad_layers::Error>(())
+/// # Ok::<(), gradkit::layers::Error>(())
 /// ```
 pub fn group_norm(
     x: &Tensor,

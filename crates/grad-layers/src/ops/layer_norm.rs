@@ -28,10 +28,10 @@ const OP: &str = "layer_norm";
 /// ```
 /// use candle_core::{Device, Tensor};
 /// let x = Tensor::new(&[[1f64, 2.0, 3.0], [10.0, 10.0, 40.0]], &Device::Cpu)?;
-/// let y = grad_layers::ops::layer_norm(&x, &[3], None, None, 1e-5)?;
+/// let y = gradkit::layers::ops::layer_norm(&x, &[3], None, None, 1e-5)?;
 /// let row = y.to_vec2::<f64>()?[0].clone();
 /// assert!((row[0] + 1.2247).abs() < 1e-4 && row[1].abs() < 1e-12);
-/// # Ok::<(), grad_layers::Error>(())
+/// # Ok::<(), gradkit::layers::Error>(())
 /// ```
 pub fn layer_norm(
     x: &Tensor,

@@ -37,11 +37,11 @@ pub fn default_rms_eps(dtype: DType) -> f64 {
 /// ```
 /// use candle_core::{Device, Tensor};
 /// let x = Tensor::new(&[[3f64, 4.0]], &Device::Cpu)?;
-/// let y = grad_layers::ops::rms_norm(&x, &[2], None, Some(1e-12))?;
+/// let y = gradkit::layers::ops::rms_norm(&x, &[2], None, Some(1e-12))?;
 /// let v = y.to_vec2::<f64>()?;
 /// let rms = (12.5f64).sqrt();
 /// assert!((v[0][0] - 3.0 / rms).abs() < 1e-9);
-/// # Ok::<(), grad_layers::Error>(())
+/// # Ok::<(), gradkit::layers::Error>(())
 /// ```
 pub fn rms_norm(
     x: &Tensor,

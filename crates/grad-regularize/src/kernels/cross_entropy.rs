@@ -30,7 +30,7 @@ pub(crate) enum Reduce {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum TargetKind {
     /// One i64 class index per row (already checked to be in range or `ignore_index`).
-    Indices { ignore_index: i64 },
+    Indices { ignore_index: Option<i64> },
     /// A probability per logit, same dtype as the logits.
     Probabilities,
 }
@@ -106,7 +106,7 @@ impl CrossEntropyOp {
         let smooth = eps / c as f64;
         let weight = self.weight.as_deref();
         let target = match (self.kind, index) {
-            (TargetKind::Indices { ignore_index }, Some(y)) if y == ignore_index => {
+            (TargetKind::Indices { ignore_index }, Some(y)) if ignore_index == Some(y) => {
                 if let Some(out) = out {
                     out.iter_mut().for_each(|g| {
                         g.write(T::cast_f64(0.0));
@@ -397,7 +397,7 @@ impl CustomOp2 for CrossEntropyOp {
                 t: (s2, l2),
             },
         )
-        .map_err(candle_core::Error::wrap)
+        .map_err(candle_core::Error::from)
     }
 
     fn bwd(
@@ -439,7 +439,7 @@ impl CustomOp2 for CrossEntropyOp {
                 logits,
             },
         )
-        .map_err(candle_core::Error::wrap)?;
+        .map_err(candle_core::Error::from)?;
         Ok((Some(grad), None))
     }
 }
