@@ -24,9 +24,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Tensor};
 use rayon::prelude::*;
 
+use crate::cpu::{CHUNK, INLINE_MAX, Offsets};
+use crate::cpu::{Float, with_avx2};
 use crate::device::{Path, read_back_scalar};
-use crate::float::{Float, ensure_float, with_avx2};
-use crate::host::{CHUNK, INLINE_MAX, Offsets};
+use crate::validate::ensure_float;
 use crate::{Error, Result};
 
 /// Multiplies a float tensor by `factor`, in place on the CPU (fused path).
@@ -427,7 +428,7 @@ impl InPlace for Unscale {
                     for x in chunk.iter_mut() {
                         *x = scale(*x, factor);
                     }
-                    !crate::reduce::sum_by(chunk, |v| v * 0.0).is_finite()
+                    !crate::cpu::sum_by(chunk, |v| v * 0.0).is_finite()
                 })
                 .reduce(|| false, |a, b| a || b),
             None => {

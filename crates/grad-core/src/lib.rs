@@ -14,8 +14,9 @@
 //! - [`Philox`]: a seeded counter-based generator (Philox 4x32-10) with parallel, reproducible
 //!   uniform, normal and Bernoulli fills; implements `rand_core`'s traits.
 //! - [`gradcheck`]: autograd against central finite differences, as `torch.autograd.gradcheck`.
-//! - [`float`] and [`host`]: the dtype dispatch and layout-aware element access that gradkit's
-//!   fused CPU kernels are written with.
+//! - [`cpu`]: the toolkit gradkit's fused CPU kernels are written with (dtype dispatch,
+//!   layout-aware element access, parallel maps, vectorisable reductions) — needed only to write
+//!   a kernel, not to use one; [`device`]: the seam between the fused and the composed path.
 //! - `strategies` (feature `proptest`): proptest strategies for tensors of any shape, dtype,
 //!   layout and value class.
 //!
@@ -37,16 +38,14 @@
 //! # Ok::<(), gradkit::core::Error>(())
 //! ```
 
+pub mod cpu;
 pub mod device;
 mod error;
-pub mod float;
 mod gradcheck;
-pub mod host;
 mod inplace;
 pub mod mask;
 mod norm;
 mod params;
-pub mod reduce;
 pub mod rng;
 pub mod step;
 #[cfg(feature = "proptest")]

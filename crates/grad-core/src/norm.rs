@@ -7,8 +7,8 @@
 //! the dtype (a sum of 25M squares loses digits in `f32`), counts NaN and infinite values in the
 //! same pass, and runs in parallel across tensors and within large ones.
 //!
-//! Reduction order is fixed: each tensor is cut into [`CHUNK`](crate::host::CHUNK)-element ranges
-//! in logical order, each range is summed by [`reduce::sum_by`](crate::reduce::sum_by), and partial sums
+//! Reduction order is fixed: each tensor is cut into [`CHUNK`](crate::cpu::CHUNK)-element ranges
+//! in logical order, each range is summed by [`reduce::sum_by`](crate::cpu::sum_by), and partial sums
 //! are combined in index order. The result therefore does not depend on the thread count or on
 //! the tensors' memory layout.
 //!
@@ -20,10 +20,11 @@ use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::cpu::{ChunkFn, map_chunks};
+use crate::cpu::{Float, with_avx2};
+use crate::cpu::{max_abs, sum_by};
 use crate::device::{Path, read_back, wide_dtype};
-use crate::float::{Float, ensure_float, with_avx2};
-use crate::host::{ChunkFn, map_chunks};
-use crate::reduce::{max_abs, sum_by};
+use crate::validate::ensure_float;
 use crate::{Error, Result};
 
 const OP: &str = "global_norm";
@@ -233,11 +234,11 @@ pub fn unit_norms(t: &Tensor) -> Result<Vec<f64>> {
     }
     let rows = t.reshape((units, ()))?.contiguous()?;
     struct Rows<'a>(&'a Tensor, usize);
-    impl crate::float::FloatFn for Rows<'_> {
+    impl crate::cpu::FloatFn for Rows<'_> {
         type Output = Vec<f64>;
         fn call<T: Float>(self) -> Result<Vec<f64>> {
             let (storage, layout) = self.0.storage_and_layout();
-            let data = crate::host::storage_slice::<T>(&storage, layout)?;
+            let data = crate::cpu::storage_slice::<T>(&storage, layout)?;
             let len = data.len() / self.1;
             Ok(data
                 .par_chunks(len.max(1))
@@ -250,7 +251,7 @@ pub fn unit_norms(t: &Tensor) -> Result<Vec<f64>> {
                 .collect())
         }
     }
-    crate::float::dispatch("unit_norms", t.dtype(), Rows(&rows, units))
+    crate::cpu::dispatch("unit_norms", t.dtype(), Rows(&rows, units))
 }
 
 /// [`unit_norms`] as a `[units]` tensor on `t`'s device, computed with candle ops in

@@ -30,8 +30,9 @@ use rand_core::{RngCore, SeedableRng};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::float::{ensure_float, with_avx2};
-use crate::host::CHUNK;
+use crate::cpu::CHUNK;
+use crate::cpu::with_avx2;
+use crate::validate::ensure_float;
 use crate::{Error, Result};
 
 const M0: u32 = 0xD251_1F53;

@@ -10,6 +10,8 @@
 //! assert!(validate::unit_interval("p", f64::NAN).is_err());
 //! ```
 
+use candle_core::DType;
+
 use crate::{Error, Result};
 
 fn invalid(name: &'static str, value: f64, allowed: &'static str) -> Error {
@@ -89,6 +91,34 @@ pub fn at_least_one(name: &'static str, value: usize) -> Result<()> {
         Ok(())
     } else {
         Err(invalid(name, value as f64, "an integer >= 1"))
+    }
+}
+
+/// Whether candle's `dtype` is one of the float dtypes gradkit computes with.
+pub fn is_float(dtype: DType) -> bool {
+    matches!(dtype, DType::F16 | DType::BF16 | DType::F32 | DType::F64)
+}
+
+/// Checks that `dtype` is a supported float dtype.
+///
+/// # Errors
+/// [`Error::UnsupportedDType`] naming `op` and `arg` otherwise.
+///
+/// ```
+/// use candle_core::DType;
+/// assert!(gradkit::core::validate::ensure_float("demo", "x", DType::BF16).is_ok());
+/// assert!(gradkit::core::validate::ensure_float("demo", "x", DType::U32).is_err());
+/// ```
+pub fn ensure_float(op: &'static str, arg: &'static str, dtype: DType) -> Result<()> {
+    if is_float(dtype) {
+        Ok(())
+    } else {
+        Err(Error::UnsupportedDType {
+            op,
+            arg,
+            dtype,
+            expected: "a float dtype (f16, bf16, f32 or f64)",
+        })
     }
 }
 

@@ -331,7 +331,7 @@ impl GradMonitor {
         }
         let loss = match context.loss {
             Some(l) => {
-                grad_core::float::ensure_float("GradMonitor", "loss", l.dtype())?;
+                grad_core::validate::ensure_float("GradMonitor", "loss", l.dtype())?;
                 if l.elem_count() != 1 {
                     return Err(Error::Core(grad_core::Error::shape_mismatch(
                         "GradMonitor",

@@ -13,10 +13,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::{CpuStorage, CustomOp1, Layout, Module, Shape, Tensor};
+use grad_core::cpu::sum_by;
+use grad_core::cpu::{CHUNK, INLINE_MAX, cpu_slice, par_map};
+use grad_core::cpu::{Float, FloatFn, dispatch, dispatch_op, with_avx2};
 use grad_core::device::Path;
-use grad_core::float::{Float, FloatFn, dispatch, with_avx2};
-use grad_core::host::{CHUNK, INLINE_MAX, cpu_slice, par_map};
-use grad_core::reduce::sum_by;
 use rayon::prelude::*;
 
 use crate::Result;
@@ -153,7 +153,7 @@ impl Probe {
         if !self.is_enabled() {
             return Ok(x.clone());
         }
-        grad_core::float::ensure_float("probe", "input", x.dtype())?;
+        grad_core::validate::ensure_float("probe", "input", x.dtype())?;
         let (units, spatial) = units_of(x);
         let x = x.contiguous()?;
         match Path::of(x.device()) {
@@ -426,7 +426,7 @@ fn scan(x: &Tensor, kind: ProbeKind, units: usize, spatial: usize) -> Result<Sca
         type Output = Scan;
         fn call<T: Float>(self) -> grad_core::Result<Scan> {
             let (storage, layout) = self.x.storage_and_layout();
-            let data = grad_core::host::storage_slice::<T>(&storage, layout)?;
+            let data = grad_core::cpu::storage_slice::<T>(&storage, layout)?;
             let (units, spatial, kind) = (self.units, self.spatial, self.kind);
             let row = (units * spatial).max(1);
             let block = (CHUNK / row).max(1) * row;
@@ -476,7 +476,7 @@ impl CustomOp1 for GradTap {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = dispatch(self.name(), s.dtype(), Copy(s, l)).map_err(candle_core::Error::from)?;
+        let out = dispatch_op(self.name(), s.dtype(), Copy(s, l))?;
         Ok((out, l.shape().clone()))
     }
 

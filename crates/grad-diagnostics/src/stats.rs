@@ -1,7 +1,7 @@
 //! Fused statistics kernels: one read of a tensor gives its sum of squares, mean, standard
 //! deviation, largest magnitude, zero count and NaN/Inf counts.
 //!
-//! Work is cut into `grad_core::host::CHUNK`-element ranges; each range takes its mean and the
+//! Work is cut into `grad_core::cpu::CHUNK`-element ranges; each range takes its mean and the
 //! squared deviations about it while in cache (two passes over cached data), and ranges merge in
 //! order with Chan et al.'s update — stable, and independent of the thread count.
 //!
@@ -9,10 +9,10 @@
 //! tensors' device and reads them back as one small tensor per observation.
 
 use candle_core::{DType, Tensor};
+use grad_core::cpu::sum_by;
+use grad_core::cpu::{ChunkFn, map_chunks, storage_slice};
+use grad_core::cpu::{Float, FloatFn, Real, dispatch};
 use grad_core::device::{Path, read_back, scalar, wide_dtype};
-use grad_core::float::{Float, FloatFn, Real, dispatch};
-use grad_core::host::{ChunkFn, map_chunks, storage_slice};
-use grad_core::reduce::sum_by;
 
 use crate::Result;
 use crate::histogram::{BINS, FIRST_EXPONENT, Histogram};
@@ -37,12 +37,20 @@ impl Moments {
         if o.count == 0.0 {
             return self;
         }
-        let count = self.count + o.count;
-        let delta = o.mean - self.mean;
+        let mut m = grad_core::cpu::Moments {
+            count: self.count,
+            mean: self.mean,
+            m2: self.m2,
+        };
+        m.merge(grad_core::cpu::Moments {
+            count: o.count,
+            mean: o.mean,
+            m2: o.m2,
+        });
         Self {
-            count,
-            mean: self.mean + delta * o.count / count,
-            m2: self.m2 + o.m2 + delta * delta * self.count * o.count / count,
+            count: m.count,
+            mean: m.mean,
+            m2: m.m2,
             sum_sq: self.sum_sq + o.sum_sq,
             max_abs: if self.max_abs.is_nan() || o.max_abs.is_nan() {
                 f64::NAN

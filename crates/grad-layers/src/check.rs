@@ -11,7 +11,7 @@ pub(crate) fn input(
     ranks: std::ops::RangeInclusive<usize>,
     expected: &'static str,
 ) -> Result<()> {
-    grad_core::float::ensure_float(op, "input", x.dtype())?;
+    grad_core::validate::ensure_float(op, "input", x.dtype())?;
     if !ranks.contains(&x.rank()) {
         return Err(Error::rank(op, "input", expected, x.rank()));
     }

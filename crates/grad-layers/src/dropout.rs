@@ -18,7 +18,7 @@ use grad_core::{Philox, PhiloxState};
 use serde::{Deserialize, Serialize};
 
 use crate::Result;
-use crate::ops::dropout::words_needed;
+use crate::ops::dropout_words;
 use crate::ops::{DropoutKind, dropout as dropout_fn};
 
 /// Configuration of a [`Dropout`] layer.
@@ -87,7 +87,7 @@ impl Dropout {
         let (p, kind) = (self.config.p, self.config.kind);
         // Reserve this call's words under the lock, then compute without it: threads sharing a
         // layer get disjoint ranges of the stream and do not wait for each other's kernels.
-        let words = words_needed(x, p, kind)?;
+        let words = dropout_words(x, p, kind)?;
         let at = self
             .rng
             .lock()

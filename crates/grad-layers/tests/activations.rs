@@ -226,3 +226,19 @@ fn bad_input_is_an_error() {
         .is_err()
     );
 }
+
+#[test]
+fn prelu_of_an_input_with_a_zero_size_dim_is_empty_not_a_panic()
+-> Result<(), Box<dyn std::error::Error>> {
+    let x = Tensor::zeros((2, 3, 0), DType::F32, &Device::Cpu)?;
+    let w = Tensor::new(&[0.25f32, 0.5, 0.75], &Device::Cpu)?;
+    for y in [ops::prelu(&x, &w)?, ops::prelu_composed(&x, &w)?] {
+        assert_eq!(y.dims(), [2, 3, 0]);
+    }
+    let shared = Tensor::new(&[0.25f32], &Device::Cpu)?;
+    assert_eq!(
+        ops::prelu(&Tensor::zeros(0, DType::F32, &Device::Cpu)?, &shared)?.dims(),
+        [0]
+    );
+    Ok(())
+}

@@ -279,7 +279,7 @@ fn composed(p: &Prepared, config: &CrossEntropyConfig) -> Result<Tensor> {
 /// ```
 pub fn smooth_labels(targets: &Tensor, eps: f64) -> Result<Tensor> {
     grad_core::validate::unit_interval("label_smoothing", eps)?;
-    grad_core::float::ensure_float("smooth_labels", "targets", targets.dtype())?;
+    grad_core::validate::ensure_float("smooth_labels", "targets", targets.dtype())?;
     let class_dim = match targets.rank() {
         0 => {
             return Err(Error::Core(grad_core::Error::shape_mismatch(
@@ -298,7 +298,7 @@ pub fn smooth_labels(targets: &Tensor, eps: f64) -> Result<Tensor> {
 
 fn prepare(logits: &Tensor, targets: &Tensor, config: &CrossEntropyConfig) -> Result<Prepared> {
     grad_core::validate::unit_interval("label_smoothing", config.label_smoothing)?;
-    grad_core::float::ensure_float(OP, "logits", logits.dtype())?;
+    grad_core::validate::ensure_float(OP, "logits", logits.dtype())?;
     if logits.rank() == 0 {
         return Err(Error::Core(grad_core::Error::shape_mismatch(
             OP,
@@ -341,14 +341,14 @@ fn prepare(logits: &Tensor, targets: &Tensor, config: &CrossEntropyConfig) -> Re
                     w.dims(),
                 )));
             }
-            grad_core::float::ensure_float(OP, "weight", w.dtype())?;
+            grad_core::validate::ensure_float(OP, "weight", w.dtype())?;
             grad_core::ensure_same_device(OP, logits.device(), w.device())?;
             Some(w.to_dtype(logits.dtype())?.contiguous()?)
         }
         None => None,
     };
     grad_core::ensure_same_device(OP, logits.device(), targets.device())?;
-    let (targets, kind) = if grad_core::float::is_float(targets.dtype()) {
+    let (targets, kind) = if grad_core::validate::is_float(targets.dtype()) {
         if let Some(index) = config.ignore_index.filter(|&i| i >= 0) {
             return Err(Error::IgnoreIndexWithProbabilities(index));
         }

@@ -13,9 +13,9 @@
 //!   gradient in training, `A g` with running statistics).
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
-use grad_core::float::{Float, FloatFn, Real, dispatch, with_avx2};
-use grad_core::host::{CHUNK, UninitVec, cpu_slice, storage_slice};
-use grad_core::reduce::sum_by;
+use grad_core::cpu::{CHUNK, UninitVec, cpu_slice, storage_slice};
+use grad_core::cpu::{Float, FloatFn, Real, dispatch_op, dtype_of, with_avx2};
+use grad_core::cpu::{Moments, sum_by};
 use rayon::prelude::*;
 
 /// Elements a group of rows may span so that a block's data stays in L1/L2 between passes.
@@ -33,32 +33,6 @@ pub(crate) struct ChannelStats {
     pub mean: Vec<f64>,
     /// Biased variance per channel (divided by the count).
     pub var: Vec<f64>,
-}
-
-/// Running (count, mean, M2) of one channel.
-#[derive(Debug, Clone, Copy, Default)]
-struct Moments {
-    count: f64,
-    mean: f64,
-    m2: f64,
-}
-
-impl Moments {
-    /// Chan, Golub & LeVeque's pairwise update.
-    fn merge(&mut self, count: f64, mean: f64, m2: f64) {
-        let total = self.count + count;
-        let delta = mean - self.mean;
-        self.mean += delta * count / total;
-        self.m2 += m2 + delta * delta * self.count * count / total;
-        self.count = total;
-    }
-}
-
-/// The mean and sum of squared deviations from a first mean `mean`, the sum of deviations
-/// `dev = sum (x - mean)` and of their squares `sq` over `count` values.
-#[inline(always)]
-pub(crate) fn corrected(mean: f64, dev: f64, sq: f64, count: f64) -> (f64, f64) {
-    (mean + dev / count, (sq - dev * dev / count).max(0.0))
 }
 
 /// Per-channel mean and biased variance of contiguous `[n, c, s]` data.
@@ -98,8 +72,7 @@ pub(crate) fn channel_stats<T: Float>(x: &[T], n: usize, c: usize, s: usize) -> 
                             });
                         }
                         for (k, a) in acc.iter_mut().enumerate() {
-                            let (mean, m2) = corrected(means[k], dev[k], m2[k], count);
-                            a.merge(count, mean, m2);
+                            a.merge(Moments::from_shifted(means[k], dev[k], m2[k], count));
                         }
                     }
                     acc
@@ -165,7 +138,7 @@ fn channel_grad_sums<T: Float>(
                             {
                                 sg[k] += sum_by(gp, |v| v);
                                 sgx[k] +=
-                                    grad_core::reduce::sum_by2(gp, xp, |gv, xv| gv * (xv - m[k]));
+                                    grad_core::cpu::sum_by2(gp, xp, |gv, xv| gv * (xv - m[k]));
                             }
                         }
                     }
@@ -365,8 +338,8 @@ impl CustomOp3 for BatchNormOp {
             w: (s2, l2),
             b: (s3, l3),
         };
-        let dtype = candle_core::backend::BackendStorage::dtype(s1);
-        let out = dispatch(self.name(), dtype, fwd).map_err(candle_core::Error::from)?;
+        let dtype = dtype_of(s1);
+        let out = dispatch_op(self.name(), dtype, fwd)?;
         Ok((out, l1.shape().clone()))
     }
 
@@ -379,7 +352,7 @@ impl CustomOp3 for BatchNormOp {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = grad.contiguous()?;
-        let (dx, gw, gb) = dispatch(
+        let (dx, gw, gb) = dispatch_op(
             self.name(),
             x.dtype(),
             Backward {
@@ -388,8 +361,7 @@ impl CustomOp3 for BatchNormOp {
                 g: &g,
                 w,
             },
-        )
-        .map_err(candle_core::Error::from)?;
+        )?;
         let to_param = |v: Vec<f64>| -> candle_core::Result<Tensor> {
             Tensor::from_vec(v, w.shape(), w.device())?.to_dtype(w.dtype())
         };

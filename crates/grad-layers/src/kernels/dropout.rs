@@ -12,8 +12,8 @@ use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use grad_core::PhiloxState;
-use grad_core::float::{Float, FloatFn, Real, dispatch, with_avx2};
-use grad_core::host::{CHUNK, UninitVec, cpu_slice};
+use grad_core::cpu::{CHUNK, UninitVec, cpu_slice};
+use grad_core::cpu::{Float, FloatFn, Real, dispatch_op, dtype_of, with_avx2};
 use grad_core::mask::MaskStream;
 use rayon::prelude::*;
 
@@ -124,16 +124,15 @@ impl CustomOp1 for DropoutOp {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let dtype = candle_core::backend::BackendStorage::dtype(storage);
-        let out = dispatch(
+        let dtype = dtype_of(storage);
+        let out = dispatch_op(
             self.name(),
             dtype,
             Apply {
                 op: self,
                 x: (storage, layout),
             },
-        )
-        .map_err(candle_core::Error::from)?;
+        )?;
         Ok((out, layout.shape().clone()))
     }
 

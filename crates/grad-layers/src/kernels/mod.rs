@@ -4,4 +4,6 @@
 pub(crate) mod activation;
 pub(crate) mod batch_norm;
 pub(crate) mod dropout;
+pub(crate) mod elementwise;
+pub(crate) mod prelu;
 pub(crate) mod row_norm;

@@ -20,11 +20,10 @@ use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
-use grad_core::float::{Float, FloatFn, Real, dispatch, with_avx2};
-use grad_core::host::{CHUNK, UninitVec, cpu_slice, storage_slice};
-use grad_core::reduce::{sum_by, sum_by2};
+use grad_core::cpu::{CHUNK, UninitVec, cpu_slice, storage_slice};
+use grad_core::cpu::{Float, FloatFn, Real, dispatch_op, dtype_of, with_avx2};
+use grad_core::cpu::{Moments, sum_by, sum_by2};
 
-use super::batch_norm::corrected;
 use rayon::prelude::*;
 
 /// How a row position maps to an affine parameter.
@@ -98,7 +97,7 @@ impl RowNorm {
             let first = sum_by(x, |v| v) / n;
             let dev = sum_by(x, |v| v - first);
             let sq = sum_by(x, |v| (v - first) * (v - first));
-            let (mean, m2) = corrected(first, dev, sq, n);
+            let Moments { mean, m2, .. } = Moments::from_shifted(first, dev, sq, n);
             (mean, m2 / n)
         } else {
             (0.0, sum_by(x, |v| v * v) / n)
@@ -329,8 +328,8 @@ impl CustomOp3 for RowNorm {
             w: (s2, l2),
             b: (s3, l3),
         };
-        let dtype = candle_core::backend::BackendStorage::dtype(s1);
-        let out = dispatch(self.name, dtype, fwd).map_err(candle_core::Error::from)?;
+        let dtype = dtype_of(s1);
+        let out = dispatch_op(self.name, dtype, fwd)?;
         Ok((out, l1.shape().clone()))
     }
 
@@ -346,7 +345,7 @@ impl CustomOp3 for RowNorm {
             candle_core::Error::Msg(format!("{}: backward before forward", self.name))
         })?;
         let g = grad.contiguous()?;
-        let (dx, gw, gb) = dispatch(
+        let (dx, gw, gb) = dispatch_op(
             self.name,
             x.dtype(),
             BackwardFn {
@@ -356,8 +355,7 @@ impl CustomOp3 for RowNorm {
                 w,
                 stats,
             },
-        )
-        .map_err(candle_core::Error::from)?;
+        )?;
         let gw = self
             .has_weight
             .then(|| Tensor::from_vec(gw, w.shape(), w.device())?.to_dtype(w.dtype()))

@@ -3,9 +3,93 @@
 use candle_core::Tensor;
 use grad_core::device::Path;
 
-use crate::activation::{Activation, GeluApproximation, HARDSIGMOID_SLOPE, SELU_ALPHA, SELU_SCALE};
-use crate::kernels::activation::{ActivationOp, PReluOp};
-use crate::{Error, Result};
+use crate::kernels::activation::ActivationOp;
+use crate::kernels::elementwise::{HARDSIGMOID_SLOPE, SELU_ALPHA, SELU_SCALE};
+use crate::{Activation, GeluApproximation, Result};
+
+/// Runs `$body` with `$f` bound to the monomorphic function of activation `$act`.
+macro_rules! with_elementwise {
+    ($act:expr, |$f:ident| $body:expr) => {
+        match $act {
+            $crate::Activation::Relu => {
+                let $f = $crate::kernels::elementwise::ReluFn;
+                $body
+            }
+            $crate::Activation::LeakyRelu { negative_slope } => {
+                let $f = $crate::kernels::elementwise::LeakyReluFn(negative_slope);
+                $body
+            }
+            $crate::Activation::Elu { alpha } => {
+                let $f = $crate::kernels::elementwise::EluFn(alpha);
+                $body
+            }
+            $crate::Activation::Selu => {
+                let $f = $crate::kernels::elementwise::SeluFn;
+                $body
+            }
+            $crate::Activation::Gelu {
+                approximate: $crate::GeluApproximation::None,
+            } => {
+                let $f = $crate::kernels::elementwise::GeluErfFn;
+                $body
+            }
+            $crate::Activation::Gelu {
+                approximate: $crate::GeluApproximation::Tanh,
+            } => {
+                let $f = $crate::kernels::elementwise::GeluTanhFn;
+                $body
+            }
+            $crate::Activation::Sigmoid => {
+                let $f = $crate::kernels::elementwise::SigmoidFn;
+                $body
+            }
+            $crate::Activation::Tanh => {
+                let $f = $crate::kernels::elementwise::TanhFn;
+                $body
+            }
+            $crate::Activation::Relu6 => {
+                let $f = $crate::kernels::elementwise::HardtanhFn(0.0, 6.0);
+                $body
+            }
+            $crate::Activation::Silu => {
+                let $f = $crate::kernels::elementwise::SiluFn;
+                $body
+            }
+            $crate::Activation::Mish => {
+                let $f = $crate::kernels::elementwise::MishFn;
+                $body
+            }
+            $crate::Activation::Softplus { beta, threshold } => {
+                let $f = $crate::kernels::elementwise::SoftplusFn(beta, threshold);
+                $body
+            }
+            $crate::Activation::Hardswish => {
+                let $f = $crate::kernels::elementwise::HardswishFn;
+                $body
+            }
+            $crate::Activation::Hardsigmoid => {
+                let $f = $crate::kernels::elementwise::HardsigmoidFn;
+                $body
+            }
+            $crate::Activation::Hardtanh { min_val, max_val } => {
+                let $f = $crate::kernels::elementwise::HardtanhFn(min_val, max_val);
+                $body
+            }
+            $crate::Activation::Celu { alpha } => {
+                let $f = $crate::kernels::elementwise::CeluFn(alpha);
+                $body
+            }
+            $crate::Activation::Softsign => {
+                let $f = $crate::kernels::elementwise::SoftsignFn;
+                $body
+            }
+            $crate::Activation::LogSigmoid => {
+                let $f = $crate::kernels::elementwise::LogSigmoidFn;
+                $body
+            }
+        }
+    };
+}
 
 /// Applies `act` element-wise.
 ///
@@ -29,7 +113,8 @@ pub fn activation(x: &Tensor, act: Activation) -> Result<Tensor> {
     if Path::of(x.device()) == Path::Composed {
         return composed(x, act);
     }
-    Ok(x.contiguous()?.apply_op1(ActivationOp(act))?)
+    let x = x.contiguous()?;
+    Ok(with_elementwise!(act, |f| x.apply_op1(ActivationOp(f))?))
 }
 
 /// [`activation`] written with candle ops (with `where_cond` so the derivative at 0 follows
@@ -133,77 +218,6 @@ fn softplus_stable(x: &Tensor) -> Result<Tensor> {
 }
 
 fn validate(x: &Tensor, act: Activation) -> Result<()> {
-    grad_core::float::ensure_float("activation", "input", x.dtype())?;
+    grad_core::validate::ensure_float("activation", "input", x.dtype())?;
     act.validate()
-}
-
-/// PReLU: `x` for `x > 0`, else `weight[c] * x`, with one slope shared (`weight: [1]`) or one per
-/// channel (`weight: [C]`, channel = dim 1; inputs of rank below 2 have one channel).
-///
-/// On the CPU a fused kernel whose backward also sums the slope gradient (over the elements with
-/// `x <= 0`); other devices use [`prelu_composed`].
-///
-/// # Shapes
-/// `x`: any rank; `weight`: `[1]` or `[C]`, the input's dtype.
-///
-/// # Errors
-/// [`Error::Core`] with a shape mismatch when the weight count is neither 1 nor `C`, or a dtype
-/// mismatch.
-///
-/// ```
-/// use candle_core::{Device, Tensor};
-/// let x = Tensor::new(&[[-1f32, 2.0], [-3.0, -4.0]], &Device::Cpu)?;
-/// let w = Tensor::new(&[0.5f32, 0.25], &Device::Cpu)?;
-/// let y = gradkit::layers::ops::prelu(&x, &w)?;
-/// assert_eq!(y.to_vec2::<f32>()?, [[-0.5, 2.0], [-1.5, -1.0]]);
-/// # Ok::<(), gradkit::layers::Error>(())
-/// ```
-pub fn prelu(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    let (channels, spatial) = validate_prelu(x, weight)?;
-    if Path::of(x.device()) == Path::Composed {
-        return prelu_unchecked_composed(x, weight);
-    }
-    let op = PReluOp { channels, spatial };
-    Ok(x.contiguous()?.apply_op2(&weight.contiguous()?, op)?)
-}
-
-/// [`prelu`] written with candle ops: the test oracle and the path for other devices.
-///
-/// # Errors
-/// As [`prelu`].
-pub fn prelu_composed(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    validate_prelu(x, weight)?;
-    prelu_unchecked_composed(x, weight)
-}
-
-fn prelu_unchecked_composed(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    let mut shape = vec![1; x.rank().max(1)];
-    if x.rank() >= 2 {
-        shape[1] = weight.elem_count();
-    }
-    let w = weight.reshape(shape)?;
-    let negative = x.broadcast_mul(&w)?;
-    Ok(x.gt(&x.zeros_like()?)?.where_cond(x, &negative)?)
-}
-
-/// Checks `weight` against `x` and returns `(channels, elements per channel plane)`.
-fn validate_prelu(x: &Tensor, weight: &Tensor) -> Result<(usize, usize)> {
-    grad_core::float::ensure_float("prelu", "input", x.dtype())?;
-    let channels = if x.rank() >= 2 { x.dim(1)? } else { 1 };
-    let count = weight.elem_count();
-    if weight.rank() > 1 || !(count == 1 || count == channels) {
-        return Err(Error::Core(grad_core::Error::shape_mismatch(
-            "prelu",
-            "weight",
-            format!("[1] or [{channels}] (one slope, or one per channel)"),
-            weight.dims(),
-        )));
-    }
-    crate::check::param("prelu", "weight", Some(weight), weight.dims(), x)?;
-    let spatial = if x.rank() >= 2 {
-        x.dims()[2..].iter().product()
-    } else {
-        x.elem_count().max(1)
-    };
-    Ok((channels, spatial))
 }

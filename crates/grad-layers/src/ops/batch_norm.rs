@@ -235,15 +235,15 @@ fn host_stats(x: &Tensor, n: usize, c: usize, s: usize) -> Result<ChannelStats> 
         c: usize,
         s: usize,
     }
-    impl grad_core::float::FloatFn for Stats<'_> {
+    impl grad_core::cpu::FloatFn for Stats<'_> {
         type Output = ChannelStats;
-        fn call<T: grad_core::float::Float>(self) -> grad_core::Result<ChannelStats> {
+        fn call<T: grad_core::cpu::Float>(self) -> grad_core::Result<ChannelStats> {
             let (storage, layout) = self.x.storage_and_layout();
-            let data = grad_core::host::storage_slice::<T>(&storage, layout)?;
+            let data = grad_core::cpu::storage_slice::<T>(&storage, layout)?;
             Ok(channel_stats(data, self.n, self.c, self.s))
         }
     }
-    Ok(grad_core::float::dispatch(
+    Ok(grad_core::cpu::dispatch(
         OP,
         x.dtype(),
         Stats { x, n, c, s },

@@ -139,11 +139,24 @@ pub fn dropout_composed(x: &Tensor, p: f64, kind: DropoutKind, rng: &mut Philox)
     composed(x, &plan, rng.reserve(plan.units as u64))
 }
 
-/// The number of words [`dropout`] draws for `x` (0 when it is the identity).
+/// The number of words of the random stream [`dropout`] draws for `x` (one per masked unit: an
+/// element, or a channel for the channel variants; 0 when dropout is the identity). A caller
+/// that shares one [`Philox`] between several dropout calls reserves this many per call, as the
+/// [`Dropout`](crate::Dropout) layer does.
 ///
 /// # Errors
 /// As [`dropout`].
-pub(crate) fn words_needed(x: &Tensor, p: f64, kind: DropoutKind) -> Result<usize> {
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use gradkit::layers::ops::{DropoutKind, dropout_words};
+/// let x = Tensor::zeros((4, 3, 8, 8), DType::F32, &Device::Cpu)?;
+/// assert_eq!(dropout_words(&x, 0.5, DropoutKind::Element)?, 4 * 3 * 8 * 8);
+/// assert_eq!(dropout_words(&x, 0.5, DropoutKind::Channel2d)?, 4 * 3);
+/// assert_eq!(dropout_words(&x, 0.0, DropoutKind::Element)?, 0);
+/// # Ok::<(), gradkit::layers::Error>(())
+/// ```
+pub fn dropout_words(x: &Tensor, p: f64, kind: DropoutKind) -> Result<usize> {
     Ok(plan(x, p, kind)?.map_or(0, |plan| plan.units))
 }
 
@@ -162,7 +175,7 @@ struct Plan {
 /// Validates, or `None` when dropout is the identity.
 fn plan(x: &Tensor, p: f64, kind: DropoutKind) -> Result<Option<Plan>> {
     grad_core::validate::unit_interval("p", p)?;
-    grad_core::float::ensure_float("dropout", "input", x.dtype())?;
+    grad_core::validate::ensure_float("dropout", "input", x.dtype())?;
     let (units, plane) = kind.units(x.dims())?;
     if p == 0.0 || x.elem_count() == 0 {
         return Ok(None);

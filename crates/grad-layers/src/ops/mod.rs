@@ -4,17 +4,19 @@
 
 mod activation;
 mod batch_norm;
-pub(crate) mod dropout;
+mod dropout;
 mod group_norm;
 mod layer_norm;
+mod prelu;
 mod rms_norm;
 mod rows;
 
-pub use activation::{activation, activation_composed, prelu, prelu_composed};
+pub use activation::{activation, activation_composed};
 pub use batch_norm::{
     BatchMoments, BatchNormOutput, BatchNormStats, batch_norm, batch_norm_composed,
 };
-pub use dropout::{DropoutKind, dropout, dropout_composed};
+pub use dropout::{DropoutKind, dropout, dropout_composed, dropout_words};
 pub use group_norm::{group_norm, group_norm_composed};
 pub use layer_norm::{layer_norm, layer_norm_composed};
+pub use prelu::{prelu, prelu_composed};
 pub use rms_norm::{default_rms_eps, rms_norm, rms_norm_composed};

@@ -13,9 +13,9 @@ use std::mem::MaybeUninit;
 use std::sync::{Mutex, PoisonError};
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Storage, Tensor};
-use grad_core::float::{Float, FloatFn, Real, dispatch, with_avx2};
-use grad_core::host::{CHUNK, UninitVec, cpu_slice};
-use grad_core::reduce::sum_by;
+use grad_core::cpu::sum_by;
+use grad_core::cpu::{CHUNK, UninitVec, cpu_slice};
+use grad_core::cpu::{Float, FloatFn, Real, dispatch_op, dtype_of, with_avx2};
 use rayon::prelude::*;
 
 /// How losses are combined.
@@ -387,8 +387,8 @@ impl CustomOp2 for CrossEntropyOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let dtype = candle_core::backend::BackendStorage::dtype(s1);
-        dispatch(
+        let dtype = dtype_of(s1);
+        dispatch_op(
             self.name(),
             dtype,
             Forward {
@@ -397,7 +397,6 @@ impl CustomOp2 for CrossEntropyOp {
                 t: (s2, l2),
             },
         )
-        .map_err(candle_core::Error::from)
     }
 
     fn bwd(
@@ -429,7 +428,7 @@ impl CustomOp2 for CrossEntropyOp {
             .to_dtype(candle_core::DType::F64)?
             .flatten_all()?
             .to_vec1::<f64>()?;
-        let grad = dispatch(
+        let grad = dispatch_op(
             self.name(),
             logits.dtype(),
             Backward {
@@ -438,8 +437,7 @@ impl CustomOp2 for CrossEntropyOp {
                 upstream,
                 logits,
             },
-        )
-        .map_err(candle_core::Error::from)?;
+        )?;
         Ok((Some(grad), None))
     }
 }

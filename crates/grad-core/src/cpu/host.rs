@@ -13,7 +13,7 @@ use candle_core::{CpuStorage, Layout, Storage, Tensor, WithDType};
 
 use rayon::prelude::*;
 
-use crate::float::{Float, with_avx2};
+use crate::cpu::{Float, with_avx2};
 use crate::{Error, Result};
 
 /// Elements per work item of the chunked parallel kernels.
@@ -264,8 +264,8 @@ impl Source<'_> {
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
-/// use gradkit::core::float::Float;
-/// use gradkit::core::host::{ChunkFn, map_chunks};
+/// use gradkit::core::cpu::Float;
+/// use gradkit::core::cpu::{ChunkFn, map_chunks};
 /// struct Count;
 /// impl ChunkFn for Count {
 ///     type Output = usize;
@@ -340,7 +340,7 @@ pub fn map_chunks<F: ChunkFn>(
 /// [`assume_init`](Self::assume_init).
 ///
 /// ```
-/// use gradkit::core::host::UninitVec;
+/// use gradkit::core::cpu::UninitVec;
 /// let mut out = UninitVec::<f32>::new(3);
 /// for (i, slot) in out.as_uninit_mut().iter_mut().enumerate() {
 ///     slot.write(i as f32);
@@ -391,7 +391,7 @@ impl<T> UninitVec<T> {
 /// `f` runs inside [`with_avx2`]; give it `#[inline(always)]` helpers so it vectorises.
 ///
 /// ```
-/// let y: Vec<f32> = gradkit::core::host::par_map(&[1.0f32, -2.0], |v| v * 3.0);
+/// let y: Vec<f32> = gradkit::core::cpu::par_map(&[1.0f32, -2.0], |v| v * 3.0);
 /// assert_eq!(y, [3.0, -6.0]);
 /// ```
 #[inline(always)]
@@ -435,7 +435,7 @@ type Pair<'a, T> = (&'a [T], &'a [T]);
 /// When `a` and `b` differ in length (callers pass equal shapes).
 ///
 /// ```
-/// let y: Vec<f64> = gradkit::core::host::par_zip_map(&[1.0, 2.0], &[3.0, 4.0], |a, b| a * b);
+/// let y: Vec<f64> = gradkit::core::cpu::par_zip_map(&[1.0, 2.0], &[3.0, 4.0], |a, b| a * b);
 /// assert_eq!(y, [3.0, 8.0]);
 /// ```
 #[inline(always)]

@@ -1,11 +1,10 @@
 //! The float element types gradkit's CPU kernels compute with, and dtype dispatch.
 //!
 //! Kernels are written once, generic over [`Float`], and dispatched on a tensor's dtype with
-//! [`FloatMap`]. Half-precision types convert to `f32` for arithmetic (see STYLE: reductions
+//! [`dispatch`]. Half-precision types convert to `f32` for arithmetic (see STYLE: reductions
 //! accumulate in f32 for f16/bf16), `f64` stays `f64`.
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, DType, Layout, WithDType};
+use candle_core::{CpuStorage, DType, WithDType};
 use half::{bf16, f16};
 
 use crate::{Error, Result};
@@ -370,7 +369,7 @@ pub fn erf_f32(x: f32) -> f32 {
 /// fused multiply-add, so both builds round identically: results do not depend on the CPU.
 ///
 /// ```
-/// let sum: f64 = gradkit::core::float::with_avx2(
+/// let sum: f64 = gradkit::core::cpu::with_avx2(
 ///     #[inline(always)]
 ///     || (0..100).map(f64::from).sum(),
 /// );
@@ -396,34 +395,6 @@ fn avx2<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
-/// Whether candle's `dtype` is one of the float dtypes gradkit computes with.
-pub fn is_float(dtype: DType) -> bool {
-    matches!(dtype, DType::F16 | DType::BF16 | DType::F32 | DType::F64)
-}
-
-/// Checks that `dtype` is a supported float dtype.
-///
-/// # Errors
-/// [`Error::UnsupportedDType`] naming `op` and `arg` otherwise.
-///
-/// ```
-/// use candle_core::DType;
-/// assert!(gradkit::core::float::ensure_float("demo", "x", DType::BF16).is_ok());
-/// assert!(gradkit::core::float::ensure_float("demo", "x", DType::U32).is_err());
-/// ```
-pub fn ensure_float(op: &'static str, arg: &'static str, dtype: DType) -> Result<()> {
-    if is_float(dtype) {
-        Ok(())
-    } else {
-        Err(Error::UnsupportedDType {
-            op,
-            arg,
-            dtype,
-            expected: "a float dtype (f16, bf16, f32 or f64)",
-        })
-    }
-}
-
 /// A computation generic over the element type, run for a dtype by [`dispatch`].
 pub trait FloatFn {
     /// What the computation returns.
@@ -433,6 +404,26 @@ pub trait FloatFn {
     /// # Errors
     /// Whatever the computation reports.
     fn call<T: Float>(self) -> Result<Self::Output>;
+}
+
+/// The dtype of a CPU storage (candle's `BackendStorage::dtype`, without importing the trait).
+#[inline]
+pub fn dtype_of(storage: &CpuStorage) -> DType {
+    candle_core::backend::BackendStorage::dtype(storage)
+}
+
+/// [`dispatch`] inside a candle custom op (`cpu_fwd`, `bwd`): the error converted into candle's,
+/// as the `CustomOp` traits need.
+///
+/// # Errors
+/// As [`dispatch`], converted into `candle_core::Error` (the typed error stays reachable with
+/// [`downcast`](crate::downcast)).
+pub fn dispatch_op<F: FloatFn>(
+    op: &'static str,
+    dtype: DType,
+    f: F,
+) -> candle_core::Result<F::Output> {
+    dispatch(op, dtype, f).map_err(candle_core::Error::from)
 }
 
 /// Runs `f` for the element type of `dtype`.
@@ -449,41 +440,6 @@ pub fn dispatch<F: FloatFn>(op: &'static str, dtype: DType, f: F) -> Result<F::O
             op,
             arg: "input",
             dtype: other,
-            expected: "a float dtype (f16, bf16, f32 or f64)",
-        }),
-    }
-}
-
-/// A kernel generic over the element type, run on a CPU storage by [`map_float`].
-pub trait FloatMap {
-    /// What the kernel returns.
-    type Output;
-    /// Runs the kernel on `data` read through `layout`.
-    ///
-    /// # Errors
-    /// Whatever the kernel reports.
-    fn map<T: Float>(self, data: &[T], layout: &Layout) -> Result<Self::Output>;
-}
-
-/// Dispatches `kernel` on the dtype of a CPU storage.
-///
-/// # Errors
-/// [`Error::UnsupportedDType`] for an integer or non-numeric dtype, else the kernel's error.
-pub fn map_float<M: FloatMap>(
-    op: &'static str,
-    storage: &CpuStorage,
-    layout: &Layout,
-    kernel: M,
-) -> Result<M::Output> {
-    match storage {
-        CpuStorage::F16(data) => kernel.map(data, layout),
-        CpuStorage::BF16(data) => kernel.map(data, layout),
-        CpuStorage::F32(data) => kernel.map(data, layout),
-        CpuStorage::F64(data) => kernel.map(data, layout),
-        other => Err(Error::UnsupportedDType {
-            op,
-            arg: "input",
-            dtype: other.dtype(),
             expected: "a float dtype (f16, bf16, f32 or f64)",
         }),
     }

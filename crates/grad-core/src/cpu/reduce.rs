@@ -4,9 +4,9 @@
 //! the result depends only on the slice, never on how a caller split the work around it. Sixteen
 //! independent f64 sums let the compiler vectorise (four lanes per AVX2 register, two per SSE2
 //! register) and hide the latency of the additions. Every function is `#[inline(always)]` so it
-//! is compiled inside the caller's [`with_avx2`](crate::float::with_avx2) closure.
+//! is compiled inside the caller's [`with_avx2`](crate::cpu::with_avx2) closure.
 
-use crate::float::Float;
+use crate::cpu::Float;
 
 /// The number of interleaved accumulators.
 pub const LANES: usize = 16;
@@ -15,7 +15,7 @@ pub const LANES: usize = 16;
 ///
 /// ```
 /// let xs = [1.0f32, 2.0, 3.0];
-/// assert_eq!(gradkit::core::reduce::sum_by(&xs, |v| v * v), 14.0);
+/// assert_eq!(gradkit::core::cpu::sum_by(&xs, |v| v * v), 14.0);
 /// ```
 #[inline(always)]
 pub fn sum_by<T: Float>(xs: &[T], f: impl Fn(f64) -> f64) -> f64 {
@@ -37,7 +37,7 @@ pub fn sum_by<T: Float>(xs: &[T], f: impl Fn(f64) -> f64) -> f64 {
 /// ```
 /// let g = [1.0f64, -1.0];
 /// let x = [3.0f64, 5.0];
-/// assert_eq!(gradkit::core::reduce::sum_by2(&g, &x, |g, x| g * x), -2.0);
+/// assert_eq!(gradkit::core::cpu::sum_by2(&g, &x, |g, x| g * x), -2.0);
 /// ```
 #[inline(always)]
 pub fn sum_by2<T: Float>(a: &[T], b: &[T], f: impl Fn(f64, f64) -> f64) -> f64 {
@@ -62,7 +62,7 @@ pub fn sum_by2<T: Float>(a: &[T], b: &[T], f: impl Fn(f64, f64) -> f64) -> f64 {
 /// The largest `|x_j|` (0 for an empty slice; NaN elements are ignored).
 ///
 /// ```
-/// assert_eq!(gradkit::core::reduce::max_abs(&[1.0f32, -4.0, 2.0]), 4.0);
+/// assert_eq!(gradkit::core::cpu::max_abs(&[1.0f32, -4.0, 2.0]), 4.0);
 /// ```
 #[inline(always)]
 pub fn max_abs<T: Float>(xs: &[T]) -> f64 {
