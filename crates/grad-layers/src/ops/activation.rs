@@ -97,7 +97,8 @@ macro_rules! with_elementwise {
 /// kink); other devices use [`activation_composed`].
 ///
 /// # Errors
-/// [`Error::Core`] for a non-float input or an invalid parameter (see [`Activation::validate`]).
+/// [`Error::Core`](crate::Error::Core) for a non-float input or an invalid parameter (see
+/// [`Activation::validate`]).
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
