@@ -237,11 +237,14 @@ impl Mlp {
                 _ => None,
             };
             let dropout = match setup {
-                Setup::AllRemedies if i + 1 == depth => Some(dropout(DropoutConfig {
-                    p: DROPOUT_P,
-                    seed: options.seed.wrapping_add(1 + i as u64),
-                    ..DropoutConfig::default()
-                })?),
+                Setup::AllRemedies if i + 1 == depth => Some(dropout(
+                    DropoutConfig {
+                        p: DROPOUT_P,
+                        seed: Some(options.seed.wrapping_add(1 + i as u64)),
+                        ..DropoutConfig::default()
+                    },
+                    vb.pp("dropout"),
+                )?),
                 _ => None,
             };
             hidden.push(Hidden {

@@ -156,6 +156,9 @@ pub fn batch_norm(
 impl BatchNorm {
     /// The forward pass with gradkit's error type; [`ModuleT::forward_t`] wraps it.
     ///
+    /// An f16 or bf16 input with f32 parameters (the usual mixed-precision layout) is computed
+    /// in f32 and returned in the input's dtype, gradients flowing back through both casts.
+    ///
     /// # Errors
     /// As [`ops::batch_norm`](crate::ops::batch_norm()), plus a channel count that differs from
     /// the layer's.
@@ -175,17 +178,24 @@ impl BatchNorm {
             },
             _ => BatchNormStats::Batch,
         };
-        let out = batch_norm_fn(
-            x,
-            self.weight.as_ref(),
-            self.bias.as_ref(),
-            stats,
-            self.config.eps,
-        )?;
-        if let (true, Some(running), Some(batch)) = (train, &self.running, &out.batch_stats) {
-            self.update_running(running, batch)?;
-        }
-        Ok(out.y)
+        let param_dtype = self
+            .weight
+            .as_ref()
+            .map(Tensor::dtype)
+            .or_else(|| self.running.as_ref().map(|r| r.mean.dtype()));
+        crate::check::in_param_precision(x, param_dtype, |x| {
+            let out = batch_norm_fn(
+                x,
+                self.weight.as_ref(),
+                self.bias.as_ref(),
+                stats,
+                self.config.eps,
+            )?;
+            if let (true, Some(running), Some(batch)) = (train, &self.running, &out.batch_stats) {
+                self.update_running(running, batch)?;
+            }
+            Ok(out.y)
+        })
     }
 
     /// Blends the batch statistics into the running ones with tensor ops on their device (no

@@ -1,6 +1,6 @@
 //! Input checks shared by the normalisation ops.
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use crate::{Error, Result};
 
@@ -63,4 +63,21 @@ pub(crate) fn or_const(
         Some(t) => t.contiguous()?,
         None => Tensor::full(value, dims, x.device())?.to_dtype(x.dtype())?,
     })
+}
+
+/// Runs a normalisation layer's op in the mixed-precision layout: an f16 or bf16 input with f32
+/// parameters (or statistics) is computed in f32 and returned in its own dtype, gradients
+/// flowing through both conversions; any other input runs as it is (and must match the
+/// parameters' dtype).
+pub(crate) fn in_param_precision(
+    x: &Tensor,
+    param_dtype: Option<DType>,
+    op: impl FnOnce(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    match (x.dtype(), param_dtype) {
+        (DType::F16 | DType::BF16, Some(DType::F32)) => {
+            Ok(op(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?)
+        }
+        _ => op(x),
+    }
 }

@@ -14,6 +14,7 @@
 use std::sync::{Mutex, PoisonError};
 
 use candle_core::{ModuleT, Tensor};
+use candle_nn::VarBuilder;
 use grad_core::{Philox, PhiloxState};
 use serde::{Deserialize, Serialize};
 
@@ -28,8 +29,10 @@ pub struct DropoutConfig {
     pub p: f64,
     /// Which member of the family. Default: [`DropoutKind::Element`].
     pub kind: DropoutKind,
-    /// Seed of the layer's random stream. Default: 0.
-    pub seed: u64,
+    /// Seed of the layer's random stream; `None` derives it from the layer's name (the
+    /// `VarBuilder` prefix it is built under), so layers with different names draw different
+    /// masks and a rebuilt model draws the same ones. Default: `None`.
+    pub seed: Option<u64>,
 }
 
 impl Default for DropoutConfig {
@@ -37,7 +40,7 @@ impl Default for DropoutConfig {
         Self {
             p: 0.5,
             kind: DropoutKind::Element,
-            seed: 0,
+            seed: None,
         }
     }
 }
@@ -49,15 +52,18 @@ pub struct Dropout {
     rng: Mutex<Philox>,
 }
 
-/// Builds a [`Dropout`] layer.
+/// Builds a [`Dropout`] layer named by `vb`'s prefix. It has no parameters; the name seeds its
+/// stream when `config.seed` is `None`.
 ///
 /// # Errors
 /// [`Error::Core`](crate::Error::Core) when `p` is outside `[0, 1]` or NaN.
 ///
 /// ```
 /// use candle_core::{DType, Device, ModuleT, Tensor};
+/// use candle_nn::VarBuilder;
 /// use gradkit::layers::{DropoutConfig, dropout};
-/// let layer = dropout(DropoutConfig { p: 0.5, seed: 42, ..Default::default() })?;
+/// let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
+/// let layer = dropout(DropoutConfig { p: 0.5, seed: Some(42), ..Default::default() }, vb.pp("drop"))?;
 /// let x = Tensor::ones((4, 8), DType::F32, &Device::Cpu)?;
 /// let saved = layer.state();
 /// let a = layer.forward_t(&x, true)?;
@@ -67,11 +73,19 @@ pub struct Dropout {
 /// assert_eq!(layer.forward_t(&x, false)?.to_vec2::<f32>()?, x.to_vec2::<f32>()?);
 /// # Ok::<(), gradkit::layers::Error>(())
 /// ```
-pub fn dropout(config: DropoutConfig) -> Result<Dropout> {
+pub fn dropout(config: DropoutConfig, vb: VarBuilder) -> Result<Dropout> {
     grad_core::validate::unit_interval("p", config.p)?;
+    let seed = config.seed.unwrap_or_else(|| seed_of_name(&vb.prefix()));
     Ok(Dropout {
-        rng: Mutex::new(Philox::new(config.seed)),
+        rng: Mutex::new(Philox::new(seed)),
         config,
+    })
+}
+
+/// A seed from a layer's name: 64-bit FNV-1a of its bytes, the same on every platform and run.
+fn seed_of_name(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     })
 }
 

@@ -49,6 +49,15 @@ pub enum Error {
         variance: f64,
     },
 
+    /// [`reinit`](crate::init::reinit)'s rule for a parameter failed.
+    #[error("reinit: parameter {name}: {source}")]
+    Reinit {
+        /// The parameter.
+        name: String,
+        /// Why.
+        source: Box<Error>,
+    },
+
     /// An error raised by candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -88,6 +88,9 @@ pub fn group_norm(
 impl GroupNorm {
     /// The forward pass with gradkit's error type; [`Module::forward`] wraps it.
     ///
+    /// An f16 or bf16 input with f32 parameters (the usual mixed-precision layout) is computed
+    /// in f32 and returned in the input's dtype, gradients flowing back through both casts.
+    ///
     /// # Errors
     /// As [`ops::group_norm`](crate::ops::group_norm()), plus a channel count that differs from
     /// the layer's.
@@ -100,13 +103,16 @@ impl GroupNorm {
                 x.dims(),
             )));
         }
-        crate::ops::group_norm(
-            x,
-            self.num_groups,
-            self.weight.as_ref(),
-            self.bias.as_ref(),
-            self.eps,
-        )
+        let param_dtype = self.weight.as_ref().map(Tensor::dtype);
+        crate::check::in_param_precision(x, param_dtype, |x| {
+            crate::ops::group_norm(
+                x,
+                self.num_groups,
+                self.weight.as_ref(),
+                self.bias.as_ref(),
+                self.eps,
+            )
+        })
     }
 
     /// The per-channel weight, when affine.

@@ -178,6 +178,11 @@ pub enum Initializer {
         /// The gain.
         gain: f64,
     },
+    /// PyTorch's default bias of `nn.Linear` and `nn.ConvNd`: `U[-1/sqrt(fan_in), 1/sqrt(fan_in))`
+    /// with the fan-in of the layer's *weight* (`in_features`, or `in_channels / groups *
+    /// prod(kernel)`). [`reinit`] finds that weight (the parameter named `weight` beside the
+    /// bias); outside `reinit` use [`Initializer::fan_in_bias`] with the weight's shape.
+    FanInBias,
     /// `N(mean, std^2)` truncated to `[a, b]` (inverse-CDF sampling, as PyTorch).
     TruncNormal {
         /// Mean.
@@ -222,6 +227,32 @@ pub fn xavier_std(shape: &[usize], gain: f64) -> Result<f64> {
 }
 
 impl Initializer {
+    /// The bias rule of PyTorch's `nn.Linear`/`nn.ConvNd` for a layer whose weight has shape
+    /// `weight_dims`: `U[-1/sqrt(fan_in), 1/sqrt(fan_in))` as an [`Initializer::Uniform`] (zeros
+    /// when the fan-in is 0, as PyTorch leaves a bias of an empty layer alone).
+    ///
+    /// # Errors
+    /// As [`fans`]: a weight of rank below 2.
+    ///
+    /// ```
+    /// use gradkit::layers::init::Initializer;
+    /// let rule = Initializer::fan_in_bias(&[16, 4, 3, 3])?; // a conv: fan-in 4 * 3 * 3 = 36
+    /// assert_eq!(rule, Initializer::Uniform { lo: -1.0 / 6.0, hi: 1.0 / 6.0 });
+    /// # Ok::<(), gradkit::layers::Error>(())
+    /// ```
+    pub fn fan_in_bias(weight_dims: &[usize]) -> Result<Self> {
+        let (fan_in, _) = fans(weight_dims)?;
+        if fan_in == 0 {
+            return Ok(Self::Zeros);
+        }
+        #[allow(clippy::cast_precision_loss, reason = "fans are far below 2^52")]
+        let bound = 1.0 / (fan_in as f64).sqrt();
+        Ok(Self::Uniform {
+            lo: -bound,
+            hi: bound,
+        })
+    }
+
     /// Checks the rule's parameters.
     ///
     /// # Errors
@@ -242,7 +273,7 @@ impl Initializer {
             }
         };
         match *self {
-            Self::Zeros | Self::Ones => Ok(()),
+            Self::Zeros | Self::Ones | Self::FanInBias => Ok(()),
             Self::Constant { value } => finite("value", value),
             Self::Uniform { lo, hi } => ordered("lo", lo, hi),
             Self::Normal { mean, std } => {
@@ -265,7 +296,8 @@ impl Initializer {
     ///
     /// # Errors
     /// [`Error::Core`] for invalid parameters or a rank below 2 for the fan-based and orthogonal
-    /// rules.
+    /// rules; [`Error::Core`] for [`Initializer::FanInBias`], which needs its layer's weight
+    /// (use [`reinit`] or [`Initializer::fan_in_bias`]).
     ///
     /// ```
     /// use candle_core::{DType, Device};
@@ -321,6 +353,14 @@ impl Initializer {
                 rng.normal(shape, 0.0, xavier_std(&dims, gain)?, dtype, device)?
             }
             Self::Orthogonal { gain } => orthogonal(&dims, gain, dtype, device, rng)?,
+            Self::FanInBias => {
+                return Err(Error::Core(grad_core::Error::shape_mismatch(
+                    "Initializer::FanInBias",
+                    "weight",
+                    "the layer's weight, to take its fan-in from (use reinit, or Initializer::fan_in_bias(weight dims))",
+                    &dims,
+                )));
+            }
             Self::TruncNormal { mean, std, a, b } => {
                 trunc_normal(&dims, [mean, std, a, b], dtype, device, rng)?
             }
@@ -353,10 +393,13 @@ fn finite(name: &'static str, value: f64) -> Result<()> {
 /// Re-initialises the parameters of `map` chosen by `rule` (name and shape in, rule or `None`
 /// out), visiting them in natural name order so a seed gives the same weights every run,
 /// however the model's code orders its layers. Buffers (running statistics) are never visited.
-/// Returns the names re-initialised.
+/// [`Initializer::FanInBias`] takes the fan-in of the `weight` beside the bias (`fc1.bias` →
+/// `fc1.weight`), so PyTorch's default layer initialisation is two rules. Returns the names
+/// re-initialised.
 ///
 /// # Errors
-/// As [`Initializer::sample`], naming nothing: the first failing rule stops the pass.
+/// [`Error::Reinit`] naming the parameter whose rule failed (the first one stops the pass), with
+/// [`Initializer::sample`]'s error inside; for `FanInBias`, a bias with no `weight` beside it.
 ///
 /// ```
 /// use candle_core::{DType, Device};
@@ -369,9 +412,11 @@ fn finite(name: &'static str, value: f64) -> Result<()> {
 /// candle_nn::linear(8, 2, vb.pp("fc2"))?;
 /// let kaiming = Initializer::KaimingNormal { a: 0.0, mode: FanMode::FanIn, nonlinearity: Nonlinearity::Relu };
 /// let done = reinit(&map, &mut Philox::new(1), |name, _| {
-///     if name.ends_with("weight") { Some(kaiming) } else { Some(Initializer::Zeros) }
+///     if name.ends_with("weight") { Some(kaiming) } else { Some(Initializer::FanInBias) }
 /// })?;
 /// assert_eq!(done, ["fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight"]);
+/// let b = map.data().lock().unwrap()["fc2.bias"].flatten_all()?.to_vec1::<f32>()?;
+/// assert!(b.iter().all(|v| v.abs() <= 1.0 / 8f32.sqrt())); // fan-in 8
 /// # Ok::<(), gradkit::layers::Error>(())
 /// ```
 pub fn reinit(
@@ -379,12 +424,36 @@ pub fn reinit(
     rng: &mut Philox,
     rule: impl Fn(&str, &[usize]) -> Option<Initializer>,
 ) -> Result<Vec<String>> {
+    let params = NamedVars::from_var_map(map).sorted();
     let mut done = Vec::new();
-    for (name, var) in NamedVars::from_var_map(map).sorted().iter() {
-        if let Some(init) = rule(name, var.dims()) {
-            init.init_var(var, rng)?;
-            done.push(name.to_owned());
-        }
+    for (name, var) in params.iter() {
+        let Some(init) = rule(name, var.dims()) else {
+            continue;
+        };
+        let resolved = match init {
+            Initializer::FanInBias => {
+                let weight = match name.rsplit_once('.') {
+                    Some((layer, _)) => format!("{layer}.weight"),
+                    None => "weight".to_owned(),
+                };
+                params
+                    .get(&weight)
+                    .ok_or_else(|| {
+                        Error::Core(grad_core::Error::UnknownName {
+                            name: weight.clone(),
+                        })
+                    })
+                    .and_then(|w| Initializer::fan_in_bias(w.dims()))
+            }
+            other => Ok(other),
+        };
+        resolved
+            .and_then(|init| init.init_var(var, rng))
+            .map_err(|source| Error::Reinit {
+                name: name.to_owned(),
+                source: Box::new(source),
+            })?;
+        done.push(name.to_owned());
     }
     Ok(done)
 }

@@ -103,16 +103,22 @@ pub fn layer_norm(
 impl LayerNorm {
     /// The forward pass with gradkit's error type; [`Module::forward`] wraps it.
     ///
+    /// An f16 or bf16 input with f32 parameters (the usual mixed-precision layout) is computed
+    /// in f32 and returned in the input's dtype, gradients flowing back through both casts.
+    ///
     /// # Errors
     /// As [`ops::layer_norm`](crate::ops::layer_norm()).
     pub fn try_forward(&self, x: &Tensor) -> Result<Tensor> {
-        crate::ops::layer_norm(
-            x,
-            &self.normalized_shape,
-            self.weight.as_ref(),
-            self.bias.as_ref(),
-            self.eps,
-        )
+        let param_dtype = self.weight.as_ref().map(Tensor::dtype);
+        crate::check::in_param_precision(x, param_dtype, |x| {
+            crate::ops::layer_norm(
+                x,
+                &self.normalized_shape,
+                self.weight.as_ref(),
+                self.bias.as_ref(),
+                self.eps,
+            )
+        })
     }
 
     /// The weight, when affine.

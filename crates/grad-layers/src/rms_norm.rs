@@ -88,10 +88,18 @@ pub fn rms_norm(
 impl RmsNorm {
     /// The forward pass with gradkit's error type; [`Module::forward`] wraps it.
     ///
+    /// An f16 or bf16 input with f32 parameters (the usual mixed-precision layout) is computed
+    /// in f32 and returned in the input's dtype, gradients flowing back through both casts.
+    ///
     /// # Errors
     /// As [`ops::rms_norm`](crate::ops::rms_norm()).
     pub fn try_forward(&self, x: &Tensor) -> Result<Tensor> {
-        crate::ops::rms_norm(x, &self.normalized_shape, self.weight.as_ref(), self.eps)
+        // eps = None is the *input's* machine epsilon, also when it is computed in f32.
+        let eps = Some(self.eps.unwrap_or(crate::ops::default_rms_eps(x.dtype())));
+        let param_dtype = self.weight.as_ref().map(Tensor::dtype);
+        crate::check::in_param_precision(x, param_dtype, |x| {
+            crate::ops::rms_norm(x, &self.normalized_shape, self.weight.as_ref(), eps)
+        })
     }
 
     /// The weight, when affine.

@@ -17,8 +17,13 @@ fn vals(t: &Tensor) -> Vec<f64> {
     grad_testkit::values(t).unwrap()
 }
 
+fn root() -> candle_nn::VarBuilder<'static> {
+    candle_nn::VarBuilder::zeros(DType::F32, &Device::Cpu)
+}
+
 fn layer(p: f64, kind: DropoutKind, seed: u64) -> grad_layers::Dropout {
-    dropout(DropoutConfig { p, kind, seed }).unwrap()
+    let seed = Some(seed);
+    dropout(DropoutConfig { p, kind, seed }, root().pp("drop")).unwrap()
 }
 
 const N: usize = 1 << 20;
@@ -268,10 +273,13 @@ fn non_contiguous_equals_contiguous() {
 fn bad_input_is_an_error() {
     for p in [-0.1, 1.1, f64::NAN] {
         assert!(
-            dropout(DropoutConfig {
-                p,
-                ..Default::default()
-            })
+            dropout(
+                DropoutConfig {
+                    p,
+                    ..Default::default()
+                },
+                root()
+            )
             .is_err(),
             "p {p}"
         );
@@ -363,4 +371,23 @@ fn fused_and_composed_masks_are_identical() {
             );
         }
     }
+}
+
+#[test]
+fn default_seeds_differ_per_layer_name_and_repeat_per_name() {
+    let x = Tensor::ones(4096, DType::F32, &Device::Cpu).unwrap();
+    let build = |name: &str| dropout(DropoutConfig::default(), root().pp(name)).unwrap();
+    let mask = |d: &grad_layers::Dropout| vals(&d.try_forward(&x, true).unwrap());
+    let (a, b) = (build("block1.drop"), build("block2.drop"));
+    assert_ne!(
+        mask(&a),
+        mask(&b),
+        "two layers built with the defaults draw different masks"
+    );
+    assert_eq!(
+        mask(&build("block1.drop")),
+        mask(&build("block1.drop")),
+        "a rebuilt model repeats"
+    );
+    assert_ne!(a.state().seed, b.state().seed);
 }

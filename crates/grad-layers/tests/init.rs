@@ -268,3 +268,65 @@ fn bad_input_is_an_error() {
         Err(grad_layers::Error::DegenerateVariance { layer: 0, .. })
     ));
 }
+
+#[test]
+fn reinit_names_the_parameter_whose_rule_failed() -> Result<(), Box<dyn std::error::Error>> {
+    use candle_nn::{VarBuilder, VarMap};
+    let map = VarMap::new();
+    let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+    candle_nn::linear(4, 3, vb.pp("fc"))?;
+    let kaiming = Initializer::KaimingNormal {
+        a: 0.0,
+        mode: FanMode::FanIn,
+        nonlinearity: Nonlinearity::Relu,
+    };
+    // Kaiming needs a rank-2 weight: the rank-1 bias fails, by name.
+    let err =
+        grad_layers::init::reinit(&map, &mut Philox::new(0), |_, _| Some(kaiming)).unwrap_err();
+    match &err {
+        grad_layers::Error::Reinit { name, .. } => assert_eq!(name, "fc.bias"),
+        other => panic!("expected Reinit, got {other:?}"),
+    }
+    assert!(
+        err.to_string().starts_with("reinit: parameter fc.bias:"),
+        "{err}"
+    );
+    Ok(())
+}
+
+#[test]
+fn fan_in_bias_takes_the_fan_in_of_the_weight_beside_it() -> Result<(), Box<dyn std::error::Error>>
+{
+    use candle_nn::{VarBuilder, VarMap};
+    let map = VarMap::new();
+    let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+    candle_nn::linear(400, 3, vb.pp("fc"))?;
+    let lonely = vb.get_with_hints(5, "bias", candle_nn::Init::Const(0.0))?;
+    let done = grad_layers::init::reinit(&map, &mut Philox::new(0), |name, _| {
+        (name == "fc.bias").then_some(Initializer::FanInBias)
+    })?;
+    assert_eq!(done, ["fc.bias"]);
+    let b = map.data().lock().unwrap()["fc.bias"]
+        .as_tensor()
+        .to_vec1::<f32>()?;
+    assert!(
+        b.iter().all(|v| v.abs() <= 0.05) && b.iter().any(|&v| v != 0.0),
+        "{b:?}"
+    );
+    // A bias with no weight beside it is an error naming it; sampling the rule alone too.
+    let err = grad_layers::init::reinit(&map, &mut Philox::new(0), |name, _| {
+        (name == "bias").then_some(Initializer::FanInBias)
+    })
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("parameter bias") && err.to_string().contains("weight"),
+        "{err}"
+    );
+    assert_eq!(lonely.to_vec1::<f32>()?, [0.0; 5]);
+    assert!(
+        Initializer::FanInBias
+            .sample(3, DType::F32, &Device::Cpu, &mut Philox::new(0))
+            .is_err()
+    );
+    Ok(())
+}

@@ -415,3 +415,52 @@ fn layer_norm_affine_names_exactly_the_parameters_it_learns()
     }
     Ok(())
 }
+
+#[test]
+fn half_inputs_with_f32_parameters_compute_in_f32() -> Result<(), Box<dyn std::error::Error>> {
+    let map = VarMap::new();
+    let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+    let bn = batch_norm(4, BatchNormConfig::default(), vb.pp("bn"))?;
+    let ln = layer_norm(4, LayerNormConfig::default(), vb.pp("ln"))?;
+    let gn = group_norm(2, 4, GroupNormConfig::default(), vb.pp("gn"))?;
+    let rms = rms_norm(4, RmsNormConfig::default(), vb.pp("rms"))?;
+    let x32 = Tensor::randn(0f32, 2.0, (8, 4), &Device::Cpu)?;
+    for half in [DType::F16, DType::BF16] {
+        let x = candle_core::Var::from_tensor(&x32.to_dtype(half)?)?;
+        // The reference: the same (rounded) input in f32.
+        let xr = x.as_tensor().to_dtype(DType::F32)?;
+        let pairs: Vec<(Tensor, Tensor)> = vec![
+            (bn.forward_t(&x, true)?, bn.forward_t(&xr, true)?),
+            (bn.forward_t(&x, false)?, bn.forward_t(&xr, false)?),
+            (ln.forward(&x)?, ln.forward(&xr)?),
+            (gn.forward(&x)?, gn.forward(&xr)?),
+            (rms.forward(&x)?, rms.forward(&xr)?),
+        ];
+        for (got, want) in pairs {
+            assert_eq!(got.dtype(), half);
+            let (g, w) = (vals(&got.to_dtype(DType::F32)?), vals(&want));
+            for (a, b) in g.iter().zip(&w) {
+                assert!(
+                    (a - b).abs() <= 1e-2 * (1.0 + b.abs()),
+                    "{half:?}: {a} vs {b}"
+                );
+            }
+        }
+        let store = ln
+            .forward(&x)?
+            .to_dtype(DType::F32)?
+            .sqr()?
+            .sum_all()?
+            .backward()?;
+        assert!(store.get(x.as_tensor()).is_some_and(|g| g.dtype() == half));
+        let w = ln.weight().expect("affine");
+        assert!(store.get(w).is_some_and(|g| g.dtype() == DType::F32));
+    }
+    // The running statistics stay f32 and were updated by the half-precision batches.
+    let running = map.data().lock().unwrap()["bn.running_mean"]
+        .as_tensor()
+        .clone();
+    assert_eq!(running.dtype(), DType::F32);
+    assert!(vals(&running).iter().any(|&v| v != 0.0));
+    Ok(())
+}
