@@ -39,7 +39,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let varmap = VarMap::new();
     let vs = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
     let model = Mlp::new(vs)?;
-    let mut sgd = Clipped::global_norm(SGD::new(varmap.all_vars(), 0.5)?, &varmap, 1.0)?;
+    let mut sgd = Clipped::with_max_norm(SGD::new(varmap.all_vars(), 0.5)?, &varmap, 1.0)?;
     let mut monitor = GradMonitor::from_var_map(&varmap)?;
     for epoch in 1..=200 {
         let logits = model.forward(&train_images)?;

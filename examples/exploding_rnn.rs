@@ -286,7 +286,7 @@ fn train(cli: &Cli, cell: Cell, length: usize, clip: bool, dir: &OutDir) -> Resu
             .to_scalar::<f32>()?,
     );
     let history: Vec<_> = monitor.history().cloned().collect();
-    plot::global_norm(&history, &dir.path().join("global_norm.svg"))?;
+    plot::global_norm_history(&history, &dir.path().join("global_norm.svg"))?;
     let report = monitor.report();
     let (peak_step, peak_grad_norm) = history
         .iter()

@@ -55,7 +55,7 @@ fn run(cli: &Cli) -> Result<()> {
     let head = candle_nn::linear(64, 10, vb.pp("head"))?;
     let act = Activation::leaky_relu();
     let sgd = SGD::new(map.all_vars(), 0.05)?;
-    let mut opt = Clipped::global_norm(sgd, &map, 1.0)?;
+    let mut opt = Clipped::with_max_norm(sgd, &map, 1.0)?;
     let mut monitor = GradMonitor::from_var_map(&map)?;
     let mut events = TensorBoardSink::create(out.path())?;
     let mut log = JsonlSink::create(out.path().join("log.jsonl"))?;

@@ -145,7 +145,7 @@ fn buffers_are_never_parameters() {
     assert_eq!(monitor.layers(), ["conv1", "bn1", "conv2", "bn2", "fc"]);
     assert!(monitor.buffers().contains(&"bn2.running_var".to_owned()));
     let sgd = SGD::new(map.all_vars(), 0.05).unwrap();
-    let mut opt = Clipped::global_norm(sgd, &map, 0.5).unwrap();
+    let mut opt = Clipped::with_max_norm(sgd, &map, 0.5).unwrap();
     for step in 0..4 {
         let h = bn1.forward_t(&conv1.forward(&x()).unwrap(), true).unwrap();
         let h = bn2
@@ -188,7 +188,7 @@ fn the_record_says_what_the_clipper_did() {
     let map = VarMap::new();
     let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
     let fc = candle_nn::linear(8, 2, vb.pp("fc")).unwrap();
-    let policy = ClipPolicy::single(ClipRule::global_norm(1e-3)).unwrap();
+    let policy = ClipPolicy::single(ClipRule::max_norm(1e-3)).unwrap();
     let sgd = SGD::new(map.all_vars(), 0.01).unwrap();
     let mut opt = Clipped::new(
         sgd,

@@ -229,7 +229,7 @@ proptest! {
             let vb = VarBuilder::from_varmap(&map, dtype, &Device::Cpu);
             let w = vb.get_with_hints((3, 2), "w", candle_nn::Init::Const(0.5)).unwrap();
             let sgd = SGD::new(map.all_vars(), 0.1).unwrap();
-            let mut clipped = Clipped::global_norm(sgd, &map, 1.0).unwrap();
+            let mut clipped = Clipped::with_max_norm(sgd, &map, 1.0).unwrap();
             let mut reports = Vec::new();
             for &s in &scales {
                 let loss = (w.sqr().unwrap().sum_all().unwrap() * s).unwrap();
@@ -352,7 +352,7 @@ fn a_composed_training_step_reads_back_two_small_tensors() {
         let ln1 = candle_nn::linear(64, 100, vb.pp("ln1")).unwrap();
         let ln2 = candle_nn::linear(100, 10, vb.pp("ln2")).unwrap();
         let mut sgd =
-            Clipped::global_norm(SGD::new(map.all_vars(), 0.5).unwrap(), &map, 1.0).unwrap();
+            Clipped::with_max_norm(SGD::new(map.all_vars(), 0.5).unwrap(), &map, 1.0).unwrap();
         let mut monitor = GradMonitor::from_var_map(&map).unwrap();
         let x = Tensor::randn(0f32, 1.0, (32, 64), &Device::Cpu).unwrap();
         let labels: Vec<u32> = (0..32).map(|i| i % 10).collect();

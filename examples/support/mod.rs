@@ -165,7 +165,7 @@ impl Sgd {
             Some(m) => {
                 let config = ClippedConfig {
                     max_consecutive_skips: None,
-                    ..ClippedConfig::new(ClipPolicy::single(ClipRule::global_norm(m))?)
+                    ..ClippedConfig::new(ClipPolicy::single(ClipRule::max_norm(m))?)
                 };
                 Self::Clipped(Box::new(Clipped::new(sgd, params.clone(), config)))
             }

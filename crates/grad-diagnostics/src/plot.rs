@@ -2,7 +2,7 @@
 //!
 //! - [`gradient_flow`]: per-layer gradient norm (log scale) against depth, several steps
 //!   overlaid — vanishing gradients slope down towards the input;
-//! - [`global_norm`]: the global gradient norm over steps, with the clipping threshold when one
+//! - [`global_norm_history`]: the global gradient norm over steps, with the clipping threshold when one
 //!   was set — exploding gradients spike;
 //! - [`update_ratio`]: each layer's update-to-weight ratio over steps (log scale);
 //! - [`probe_fractions`]: each probe's dead (ReLU) or saturated (sigmoid/tanh) fraction over steps;
@@ -46,16 +46,29 @@ fn colour(i: usize) -> RGBColor {
     PALETTE[i % PALETTE.len()]
 }
 
-/// The range of the positive finite values, padded, for a log axis.
+/// The widest log axis drawn: values beyond it (up to f64's limits, subnormals included) sit
+/// on its edge instead of padding the axis to infinity or zero, where the axis' tick loop would
+/// never end.
+const LOG_AXIS: (f64, f64) = (1e-300, 1e300);
+
+/// The most decades one log axis spans: plotters' log axis never returns once `hi / lo`
+/// overflows (about 308 decades), so a wider range is cut at the bottom, keeping the largest
+/// values (an explosion) in view.
+const MAX_SPAN: f64 = 1e280;
+
+/// The range of the positive finite values, padded by a factor of 2 each way, for a log axis
+/// (within [`LOG_AXIS`]).
 fn log_range(values: impl Iterator<Item = f64>) -> (f64, f64) {
     let (lo, hi) = values
         .filter(|v| v.is_finite() && *v > 0.0)
+        .map(|v| v.clamp(LOG_AXIS.0, LOG_AXIS.1))
         .fold((f64::INFINITY, 0f64), |(lo, hi), v| (lo.min(v), hi.max(v)));
-    if lo.is_finite() && hi > 0.0 {
-        (lo / 2.0, hi * 2.0)
-    } else {
-        (1e-8, 1.0)
+    if !(lo.is_finite() && hi > 0.0) {
+        return (1e-8, 1.0);
     }
+    // Both ends are inside LOG_AXIS, so the padded range is never empty.
+    let (lo, hi) = ((lo / 2.0).max(LOG_AXIS.0), (hi * 2.0).min(LOG_AXIS.1));
+    (lo.max(hi / MAX_SPAN), hi)
 }
 
 /// A set of named series `(x, y)` on one log-y chart.
@@ -260,7 +273,7 @@ pub fn gradient_flow_overlay(
 ///
 /// # Errors
 /// [`Error::Plot`] when the file cannot be drawn.
-pub fn global_norm(records: &[StepRecord], path: &Path) -> Result<PathBuf> {
+pub fn global_norm_history(records: &[StepRecord], path: &Path) -> Result<PathBuf> {
     Chart {
         title: "global gradient norm",
         x_label: "step",
@@ -440,7 +453,7 @@ pub fn plot_all(records: &[StepRecord], dir: &Path) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let mut out = vec![
         gradient_flow(records, 5, "gradient flow", &dir.join("gradient_flow.svg"))?,
-        global_norm(records, &dir.join("global_norm.svg"))?,
+        global_norm_history(records, &dir.join("global_norm.svg"))?,
         update_ratio(records, &dir.join("update_ratio.svg"))?,
         gradient_histograms(records, &dir.join("gradient_histograms.svg"))?,
     ];

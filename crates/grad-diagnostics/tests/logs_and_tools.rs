@@ -245,3 +245,34 @@ fn plots_include_the_gradient_histograms() {
     assert!(svg.starts_with("<svg") && svg.contains("layer.0") && svg.contains("<rect"));
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// Runs `f` on another thread and fails if it has not returned within `secs`: a hang fails the
+/// test instead of stalling CI.
+fn within<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(secs))
+        .expect("did not return in time (a hang)")
+}
+
+#[test]
+fn plots_of_values_at_the_f64_limits_return() {
+    let dir = temp_dir("plots-limits");
+    let mut rs = records(Style::Remedied);
+    let extremes = [9e307, f64::MAX, 5e-324, f64::MIN_POSITIVE, 1.0];
+    for (i, r) in rs.iter_mut().enumerate() {
+        let v = extremes[i % extremes.len()];
+        r.global_grad_norm = v;
+        r.clip_threshold = Some(1e308);
+        for l in &mut r.layers {
+            l.grad_norm = v;
+            l.update_ratio = Some(v);
+        }
+    }
+    let out = dir.clone();
+    let files = within(120, move || plot::plot_all(&rs, &out).unwrap());
+    assert_eq!(files.len(), 5);
+    std::fs::remove_dir_all(dir).unwrap();
+}

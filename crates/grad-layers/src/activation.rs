@@ -160,6 +160,9 @@ impl Activation {
 
     /// The forward pass with gradkit's error type; [`Module::forward`] wraps it.
     ///
+    /// # Shapes
+    /// Any shape; the output has the input's shape and dtype.
+    ///
     /// # Errors
     /// As [`ops::activation`](crate::ops::activation()).
     pub fn try_forward(&self, x: &Tensor) -> Result<Tensor> {

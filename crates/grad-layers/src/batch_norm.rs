@@ -159,6 +159,10 @@ impl BatchNorm {
     /// An f16 or bf16 input with f32 parameters (the usual mixed-precision layout) is computed
     /// in f32 and returned in the input's dtype, gradients flowing back through both casts.
     ///
+    /// # Shapes
+    /// `x`: `[N, C]`, `[N, C, L]`, `[N, C, H, W]` or `[N, C, D, H, W]` with `C` the layer's
+    /// `num_features`; the output has the input's shape and dtype.
+    ///
     /// # Errors
     /// As [`ops::batch_norm`](crate::ops::batch_norm()), plus a channel count that differs from
     /// the layer's.

@@ -92,6 +92,9 @@ fn seed_of_name(name: &str) -> u64 {
 impl Dropout {
     /// The forward pass with gradkit's error type; [`ModuleT::forward_t`] wraps it.
     ///
+    /// # Shapes
+    /// As [`ops::dropout`](crate::ops::dropout()) for the layer's kind.
+    ///
     /// # Errors
     /// As [`ops::dropout`](crate::ops::dropout()).
     pub fn try_forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {

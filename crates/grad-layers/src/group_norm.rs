@@ -91,6 +91,10 @@ impl GroupNorm {
     /// An f16 or bf16 input with f32 parameters (the usual mixed-precision layout) is computed
     /// in f32 and returned in the input's dtype, gradients flowing back through both casts.
     ///
+    /// # Shapes
+    /// `x`: `[N, C, *]` with `C` the layer's `num_channels`; the output has the input's shape and
+    /// dtype.
+    ///
     /// # Errors
     /// As [`ops::group_norm`](crate::ops::group_norm()), plus a channel count that differs from
     /// the layer's.

@@ -106,6 +106,10 @@ impl LayerNorm {
     /// An f16 or bf16 input with f32 parameters (the usual mixed-precision layout) is computed
     /// in f32 and returned in the input's dtype, gradients flowing back through both casts.
     ///
+    /// # Shapes
+    /// `x`: `[*, normalized_shape]` (the trailing dims equal the layer's `normalized_shape`); the
+    /// output has the input's shape and dtype.
+    ///
     /// # Errors
     /// As [`ops::layer_norm`](crate::ops::layer_norm()).
     pub fn try_forward(&self, x: &Tensor) -> Result<Tensor> {

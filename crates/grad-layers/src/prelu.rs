@@ -65,6 +65,10 @@ pub fn prelu(config: PReluConfig, vb: VarBuilder) -> Result<PRelu> {
 impl PRelu {
     /// The forward pass with gradkit's error type; [`Module::forward`] wraps it.
     ///
+    /// # Shapes
+    /// `x`: any rank; with one slope per channel, dim 1 is the channel dim and has
+    /// `num_parameters` entries. The output has the input's shape and dtype.
+    ///
     /// # Errors
     /// As [`ops::prelu`](crate::ops::prelu()).
     pub fn try_forward(&self, x: &Tensor) -> Result<Tensor> {

@@ -91,6 +91,9 @@ impl RmsNorm {
     /// An f16 or bf16 input with f32 parameters (the usual mixed-precision layout) is computed
     /// in f32 and returned in the input's dtype, gradients flowing back through both casts.
     ///
+    /// # Shapes
+    /// `x`: `[*, normalized_shape]`; the output has the input's shape and dtype.
+    ///
     /// # Errors
     /// As [`ops::rms_norm`](crate::ops::rms_norm()).
     pub fn try_forward(&self, x: &Tensor) -> Result<Tensor> {

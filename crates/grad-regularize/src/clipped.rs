@@ -21,7 +21,7 @@ use crate::{Error, Result};
 /// Settings of [`Clipped`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClippedConfig {
-    /// How to clip. No default: choose a rule (`ClipPolicy::single(ClipRule::global_norm(1.0))`
+    /// How to clip. No default: choose a rule (`ClipPolicy::single(ClipRule::max_norm(1.0))`
     /// is the common one).
     pub policy: ClipPolicy,
     /// Skip the optimizer step when any gradient holds a NaN or infinity. Default: true.
@@ -83,7 +83,7 @@ pub struct ClipCounters {
 /// let net = candle_nn::linear(4, 1, VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu))?;
 /// let params = NamedVars::from_var_map(&map);
 /// let sgd = SGD::new(params.vars().to_vec(), 0.1)?;
-/// let policy = ClipPolicy::single(ClipRule::global_norm(1.0))?;
+/// let policy = ClipPolicy::single(ClipRule::max_norm(1.0))?;
 /// let mut opt = Clipped::new(sgd, params, ClippedConfig::new(policy));
 /// let x = Tensor::ones((8, 4), DType::F32, &Device::Cpu)?;
 /// let loss = net.forward(&x)?.sqr()?.mean_all()?;
@@ -128,12 +128,12 @@ impl<O: Optimizer> Clipped<O> {
     /// let varmap = VarMap::new();
     /// let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
     /// let _layer = candle_nn::linear(4, 2, vb.pp("fc"))?;
-    /// let mut sgd = Clipped::global_norm(SGD::new(varmap.all_vars(), 0.1)?, &varmap, 1.0)?;
+    /// let mut sgd = Clipped::with_max_norm(SGD::new(varmap.all_vars(), 0.1)?, &varmap, 1.0)?;
     /// assert_eq!(sgd.learning_rate(), 0.1);
     /// # Ok::<(), gradkit::regularize::Error>(())
     /// ```
-    pub fn global_norm(inner: O, vars: &VarMap, max_norm: f64) -> Result<Self> {
-        let policy = ClipPolicy::single(ClipRule::global_norm(max_norm))?;
+    pub fn with_max_norm(inner: O, vars: &VarMap, max_norm: f64) -> Result<Self> {
+        let policy = ClipPolicy::single(ClipRule::max_norm(max_norm))?;
         Ok(Self::new(
             inner,
             NamedVars::from_var_map(vars),

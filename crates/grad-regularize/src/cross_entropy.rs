@@ -83,6 +83,11 @@ struct Prepared {
 /// device and reads back one flag (whether any class index is out of range).
 /// With `label_smoothing = 0` and the default configuration it equals `candle_nn::loss::cross_entropy`.
 ///
+/// # Shapes
+/// `logits`: `[N, C]` or `[N, C, d1, ...]`; `targets`: class indices (an integer dtype) shaped
+/// `[N]` or `[N, d1, ...]`, or probabilities shaped like the logits; `weight`: `[C]`. The loss
+/// is a scalar, or shaped like the class-index targets with `Reduction::None`.
+///
 /// # Errors
 /// [`Error::TargetOutOfRange`] for a class index outside `[0, C)` that is not `ignore_index`;
 /// [`Error::IgnoreIndexWithProbabilities`]; [`Error::Core`] for `label_smoothing` outside

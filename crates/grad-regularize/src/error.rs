@@ -56,6 +56,13 @@ pub enum Error {
     )]
     IgnoreIndexWithProbabilities(i64),
 
+    /// [`LossScaler::step`](crate::LossScaler::step) called again before
+    /// [`LossScaler::update`](crate::LossScaler::update).
+    #[error(
+        "LossScaler::step was already called since the last update(); call update() after each step"
+    )]
+    StepWithoutUpdate,
+
     /// An error raised by candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

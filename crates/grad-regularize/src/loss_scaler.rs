@@ -47,11 +47,12 @@ impl LossScalerConfig {
     /// [`Error::Core`](crate::Error::Core) naming the field.
     pub fn validate(&self) -> Result<()> {
         grad_core::validate::positive("init_scale", self.init_scale)?;
-        if !(f64::from(f32_round(self.init_scale))).is_finite() {
+        let in_f32 = f32_round(self.init_scale);
+        if !in_f32.is_finite() || in_f32 == 0.0 {
             return Err(grad_core::Error::InvalidHyperParameter {
                 name: "init_scale",
                 value: self.init_scale,
-                allowed: "a value finite in f32",
+                allowed: "a value finite and not zero in f32",
             }
             .into());
         }
@@ -96,6 +97,8 @@ pub struct LossScaler {
     state: LossScalerState,
     /// Whether the gradients of the current step were unscaled, and whether they overflowed.
     step: Option<bool>,
+    /// Whether [`step`](LossScaler::step) ran since the last update.
+    stepped: bool,
 }
 
 /// `v` rounded to the nearest f32.
@@ -121,6 +124,7 @@ impl LossScaler {
             },
             config,
             step: None,
+            stepped: false,
         })
     }
 
@@ -150,11 +154,18 @@ impl LossScaler {
     }
 
     /// Unscales the gradients (unless [`unscale`](Self::unscale) already did) and steps the
-    /// optimizer unless one was non-finite. Returns whether it stepped.
+    /// optimizer unless one was non-finite. Returns whether it stepped. Once per step: call
+    /// [`update`](Self::update) before the next one.
     ///
     /// # Errors
-    /// As [`unscale`](Self::unscale), and the optimizer's error.
+    /// [`Error::StepWithoutUpdate`](crate::Error::StepWithoutUpdate) when `step` already ran since
+    /// the last update (PyTorch raises the same: a second step would apply gradients still
+    /// multiplied by the scale); as [`unscale`](Self::unscale), and the optimizer's error.
     pub fn step<O: Optimizer>(&mut self, optimizer: &mut O, grads: &NamedGrads) -> Result<bool> {
+        if self.stepped {
+            return Err(crate::Error::StepWithoutUpdate);
+        }
+        self.stepped = true;
         let mut grads = grads.clone();
         if self.unscale(&mut grads)? {
             return Ok(false);
@@ -177,6 +188,8 @@ impl LossScaler {
     /// [`update`](Self::update) with the overflow flag given (for loops that check gradients
     /// themselves).
     pub fn update_with(&mut self, found_inf: bool) {
+        self.step = None;
+        self.stepped = false;
         let s = &mut self.state;
         if found_inf {
             s.scale = f32_round(f64::from(s.scale) * self.config.backoff_factor);
@@ -208,11 +221,21 @@ impl LossScaler {
     /// Restores a saved state.
     ///
     /// # Errors
-    /// [`Error::Core`](crate::Error::Core) when the saved scale is not positive and finite.
+    /// [`Error::Core`](crate::Error::Core) when the saved scale is not positive and finite, or
+    /// its growth tracker is not below the configured `growth_interval`.
     pub fn load_state(&mut self, state: LossScalerState) -> Result<()> {
         grad_core::validate::positive("scale", f64::from(state.scale))?;
+        if state.growth_tracker >= self.config.growth_interval {
+            return Err(grad_core::Error::InvalidHyperParameter {
+                name: "growth_tracker",
+                value: f64::from(state.growth_tracker),
+                allowed: "below the configured growth_interval",
+            }
+            .into());
+        }
         self.state = state;
         self.step = None;
+        self.stepped = false;
         Ok(())
     }
 

@@ -43,7 +43,7 @@ pub enum ClipRule {
 
 impl ClipRule {
     /// The global L2-norm rule PyTorch users reach for first.
-    pub fn global_norm(max_norm: f64) -> Self {
+    pub fn max_norm(max_norm: f64) -> Self {
         Self::Norm {
             max_norm,
             norm_type: NormType::L2,
@@ -128,7 +128,7 @@ pub struct GroupOutcome {
 /// use gradkit::regularize::{ClipPolicy, ClipRule, ParamGroup, Selector};
 /// let policy = ClipPolicy::new(vec![
 ///     ParamGroup { name: "head".into(), select: Selector::Prefix("head.".into()), rule: ClipRule::Unclipped },
-///     ParamGroup { name: "body".into(), select: Selector::All, rule: ClipRule::global_norm(1.0) },
+///     ParamGroup { name: "body".into(), select: Selector::All, rule: ClipRule::max_norm(1.0) },
 /// ])?;
 /// let body = Var::new(&[30f32, 40.0], &Device::Cpu)?;
 /// let head = Var::new(&[30f32, 40.0], &Device::Cpu)?;

@@ -103,7 +103,7 @@ fn a_poisoned_batch_skips_exactly_its_step() {
     let net = mlp(&map);
     let params = NamedVars::from_var_map(&map);
     let sgd = SGD::new(params.vars().to_vec(), 0.05).unwrap();
-    let policy = ClipPolicy::single(ClipRule::global_norm(1.0)).unwrap();
+    let policy = ClipPolicy::single(ClipRule::max_norm(1.0)).unwrap();
     let mut opt = Clipped::new(sgd, params.clone(), ClippedConfig::new(policy));
     let snapshot =
         |p: &NamedVars| -> Vec<Vec<f64>> { p.vars().iter().map(|v| vals(v.as_tensor())).collect() };
@@ -154,7 +154,7 @@ fn too_many_consecutive_skips_is_an_error_and_counters_track_clipping() {
     let w = Var::new(&[1f32, 2.0], &Device::Cpu).unwrap();
     let params = NamedVars::new([("w", w.clone())]).unwrap();
     let sgd = SGD::new(vec![w.clone()], 0.1).unwrap();
-    let mut cfg = ClippedConfig::new(ClipPolicy::single(ClipRule::global_norm(0.5)).unwrap());
+    let mut cfg = ClippedConfig::new(ClipPolicy::single(ClipRule::max_norm(0.5)).unwrap());
     cfg.max_consecutive_skips = Some(2);
     let mut opt = Clipped::new(sgd, params, cfg);
     let report = opt
@@ -241,7 +241,7 @@ fn groups_apply_their_own_rules_and_leave_the_rest() {
         ParamGroup {
             name: "enc".into(),
             select: Selector::Prefix("enc.".into()),
-            rule: ClipRule::global_norm(1.0),
+            rule: ClipRule::max_norm(1.0),
         },
         ParamGroup {
             name: "rest".into(),

@@ -432,3 +432,87 @@ fn a_masked_logit_without_smoothing_gives_a_finite_loss() {
         assert!(g.iter().all(|v| v.is_finite()), "{g:?}");
     }
 }
+
+#[test]
+fn loss_scaler_step_twice_before_update_is_an_error() -> Result<(), Box<dyn std::error::Error>> {
+    use candle_nn::{Optimizer, SGD};
+    let w = Var::new(&[1f32], &Device::Cpu)?;
+    let params = NamedVars::new([("w", w.clone())])?;
+    let mut sgd = SGD::new(vec![w.clone()], 0.1)?;
+    let mut scaler = LossScaler::new(LossScalerConfig::default())?;
+    let store = scaler.scale(&w.as_tensor().sum_all()?)?.backward()?;
+    let grads = params.grads(&store)?;
+    assert!(scaler.step(&mut sgd, &grads)?);
+    let after_one = w.as_tensor().to_vec1::<f32>()?;
+    assert_eq!(after_one, [0.9]);
+    // PyTorch raises here; applying the still-scaled gradient would move w by 65536 * 0.1.
+    assert!(matches!(
+        scaler.step(&mut sgd, &grads),
+        Err(Error::StepWithoutUpdate)
+    ));
+    assert_eq!(
+        w.as_tensor().to_vec1::<f32>()?,
+        after_one,
+        "nothing applied"
+    );
+    scaler.update();
+    let store = scaler.scale(&w.as_tensor().sum_all()?)?.backward()?;
+    assert!(
+        scaler.step(&mut sgd, &params.grads(&store)?)?,
+        "after update() it steps again"
+    );
+    Ok(())
+}
+
+#[test]
+fn loss_scaler_rejects_scales_f32_cannot_hold_and_foreign_trackers() {
+    for init_scale in [1e-50, 1e39] {
+        assert!(
+            LossScaler::new(LossScalerConfig {
+                init_scale,
+                ..Default::default()
+            })
+            .is_err(),
+            "{init_scale}"
+        );
+    }
+    let mut scaler = LossScaler::new(LossScalerConfig::default()).unwrap();
+    let mut state = scaler.state();
+    state.growth_tracker = u32::MAX;
+    assert!(
+        scaler.load_state(state).is_err(),
+        "a tracker past growth_interval"
+    );
+}
+
+#[test]
+fn cross_entropy_of_non_contiguous_targets_equals_contiguous()
+-> Result<(), Box<dyn std::error::Error>> {
+    let logits = Tensor::new(
+        &[
+            [0.5f32, -1.0, 2.0],
+            [1.0, 0.0, -0.5],
+            [0.0, 3.0, 1.0],
+            [2.0, 2.0, 0.0],
+        ],
+        &Device::Cpu,
+    )?;
+    let strided = Tensor::new(&[[0i64, 9], [1, 9], [2, 9], [0, 9]], &Device::Cpu)?
+        .narrow(1, 0, 1)?
+        .squeeze(1)?;
+    assert!(!strided.is_contiguous());
+    let cfg = CrossEntropyConfig::default();
+    for targets in [
+        strided.clone(),
+        strided.to_dtype(DType::U8)?,
+        strided.to_dtype(DType::U32)?,
+    ] {
+        let dense = targets.contiguous()?;
+        for f in [cross_entropy, cross_entropy_composed] {
+            let a = f(&logits, &targets, &cfg)?.to_scalar::<f32>()?;
+            let b = f(&logits, &dense, &cfg)?.to_scalar::<f32>()?;
+            assert_eq!(a, b, "{:?}", targets.dtype());
+        }
+    }
+    Ok(())
+}

@@ -96,6 +96,9 @@ macro_rules! with_elementwise {
 /// On the CPU a fused kernel (one read and one write each way, PyTorch's derivative at the
 /// kink); other devices use [`activation_composed`].
 ///
+/// # Shapes
+/// `x`: any shape, a float dtype; the output has its shape and dtype.
+///
 /// # Errors
 /// [`Error::Core`](crate::Error::Core) for a non-float input or an invalid parameter (see
 /// [`Activation::validate`]).

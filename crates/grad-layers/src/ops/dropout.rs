@@ -100,6 +100,12 @@ fn coefficients(kind: DropoutKind, p: f64) -> (f64, f64, f64) {
 /// that keeps no mask: the backward regenerates it from the stream position. Other devices take
 /// [`dropout_composed`], which builds the same mask on the device.
 ///
+/// # Shapes
+/// `x`: any shape for [`DropoutKind::Element`] and `Alpha`; `[N, C, L]` or `[C, L]` for
+/// `Channel1d`, `[N, C, H, W]` or `[C, H, W]` for `Channel2d`, `[N, C, D, H, W]` or
+/// `[C, D, H, W]` for `Channel3d`, rank 2 or more for `FeatureAlpha`. The output has the
+/// input's shape and dtype.
+///
 /// # Errors
 /// [`Error::Core`] for `p` outside `[0, 1]` or NaN, or a non-float input;
 /// a rank mismatch for the channel kinds.
