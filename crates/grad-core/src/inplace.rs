@@ -125,6 +125,10 @@ fn update_all(tensors: &mut [Tensor], update: &Update) -> Result<bool> {
 /// One tensor's update: in place on the fused path, a new tensor from candle ops otherwise
 /// (for a clamp, with a rank-0 "an element changed" flag left on the device).
 fn update_one(tensor: &mut Tensor, update: &Update, path: Path) -> Result<Option<Tensor>> {
+    if tensor.elem_count() == 0 {
+        // Nothing to update (and candle reads a zero-size dim's zero stride as repeats).
+        return Ok(None);
+    }
     if path == Path::Fused {
         if repeats_elements(tensor) {
             // A broadcast view has no storage of its own to write: give it one first.
@@ -282,6 +286,9 @@ fn repeats_elements(t: &Tensor) -> bool {
 }
 
 fn unscale_fused(tensor: &mut Tensor, factor: f64) -> Result<bool> {
+    if tensor.elem_count() == 0 {
+        return Ok(false);
+    }
     if repeats_elements(tensor) {
         *tensor = tensor.contiguous()?;
     }

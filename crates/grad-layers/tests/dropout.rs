@@ -391,3 +391,33 @@ fn default_seeds_differ_per_layer_name_and_repeat_per_name() {
     );
     assert_ne!(a.state().seed, b.state().seed);
 }
+
+#[test]
+fn threads_sharing_a_layer_draw_disjoint_stretches_of_its_stream() {
+    let d = layer(0.5, DropoutKind::Element, 11);
+    let x = Tensor::ones(1000, DType::F32, &Device::Cpu).unwrap();
+    let masks: Vec<Vec<f64>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                s.spawn(|| {
+                    (0..25)
+                        .map(|_| vals(&d.try_forward(&x, true).unwrap()))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    assert_eq!(
+        d.state().offset,
+        100 * 1000,
+        "every forward reserved its own words"
+    );
+    let mut distinct = masks.clone();
+    distinct.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    distinct.dedup();
+    assert_eq!(distinct.len(), 100, "no two forwards drew the same mask");
+}

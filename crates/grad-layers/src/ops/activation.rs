@@ -175,10 +175,14 @@ fn composed(x: &Tensor, act: Activation) -> Result<Tensor> {
             bx.gt(threshold)?.where_cond(x, &smooth)?
         }
         Activation::Hardswish => {
-            // x (x + 3) / 6 inside (-3, 3), 0 at and below -3, x at and above 3.
+            // PyTorch's x * clamp(x + 3, 0, 6) / 6 piece by piece: x * 0 at and below -3 (so
+            // -inf gives NaN, as in PyTorch), x * 6 / 6 at and above 3 (so f32::MAX overflows to
+            // inf, as in PyTorch), x (x + 3) / 6 between; each piece has its own derivative.
             let inner = (x * x.affine(1.0, 3.0)?)?.affine(1.0 / 6.0, 0.0)?;
-            let upper = x.ge(3.0)?.where_cond(x, &inner)?;
-            x.le(-3.0)?.where_cond(&zeros, &upper)?
+            let upper = x
+                .ge(3.0)?
+                .where_cond(&x.affine(6.0, 0.0)?.affine(1.0 / 6.0, 0.0)?, &inner)?;
+            x.le(-3.0)?.where_cond(&x.affine(0.0, 0.0)?, &upper)?
         }
         Activation::Hardsigmoid => {
             // The value (x + 3) / 6 with PyTorch's float32 slope as the gradient: the value's
@@ -190,8 +194,9 @@ fn composed(x: &Tensor, act: Activation) -> Result<Tensor> {
                 .detach();
             let sloped = x.affine(HARDSIGMOID_SLOPE, 0.0)?;
             let slope = (&sloped - sloped.detach())?;
-            let inside = (x.gt(-3.0)?.to_dtype(x.dtype())? * x.lt(3.0)?.to_dtype(x.dtype())?)?;
-            (value + (slope * inside)?)?
+            // Selected, not multiplied: at x = ±inf the carrier is inf - inf = NaN.
+            let inside = x.gt(-3.0)?.minimum(&x.lt(3.0)?)?;
+            (value + inside.where_cond(&slope, &zeros)?)?
         }
         Activation::Celu { alpha } => {
             let neg = positive.where_cond(&zeros, x)?;

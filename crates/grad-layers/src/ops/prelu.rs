@@ -48,7 +48,8 @@ pub fn prelu_composed(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
 }
 
 fn prelu_unchecked_composed(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    let mut shape = vec![1; x.rank().max(1)];
+    // The weight broadcast against `x`: `[1, C, 1, ...]`, or a scalar for a rank-0 input.
+    let mut shape = vec![1; x.rank()];
     if x.rank() >= 2 {
         shape[1] = weight.elem_count();
     }
