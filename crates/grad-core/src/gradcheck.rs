@@ -246,9 +246,17 @@ fn compare(
         // NaN errors fail: `err <= tol` is false for NaN.
         let ok = err <= tol;
         report.passed &= ok;
-        report.max_abs_error = report.max_abs_error.max(err);
-        if n != 0.0 {
-            report.max_rel_error = report.max_rel_error.max(err / n.abs());
+        // `f64::max` drops a NaN: a NaN error must show as NaN, not as 0.
+        let nan_max = |acc: f64, v: f64| {
+            if acc.is_nan() || v.is_nan() {
+                f64::NAN
+            } else {
+                acc.max(v)
+            }
+        };
+        report.max_abs_error = nan_max(report.max_abs_error, err);
+        if n != 0.0 || err.is_nan() {
+            report.max_rel_error = nan_max(report.max_rel_error, err / n.abs());
         }
         let ratio = if err.is_nan() {
             f64::INFINITY

@@ -179,3 +179,18 @@ fn bad_arguments_are_errors() {
         Err(Error::Function(_))
     ));
 }
+
+#[test]
+fn a_function_returning_nan_fails_with_a_nan_error_not_zero() {
+    let err = gradcheck(
+        |xs: &[Tensor]| xs[0].affine(f64::NAN, 0.0),
+        &[input(&[2, 3], 5)],
+        &GradcheckConfig::default(),
+    )
+    .unwrap_err();
+    let Error::GradcheckFailed(report) = err else {
+        panic!("expected GradcheckFailed")
+    };
+    assert!(!report.inputs[0].passed);
+    assert!(report.inputs[0].max_abs_error.is_nan(), "{report}");
+}

@@ -294,6 +294,9 @@ impl Initializer {
 
     /// Samples a tensor of `shape` following the rule.
     ///
+    /// A zero-element shape gives an empty tensor for every rule, as PyTorch's initialisers
+    /// leave zero-element tensors alone.
+    ///
     /// # Errors
     /// [`Error::Core`] for invalid parameters or a rank below 2 for the fan-based and orthogonal
     /// rules; [`Error::Core`] for [`Initializer::FanInBias`], which needs its layer's weight
@@ -318,6 +321,10 @@ impl Initializer {
     ) -> Result<Tensor> {
         self.validate()?;
         let shape = shape.into();
+        if shape.elem_count() == 0 {
+            // PyTorch: "Initializing zero-element tensors is a no-op", whatever the rule.
+            return Ok(Tensor::zeros(shape, dtype, device)?);
+        }
         let dims = shape.dims().to_vec();
         let sqrt3 = 3f64.sqrt();
         let uniform = |rng: &mut Philox, bound: f64| -> Result<Tensor> {

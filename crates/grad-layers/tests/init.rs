@@ -330,3 +330,28 @@ fn fan_in_bias_takes_the_fan_in_of_the_weight_beside_it() -> Result<(), Box<dyn 
     );
     Ok(())
 }
+
+#[test]
+fn zero_element_tensors_are_left_alone_by_every_rule() {
+    let kaiming = Initializer::KaimingUniform {
+        a: 0.0,
+        mode: FanMode::FanOut,
+        nonlinearity: Nonlinearity::Relu,
+    };
+    for rule in [
+        kaiming,
+        Initializer::XavierNormal { gain: 1.0 },
+        Initializer::Orthogonal { gain: 1.0 },
+        Initializer::Normal {
+            mean: 0.0,
+            std: 1.0,
+        },
+    ] {
+        for dims in [&[0usize, 5][..], &[4, 0], &[0]] {
+            let t = rule
+                .sample(dims, DType::F32, &Device::Cpu, &mut Philox::new(0))
+                .unwrap_or_else(|e| panic!("{rule:?} on {dims:?}: {e}"));
+            assert_eq!(t.dims(), dims);
+        }
+    }
+}
