@@ -242,3 +242,68 @@ fn prelu_of_an_input_with_a_zero_size_dim_is_empty_not_a_panic()
     );
     Ok(())
 }
+
+/// PyTorch's backward at a NaN input: its branch tests (`x <= 0`, `x > 0`, `x <= -3`, ...) are
+/// false for NaN, which picks a branch, not a NaN, for the piecewise activations.
+#[test]
+fn gradients_at_nan_inputs_follow_pytorch() -> Result<(), Box<dyn std::error::Error>> {
+    use grad_core::device::{Path, with_path};
+    let nan = f64::NAN;
+    let table = [
+        (Activation::Relu, 1.0),
+        (
+            Activation::LeakyRelu {
+                negative_slope: 0.1,
+            },
+            0.1,
+        ),
+        (Activation::Elu { alpha: 0.7 }, 1.0),
+        (Activation::Selu, grad_layers::SELU_SCALE),
+        (Activation::Celu { alpha: 0.5 }, 1.0),
+        (Activation::Relu6, 1.0),
+        (
+            Activation::Hardtanh {
+                min_val: -1.0,
+                max_val: 1.0,
+            },
+            1.0,
+        ),
+        (Activation::Hardswish, 1.0),
+        (Activation::Hardsigmoid, 0.0),
+        (
+            Activation::Gelu {
+                approximate: GeluApproximation::None,
+            },
+            nan,
+        ),
+        (Activation::Sigmoid, nan),
+        (Activation::Tanh, nan),
+        (Activation::Silu, nan),
+        (Activation::Mish, nan),
+        (Activation::Softsign, nan),
+        (Activation::LogSigmoid, nan),
+    ];
+    for (act, want) in table {
+        for path in [Path::Fused, Path::Composed] {
+            for dtype in [DType::F32, DType::F64] {
+                let x =
+                    Var::from_tensor(&Tensor::new(&[f64::NAN], &Device::Cpu)?.to_dtype(dtype)?)?;
+                let got = with_path(path, || -> Result<f64, Box<dyn std::error::Error>> {
+                    let store = ops::activation(x.as_tensor(), act)?.sum_all()?.backward()?;
+                    let g = store.get(x.as_tensor()).ok_or("no gradient")?;
+                    Ok(g.to_dtype(DType::F64)?.to_vec1::<f64>()?[0])
+                })?;
+                let ok = if want.is_nan() {
+                    got.is_nan()
+                } else {
+                    (got - want).abs() < 1e-6
+                };
+                assert!(
+                    ok,
+                    "{act:?} {path:?} {dtype:?}: d/dx at NaN = {got}, PyTorch {want}"
+                );
+            }
+        }
+    }
+    Ok(())
+}

@@ -85,8 +85,9 @@ impl Elementwise for EluFn {
     }
     #[inline(always)]
     fn derivative<R: Real>(self, x: R) -> R {
+        // PyTorch's `x <= 0 ? negative : 1`: a NaN input takes the positive branch.
         let negative = R::of(self.0) * x.exp();
-        if x > R::ZERO { R::ONE } else { negative }
+        if x <= R::ZERO { negative } else { R::ONE }
     }
 }
 
@@ -100,10 +101,10 @@ impl Elementwise for SeluFn {
     #[inline(always)]
     fn derivative<R: Real>(self, x: R) -> R {
         let negative = R::of(SELU_SCALE * SELU_ALPHA) * x.exp();
-        if x > R::ZERO {
-            R::of(SELU_SCALE)
-        } else {
+        if x <= R::ZERO {
             negative
+        } else {
+            R::of(SELU_SCALE)
         }
     }
 }
@@ -314,7 +315,7 @@ impl Elementwise for CeluFn {
     #[inline(always)]
     fn derivative<R: Real>(self, x: R) -> R {
         let negative = (x * R::of(1.0 / self.0)).exp();
-        if x > R::ZERO { R::ONE } else { negative }
+        if x <= R::ZERO { negative } else { R::ONE }
     }
 }
 

@@ -134,10 +134,13 @@ pub fn activation_composed(x: &Tensor, act: Activation) -> Result<Tensor> {
 fn composed(x: &Tensor, act: Activation) -> Result<Tensor> {
     let zeros = x.zeros_like()?;
     let positive = x.gt(&zeros)?;
-    // exp(x) - 1 on the non-positive branch only, so a large positive x never makes inf.
+    // PyTorch's `x <= 0 ? alpha (exp(x) - 1) : x`: a NaN takes the x branch (gradient 1). The
+    // exponential sees only the non-positive inputs (0 elsewhere), so neither a large x nor a
+    // NaN reaches it and its unselected gradient stays 0.
+    let nonpositive = x.le(&zeros)?;
     let elu = |alpha: f64| -> Result<Tensor> {
-        let neg = positive.where_cond(&zeros, x)?;
-        Ok(positive.where_cond(x, &(neg.exp()? - 1.0)?.affine(alpha, 0.0)?)?)
+        let neg = nonpositive.where_cond(x, &zeros)?;
+        Ok(nonpositive.where_cond(&(neg.exp()? - 1.0)?.affine(alpha, 0.0)?, x)?)
     };
     Ok(match act {
         Activation::Relu => x.le(&zeros)?.where_cond(&zeros, x)?,
@@ -178,10 +181,12 @@ fn composed(x: &Tensor, act: Activation) -> Result<Tensor> {
             // PyTorch's x * clamp(x + 3, 0, 6) / 6 piece by piece: x * 0 at and below -3 (so
             // -inf gives NaN, as in PyTorch), x * 6 / 6 at and above 3 (so f32::MAX overflows to
             // inf, as in PyTorch), x (x + 3) / 6 between; each piece has its own derivative.
-            let inner = (x * x.affine(1.0, 3.0)?)?.affine(1.0 / 6.0, 0.0)?;
-            let upper = x
-                .ge(3.0)?
-                .where_cond(&x.affine(6.0, 0.0)?.affine(1.0 / 6.0, 0.0)?, &inner)?;
+            // A NaN falls in neither of PyTorch's tests (`x <= -3`, `x < 3`) and takes the last
+            // piece, gradient 1; the polynomial sees only the inputs inside.
+            let inside = x.gt(-3.0)?.minimum(&x.lt(3.0)?)?;
+            let xi = inside.where_cond(x, &zeros)?;
+            let inner = (&xi * xi.affine(1.0, 3.0)?)?.affine(1.0 / 6.0, 0.0)?;
+            let upper = inside.where_cond(&inner, &x.affine(6.0, 0.0)?.affine(1.0 / 6.0, 0.0)?)?;
             x.le(-3.0)?.where_cond(&x.affine(0.0, 0.0)?, &upper)?
         }
         Activation::Hardsigmoid => {
@@ -199,9 +204,10 @@ fn composed(x: &Tensor, act: Activation) -> Result<Tensor> {
             (value + inside.where_cond(&slope, &zeros)?)?
         }
         Activation::Celu { alpha } => {
-            let neg = positive.where_cond(&zeros, x)?;
+            // As ELU (PyTorch computes CELU with ELU's kernels): a NaN takes the x branch.
+            let neg = nonpositive.where_cond(x, &zeros)?;
             let negative = (neg.affine(1.0 / alpha, 0.0)?.exp()? - 1.0)?.affine(alpha, 0.0)?;
-            positive.where_cond(x, &negative)?
+            nonpositive.where_cond(&negative, x)?
         }
         Activation::Softsign => x.div(&(x.abs()? + 1.0)?)?,
         Activation::LogSigmoid => {
