@@ -165,9 +165,11 @@ impl LossScaler {
         if self.stepped {
             return Err(crate::Error::StepWithoutUpdate);
         }
-        self.stepped = true;
         let mut grads = grads.clone();
-        if self.unscale(&mut grads)? {
+        let found_inf = self.unscale(&mut grads)?;
+        // Counted once the gradients are unscaled: a step that failed before that can be retried.
+        self.stepped = true;
+        if found_inf {
             return Ok(false);
         }
         let mut store = GradStore::default();
