@@ -140,6 +140,17 @@ impl Remedy {
     }
 
     /// Several remedies as one sentence: `first; or second; or ...`.
+    ///
+    /// ```
+    /// use gradkit::diagnostics::Remedy;
+    /// let text = Remedy::render_all(&[Remedy::LossScaling, Remedy::LowerLearningRate]);
+    /// assert_eq!(
+    ///     text,
+    ///     "with f16/bf16, scale the loss dynamically (gradkit::regularize::LossScaler); or lower the learning rate"
+    /// );
+    /// assert!(Remedy::ALL.iter().all(|r| !r.advice().is_empty()));
+    /// assert!(Remedy::LowerLearningRate.api().is_empty()); // a setting, not an API
+    /// ```
     pub fn render_all(remedies: &[Self]) -> String {
         remedies
             .iter()

@@ -418,6 +418,25 @@ pub fn dtype_of(storage: &CpuStorage) -> DType {
 /// # Errors
 /// As [`dispatch`], converted into `candle_core::Error` (the typed error stays reachable with
 /// [`downcast`](crate::downcast)).
+///
+/// ```
+/// use candle_core::{CpuStorage, DType};
+/// use gradkit::core::cpu::{Float, FloatFn, dispatch_op, dtype_of};
+///
+/// /// The element count of a storage, computed for its element type.
+/// struct Len<'a>(&'a CpuStorage);
+/// impl FloatFn for Len<'_> {
+///     type Output = usize;
+///     fn call<T: Float>(self) -> gradkit::core::Result<usize> {
+///         Ok(T::cpu_storage_as_slice(self.0)?.len())
+///     }
+/// }
+/// let s = CpuStorage::F32(vec![1.0, 2.0, 3.0]);
+/// assert_eq!(dtype_of(&s), DType::F32);
+/// assert_eq!(dispatch_op("len", dtype_of(&s), Len(&s))?, 3);
+/// assert!(dispatch_op("len", DType::U8, Len(&s)).is_err()); // not a float dtype
+/// # Ok::<(), candle_core::Error>(())
+/// ```
 pub fn dispatch_op<F: FloatFn>(
     op: &'static str,
     dtype: DType,
