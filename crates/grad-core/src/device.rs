@@ -117,6 +117,22 @@ pub fn wide_dtype(device: &Device) -> DType {
     }
 }
 
+/// The dtype a composed path computes in for inputs of `dtype`: f32 for f16 and bf16 (as the
+/// fused kernels, whose half-precision elements compute in f32), else `dtype` itself.
+///
+/// ```
+/// use candle_core::DType;
+/// use gradkit::core::device::compute_dtype;
+/// assert_eq!(compute_dtype(DType::BF16), DType::F32);
+/// assert_eq!(compute_dtype(DType::F64), DType::F64);
+/// ```
+pub fn compute_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::F16 | DType::BF16 => DType::F32,
+        d => d,
+    }
+}
+
 /// A rank-0 tensor holding `value` in `dtype` on `device`, made on the device (no f64 tensor
 /// on the way, which Metal lacks).
 ///

@@ -66,13 +66,7 @@ pub fn scale_all_in_place(tensors: &mut [Tensor], factor: f64) -> Result<()> {
     for t in tensors.iter() {
         ensure_float("scale_in_place", "tensor", t.dtype())?;
     }
-    if factor.is_nan() {
-        return Err(Error::InvalidHyperParameter {
-            name: "factor",
-            value: factor,
-            allowed: "a number (not NaN)",
-        });
-    }
+    crate::validate::not_nan("factor", factor)?;
     update_all(tensors, &Update::Scale(factor)).map(|_| ())
 }
 
@@ -87,11 +81,11 @@ pub fn clamp_all_in_place(tensors: &mut [Tensor], min: f64, max: f64) -> Result<
         ensure_float("clamp_in_place", "tensor", t.dtype())?;
     }
     if min.is_nan() || max.is_nan() || min > max {
-        return Err(Error::InvalidHyperParameter {
-            name: "min",
-            value: min,
-            allowed: "a number <= max (neither NaN)",
-        });
+        return Err(crate::validate::invalid(
+            "min",
+            min,
+            "a number <= max (neither NaN)",
+        ));
     }
     update_all(
         tensors,
@@ -221,12 +215,8 @@ pub fn scale_rows_in_place(tensor: &mut Tensor, factors: &[f64]) -> Result<()> {
             got: vec![factors.len()],
         });
     }
-    if let Some(&bad) = factors.iter().find(|f| f.is_nan()) {
-        return Err(Error::InvalidHyperParameter {
-            name: "factors",
-            value: bad,
-            allowed: "numbers (not NaN)",
-        });
+    for &f in factors {
+        crate::validate::not_nan("factors", f)?;
     }
     let path = Path::of(tensor.device());
     update_one(tensor, &Update::ScaleRows(factors.to_vec()), path).map(|_| ())
@@ -267,13 +257,7 @@ fn check_unscale(tensors: &[Tensor], factor: f64) -> Result<()> {
         ensure_float("unscale_in_place", "tensor", t.dtype())?;
         crate::ensure_same_device("unscale_in_place", tensors[0].device(), t.device())?;
     }
-    if factor.is_nan() {
-        return Err(Error::InvalidHyperParameter {
-            name: "factor",
-            value: factor,
-            allowed: "a number (not NaN)",
-        });
-    }
+    crate::validate::not_nan("factor", factor)?;
     Ok(())
 }
 

@@ -30,10 +30,10 @@ use rand_core::{RngCore, SeedableRng};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::Result;
 use crate::cpu::CHUNK;
 use crate::cpu::with_avx2;
 use crate::validate::ensure_float;
-use crate::{Error, Result};
 
 const M0: u32 = 0xD251_1F53;
 const M1: u32 = 0xCD9E_8D57;
@@ -260,7 +260,7 @@ impl Philox {
     /// bits (two words).
     ///
     /// # Errors
-    /// [`Error::InvalidHyperParameter`] unless `lo < hi` are finite; [`Error::UnsupportedDType`]
+    /// [`Error::InvalidHyperParameter`](crate::Error::InvalidHyperParameter) unless `lo < hi` are finite; [`Error::UnsupportedDType`](crate::Error::UnsupportedDType)
     /// for a non-float dtype.
     ///
     /// ```
@@ -281,13 +281,7 @@ impl Philox {
     ) -> Result<Tensor> {
         let shape = shape.into();
         ensure_float("uniform", "dtype", dtype)?;
-        if !(lo.is_finite() && hi.is_finite() && lo < hi) {
-            return Err(Error::InvalidHyperParameter {
-                name: "lo",
-                value: lo,
-                allowed: "finite lo < hi",
-            });
-        }
+        crate::validate::finite_ordered(("lo", lo), ("hi", hi))?;
         let n = shape.elem_count();
         if dtype == DType::F64 {
             let at = self.reserve(2 * n as u64);
@@ -304,8 +298,8 @@ impl Philox {
     /// A tensor of samples from `N(mean, std^2)` (Box–Muller, as PyTorch's CPU `normal_`).
     ///
     /// # Errors
-    /// [`Error::InvalidHyperParameter`] unless `mean` is finite and `std >= 0` finite;
-    /// [`Error::UnsupportedDType`] for a non-float dtype.
+    /// [`Error::InvalidHyperParameter`](crate::Error::InvalidHyperParameter) unless `mean` is finite and `std >= 0` finite;
+    /// [`Error::UnsupportedDType`](crate::Error::UnsupportedDType) for a non-float dtype.
     pub fn normal(
         &mut self,
         shape: impl Into<Shape>,
@@ -317,13 +311,7 @@ impl Philox {
         let shape = shape.into();
         ensure_float("normal", "dtype", dtype)?;
         crate::validate::non_negative("std", std)?;
-        if !mean.is_finite() {
-            return Err(Error::InvalidHyperParameter {
-                name: "mean",
-                value: mean,
-                allowed: "a finite number",
-            });
-        }
+        crate::validate::finite("mean", mean)?;
         let n = shape.elem_count();
         let pairs = n.div_ceil(2);
         if dtype == DType::F64 {
@@ -353,7 +341,7 @@ impl Philox {
     /// Each element compares one 32-bit word with `p * 2^32`, so `p = 0` and `p = 1` are exact.
     ///
     /// # Errors
-    /// [`Error::InvalidHyperParameter`] for `p` outside `[0, 1]`; [`Error::UnsupportedDType`]
+    /// [`Error::InvalidHyperParameter`](crate::Error::InvalidHyperParameter) for `p` outside `[0, 1]`; [`Error::UnsupportedDType`](crate::Error::UnsupportedDType)
     /// for a non-float dtype.
     pub fn bernoulli(
         &mut self,
@@ -382,7 +370,7 @@ impl Philox {
     /// [`bernoulli`](Self::bernoulli): element `i` is set exactly when `bernoulli` gives 1.
     ///
     /// # Errors
-    /// [`Error::InvalidHyperParameter`] for `p` outside `[0, 1]`.
+    /// [`Error::InvalidHyperParameter`](crate::Error::InvalidHyperParameter) for `p` outside `[0, 1]`.
     ///
     /// ```
     /// let mut rng = gradkit::core::Philox::new(3);
@@ -419,7 +407,7 @@ impl Philox {
 /// `p * 2^32` rounded, as a `u64` so that `p = 1` passes every word.
 ///
 /// # Errors
-/// [`Error::InvalidHyperParameter`] for `p` outside `[0, 1]` or NaN.
+/// [`Error::InvalidHyperParameter`](crate::Error::InvalidHyperParameter) for `p` outside `[0, 1]` or NaN.
 pub fn bernoulli_threshold(p: f64) -> Result<u64> {
     crate::validate::unit_interval("p", p)?;
     #[allow(

@@ -8,18 +8,94 @@
 //! assert!(validate::positive("eps", 1e-5).is_ok());
 //! assert!(validate::positive("eps", 0.0).is_err());
 //! assert!(validate::unit_interval("p", f64::NAN).is_err());
+//! assert!(validate::finite("mean", f64::INFINITY).is_err());
 //! ```
 
 use candle_core::DType;
 
 use crate::{Error, Result};
 
-fn invalid(name: &'static str, value: f64, allowed: &'static str) -> Error {
+/// The error for a hyper-parameter `name` with `value` outside what is `allowed`: the one
+/// constructor behind every rule here, for a rule of a config's own (one that needs another
+/// field).
+///
+/// ```
+/// let e = gradkit::core::validate::invalid("growth_tracker", 7.0, "below growth_interval");
+/// assert!(e.to_string().contains("growth_tracker"));
+/// ```
+pub fn invalid(name: &'static str, value: f64, allowed: &'static str) -> Error {
     Error::InvalidHyperParameter {
         name,
         value,
         allowed,
     }
+}
+
+/// Checks `-inf < value < inf`.
+///
+/// # Errors
+/// [`Error::InvalidHyperParameter`] when the value is infinite or NaN.
+pub fn finite(name: &'static str, value: f64) -> Result<()> {
+    if value.is_finite() {
+        Ok(())
+    } else {
+        Err(invalid(name, value, "a finite number"))
+    }
+}
+
+/// Checks that `value` is finite and not zero (a divisor, such as CELU's `alpha`).
+///
+/// # Errors
+/// [`Error::InvalidHyperParameter`] when the value is zero, infinite or NaN.
+pub fn finite_nonzero(name: &'static str, value: f64) -> Result<()> {
+    if value.is_finite() && value != 0.0 {
+        Ok(())
+    } else {
+        Err(invalid(name, value, "a finite, non-zero number"))
+    }
+}
+
+/// Checks that `value` is a number: anything but NaN (infinities allowed, as a threshold).
+///
+/// # Errors
+/// [`Error::InvalidHyperParameter`] when the value is NaN.
+pub fn not_nan(name: &'static str, value: f64) -> Result<()> {
+    if value.is_nan() {
+        Err(invalid(name, value, "a number (not NaN)"))
+    } else {
+        Ok(())
+    }
+}
+
+/// Checks bounds `lower < upper`, each given as `(name, value)`, neither NaN (infinite bounds
+/// allowed, as Hardtanh's).
+///
+/// # Errors
+/// [`Error::InvalidHyperParameter`] naming the lower bound when it is NaN, else the upper one.
+///
+/// ```
+/// use gradkit::core::validate::ordered;
+/// assert!(ordered(("min_val", f64::NEG_INFINITY), ("max_val", 1.0)).is_ok());
+/// assert!(ordered(("min_val", 1.0), ("max_val", 1.0)).is_err());
+/// ```
+pub fn ordered(lower: (&'static str, f64), upper: (&'static str, f64)) -> Result<()> {
+    not_nan(lower.0, lower.1)?;
+    if upper.1 > lower.1 {
+        Ok(())
+    } else {
+        Err(invalid(upper.0, upper.1, "a number above the lower bound"))
+    }
+}
+
+/// Checks finite bounds `lower < upper` (a sampling range), each given as `(name, value)`.
+///
+/// # Errors
+/// [`Error::InvalidHyperParameter`] naming the first bound that is not finite, else the upper
+/// one.
+pub fn finite_ordered(lower: (&'static str, f64), upper: (&'static str, f64)) -> Result<()> {
+    finite(lower.0, lower.1)?;
+    finite(upper.0, upper.1)?;
+    ordered(lower, upper)
 }
 
 /// Checks `0 < value < inf`.

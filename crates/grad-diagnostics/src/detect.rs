@@ -111,14 +111,7 @@ impl DetectorConfig {
         unit_interval("saturation_fraction", self.saturation_fraction)?;
         let [lo, hi] = self.update_ratio_band;
         positive("update_ratio_band", lo)?;
-        if !(hi.is_finite() && hi > lo) {
-            return Err(grad_core::Error::InvalidHyperParameter {
-                name: "update_ratio_band",
-                value: hi,
-                allowed: "an upper bound above the lower one",
-            }
-            .into());
-        }
+        grad_core::validate::finite_ordered(("update_ratio_band", lo), ("update_ratio_band", hi))?;
         Ok(())
     }
 }

@@ -122,40 +122,23 @@ impl Activation {
     /// assert!(Activation::Celu { alpha: 0.0 }.validate().is_err());
     /// ```
     pub fn validate(&self) -> Result<()> {
-        let bad = |name, value, allowed| -> Result<()> {
-            Err(grad_core::Error::InvalidHyperParameter {
-                name,
-                value,
-                allowed,
-            }
-            .into())
+        use grad_core::validate::{
+            finite, finite_nonzero, non_negative, not_nan, ordered, positive,
         };
         match *self {
-            Self::LeakyRelu { negative_slope } if !negative_slope.is_finite() => {
-                bad("negative_slope", negative_slope, "a finite number")
-            }
-            Self::Elu { alpha } => Ok(grad_core::validate::non_negative("alpha", alpha)?),
+            Self::LeakyRelu { negative_slope } => finite("negative_slope", negative_slope)?,
+            Self::Elu { alpha } => non_negative("alpha", alpha)?,
             Self::Softplus { beta, threshold } => {
-                grad_core::validate::positive("beta", beta)?;
-                if threshold.is_nan() {
-                    return bad("threshold", threshold, "a number (not NaN)");
-                }
-                Ok(())
+                positive("beta", beta)?;
+                not_nan("threshold", threshold)?;
             }
             Self::Hardtanh { min_val, max_val } => {
-                if min_val.is_nan() {
-                    return bad("min_val", min_val, "a number below max_val");
-                }
-                if max_val.is_nan() || max_val <= min_val {
-                    return bad("max_val", max_val, "a number above min_val");
-                }
-                Ok(())
+                ordered(("min_val", min_val), ("max_val", max_val))?;
             }
-            Self::Celu { alpha } if !(alpha.is_finite() && alpha != 0.0) => {
-                bad("alpha", alpha, "a finite, non-zero number")
-            }
-            _ => Ok(()),
+            Self::Celu { alpha } => finite_nonzero("alpha", alpha)?,
+            _ => {}
         }
+        Ok(())
     }
 
     /// The forward pass with gradkit's error type; [`Module::forward`] wraps it.

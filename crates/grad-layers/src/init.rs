@@ -71,14 +71,7 @@ pub fn calculate_gain(nonlinearity: Nonlinearity, param: Option<f64>) -> Result<
         Nonlinearity::Relu => 2f64.sqrt(),
         Nonlinearity::LeakyRelu => {
             let slope = param.unwrap_or(0.01);
-            if !slope.is_finite() {
-                return Err(grad_core::Error::InvalidHyperParameter {
-                    name: "negative_slope",
-                    value: slope,
-                    allowed: "a finite number",
-                }
-                .into());
-            }
+            grad_core::validate::finite("negative_slope", slope)?;
             (2.0 / (1.0 + slope * slope)).sqrt()
         }
         Nonlinearity::Selu => 3.0 / 4.0,
@@ -259,37 +252,26 @@ impl Initializer {
     /// [`Error::Core`] naming the parameter: bounds not finite with `lo < hi` (`a < b`), a
     /// standard deviation or gain that is negative or not finite.
     pub fn validate(&self) -> Result<()> {
-        use grad_core::validate::non_negative;
-        let ordered = |name, lo: f64, hi: f64| -> Result<()> {
-            if lo.is_finite() && hi.is_finite() && lo < hi {
-                Ok(())
-            } else {
-                Err(grad_core::Error::InvalidHyperParameter {
-                    name,
-                    value: lo,
-                    allowed: "finite bounds with lower < upper",
-                }
-                .into())
-            }
-        };
+        use grad_core::validate::{finite, finite_ordered, non_negative, positive};
         match *self {
-            Self::Zeros | Self::Ones | Self::FanInBias => Ok(()),
-            Self::Constant { value } => finite("value", value),
-            Self::Uniform { lo, hi } => ordered("lo", lo, hi),
+            Self::Zeros | Self::Ones | Self::FanInBias => {}
+            Self::Constant { value } => finite("value", value)?,
+            Self::Uniform { lo, hi } => finite_ordered(("lo", lo), ("hi", hi))?,
             Self::Normal { mean, std } => {
                 finite("mean", mean)?;
-                Ok(non_negative("std", std)?)
+                non_negative("std", std)?;
             }
-            Self::KaimingUniform { a, .. } | Self::KaimingNormal { a, .. } => finite("a", a),
+            Self::KaimingUniform { a, .. } | Self::KaimingNormal { a, .. } => finite("a", a)?,
             Self::XavierUniform { gain }
             | Self::XavierNormal { gain }
-            | Self::Orthogonal { gain } => Ok(non_negative("gain", gain)?),
+            | Self::Orthogonal { gain } => non_negative("gain", gain)?,
             Self::TruncNormal { mean, std, a, b } => {
                 finite("mean", mean)?;
-                grad_core::validate::positive("std", std)?;
-                ordered("a", a, b)
+                positive("std", std)?;
+                finite_ordered(("a", a), ("b", b))?;
             }
         }
+        Ok(())
     }
 
     /// Samples a tensor of `shape` following the rule.
@@ -381,19 +363,6 @@ impl Initializer {
     pub fn init_var(&self, var: &Var, rng: &mut Philox) -> Result<()> {
         let t = self.sample(var.shape(), var.dtype(), var.device(), rng)?;
         Ok(var.set(&t)?)
-    }
-}
-
-fn finite(name: &'static str, value: f64) -> Result<()> {
-    if value.is_finite() {
-        Ok(())
-    } else {
-        Err(grad_core::Error::InvalidHyperParameter {
-            name,
-            value,
-            allowed: "a finite number",
-        }
-        .into())
     }
 }
 

@@ -50,14 +50,7 @@ pub struct PRelu {
 /// ```
 pub fn prelu(config: PReluConfig, vb: VarBuilder) -> Result<PRelu> {
     grad_core::validate::at_least_one("num_parameters", config.num_parameters)?;
-    if !config.init.is_finite() {
-        return Err(grad_core::Error::InvalidHyperParameter {
-            name: "init",
-            value: config.init,
-            allowed: "a finite number",
-        }
-        .into());
-    }
+    grad_core::validate::finite("init", config.init)?;
     let weight = vb.get_with_hints(config.num_parameters, "weight", Init::Const(config.init))?;
     Ok(PRelu { weight })
 }

@@ -83,11 +83,11 @@ pub fn get_total_norm(
 pub fn clip_grads_with_norm(grads: &mut [Tensor], max_norm: f64, total_norm: f64) -> Result<f64> {
     grad_core::validate::positive("max_norm", max_norm)?;
     if total_norm < 0.0 {
-        return Err(Error::Core(grad_core::Error::InvalidHyperParameter {
-            name: "total_norm",
-            value: total_norm,
-            allowed: "a norm: >= 0, or NaN/inf for a non-finite one",
-        }));
+        return Err(Error::Core(grad_core::validate::invalid(
+            "total_norm",
+            total_norm,
+            "a norm: >= 0, or NaN/inf for a non-finite one",
+        )));
     }
     let coefficient = (max_norm / (total_norm + NORM_EPS)).min(1.0);
     // `min` returns the other operand for NaN: a NaN total must poison every gradient, as in

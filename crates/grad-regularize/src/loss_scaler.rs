@@ -49,11 +49,11 @@ impl LossScalerConfig {
         grad_core::validate::positive("init_scale", self.init_scale)?;
         let in_f32 = f32_round(self.init_scale);
         if !in_f32.is_finite() || in_f32 == 0.0 {
-            return Err(grad_core::Error::InvalidHyperParameter {
-                name: "init_scale",
-                value: self.init_scale,
-                allowed: "a value finite and not zero in f32",
-            }
+            return Err(grad_core::validate::invalid(
+                "init_scale",
+                self.init_scale,
+                "a value finite and not zero in f32",
+            )
             .into());
         }
         grad_core::validate::greater_than_one("growth_factor", self.growth_factor)?;
@@ -228,11 +228,11 @@ impl LossScaler {
     pub fn load_state(&mut self, state: LossScalerState) -> Result<()> {
         grad_core::validate::positive("scale", f64::from(state.scale))?;
         if state.growth_tracker >= self.config.growth_interval {
-            return Err(grad_core::Error::InvalidHyperParameter {
-                name: "growth_tracker",
-                value: f64::from(state.growth_tracker),
-                allowed: "below the configured growth_interval",
-            }
+            return Err(grad_core::validate::invalid(
+                "growth_tracker",
+                f64::from(state.growth_tracker),
+                "below the configured growth_interval",
+            )
             .into());
         }
         self.state = state;

@@ -12,9 +12,7 @@
 //!   `grad_x = A g + B (x - mean) + D` with per-channel constants (the full batch-statistics
 //!   gradient in training, `A g` with running statistics).
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
-use grad_core::cpu::{CHUNK, UninitVec, cpu_slice, storage_slice};
-use grad_core::cpu::{Float, FloatFn, Real, dispatch_op, dtype_of, with_avx2};
+use grad_core::cpu::{CHUNK, Float, Grad, Kernel, Real, fill, with_avx2};
 use grad_core::cpu::{Moments, sum_by};
 use rayon::prelude::*;
 
@@ -168,67 +166,47 @@ fn channel_map<T: Float>(
     k: &[[T::Acc; 3]],
     f: impl Fn(T::Acc, T::Acc, T::Acc, [T::Acc; 3]) -> T::Acc + Sync,
 ) -> Vec<T> {
-    let mut out = UninitVec::new(a.len());
-    let slots = out.as_uninit_mut();
+    // The inputs' elements behind output chunk `t` of `task`-element chunks.
+    let inputs = |t: usize, len: usize, task: usize| {
+        let span = t * task..t * task + len;
+        (&a[span.clone()], &b[span])
+    };
     if s == 1 {
-        let rows_per_task = (CHUNK / c).max(1);
-        slots
-            .par_chunks_mut(rows_per_task * c)
-            .zip(
-                a.par_chunks(rows_per_task * c)
-                    .zip(b.par_chunks(rows_per_task * c)),
-            )
-            .for_each(|(ob, (ab, bb))| {
-                with_avx2(
-                    #[inline(always)]
-                    || {
-                        for ((orow, arow), brow) in
-                            ob.chunks_mut(c).zip(ab.chunks(c)).zip(bb.chunks(c))
-                        {
-                            for ((((o, av), bv), m), kc) in
-                                orow.iter_mut().zip(arow).zip(brow).zip(mean).zip(k)
-                            {
-                                o.write(T::from_acc(f(av.to_acc(), bv.to_acc(), *m, *kc)));
-                            }
-                        }
-                    },
-                );
-            });
+        let task = (CHUNK / c).max(1) * c;
+        fill(a.len(), task, |t, out| {
+            let (ab, bb) = inputs(t, out.len(), task);
+            with_avx2(
+                #[inline(always)]
+                || {
+                    for (arow, brow) in ab.chunks(c).zip(bb.chunks(c)) {
+                        out.extend(arow.iter().zip(brow).zip(mean).zip(k).map(
+                            |(((av, bv), m), kc)| T::from_acc(f(av.to_acc(), bv.to_acc(), *m, *kc)),
+                        ));
+                    }
+                },
+            );
+        })
+        .0
     } else {
         let planes_per_task = (CHUNK / s).max(1);
-        slots
-            .par_chunks_mut(planes_per_task * s)
-            .zip(
-                a.par_chunks(planes_per_task * s)
-                    .zip(b.par_chunks(planes_per_task * s)),
-            )
-            .enumerate()
-            .for_each(|(t, (ob, (ab, bb)))| {
-                with_avx2(
-                    #[inline(always)]
-                    || {
-                        for (i, ((op, ap), bp)) in ob
-                            .chunks_mut(s)
-                            .zip(ab.chunks(s))
-                            .zip(bb.chunks(s))
-                            .enumerate()
-                        {
-                            let ch = (t * planes_per_task + i) % c;
-                            let (m, kc) = (mean[ch], k[ch]);
-                            for ((o, av), bv) in op.iter_mut().zip(ap).zip(bp) {
-                                o.write(T::from_acc(f(av.to_acc(), bv.to_acc(), m, kc)));
-                            }
-                        }
-                    },
-                );
-            });
-    }
-    #[allow(unsafe_code, reason = "skipping the zero fill of a fresh output")]
-    // SAFETY: `a`, `b` and the output all have n * c * s elements; both branches zip the output
-    // chunks with equally long input chunks, rows (or planes) with equally long rows (planes),
-    // and write every slot.
-    unsafe {
-        out.assume_init()
+        fill(a.len(), planes_per_task * s, |t, out| {
+            let (ab, bb) = inputs(t, out.len(), planes_per_task * s);
+            with_avx2(
+                #[inline(always)]
+                || {
+                    for (i, (ap, bp)) in ab.chunks(s).zip(bb.chunks(s)).enumerate() {
+                        let ch = (t * planes_per_task + i) % c;
+                        let (m, kc) = (mean[ch], k[ch]);
+                        out.extend(
+                            ap.iter()
+                                .zip(bp)
+                                .map(|(av, bv)| T::from_acc(f(av.to_acc(), bv.to_acc(), m, kc))),
+                        );
+                    }
+                },
+            );
+        })
+        .0
     }
 }
 
@@ -247,62 +225,43 @@ pub(crate) struct BatchNormOp {
     pub has_bias: bool,
 }
 
-struct Forward<'a> {
-    op: &'a BatchNormOp,
-    x: (&'a CpuStorage, &'a Layout),
-    w: (&'a CpuStorage, &'a Layout),
-    b: (&'a CpuStorage, &'a Layout),
-}
+impl Kernel<3> for BatchNormOp {
+    fn name(&self) -> &'static str {
+        "gradkit-batch-norm"
+    }
 
-impl FloatFn for Forward<'_> {
-    type Output = CpuStorage;
-
-    fn call<T: Float>(self) -> grad_core::Result<CpuStorage> {
-        let op = self.op;
-        let x = cpu_slice::<T>(self.x.0, self.x.1)?;
-        let w = cpu_slice::<T>(self.w.0, self.w.1)?;
-        let b = cpu_slice::<T>(self.b.0, self.b.1)?;
-        let mean: Vec<T::Acc> = op.mean.iter().map(|&m| T::Acc::of(m)).collect();
-        let k: Vec<[T::Acc; 3]> = (0..op.c)
+    fn forward<T: Float>(&self, [x, w, b]: [&[T]; 3]) -> grad_core::Result<Vec<T>> {
+        let mean: Vec<T::Acc> = self.mean.iter().map(|&m| T::Acc::of(m)).collect();
+        let k: Vec<[T::Acc; 3]> = (0..self.c)
             .map(|ch| {
-                let scale = op.invstd[ch] * w[ch].as_f64();
+                let scale = self.invstd[ch] * w[ch].as_f64();
                 [T::Acc::of(scale), T::Acc::of(b[ch].as_f64()), T::Acc::ZERO]
             })
             .collect();
-        let y = channel_map(x, x, op.c, op.s, &mean, &k, |xv, _, m, k| {
-            (xv - m) * k[0] + k[1]
-        });
-        Ok(T::to_cpu_storage_owned(y))
+        Ok(channel_map(
+            x,
+            x,
+            self.c,
+            self.s,
+            &mean,
+            &k,
+            |xv, _, m, k| (xv - m) * k[0] + k[1],
+        ))
     }
-}
 
-struct Backward<'a> {
-    op: &'a BatchNormOp,
-    x: &'a Tensor,
-    g: &'a Tensor,
-    w: &'a Tensor,
-}
-
-impl FloatFn for Backward<'_> {
-    type Output = (Tensor, Vec<f64>, Vec<f64>);
-
-    fn call<T: Float>(self) -> grad_core::Result<Self::Output> {
-        let op = self.op;
-        let (xs, xl) = self.x.storage_and_layout();
-        let (gs, gl) = self.g.storage_and_layout();
-        let (ws, wl) = self.w.storage_and_layout();
-        let x = storage_slice::<T>(&xs, xl)?;
-        let g = storage_slice::<T>(&gs, gl)?;
-        let w = storage_slice::<T>(&ws, wl)?;
-        let (sum_g, sum_gx) = channel_grad_sums(g, x, op.n, op.c, op.s, &op.mean);
-        let count = (op.n * op.s) as f64;
-        let grad_w: Vec<f64> = sum_gx.iter().zip(&op.invstd).map(|(a, s)| a * s).collect();
-        let mean: Vec<T::Acc> = op.mean.iter().map(|&m| T::Acc::of(m)).collect();
-        let k: Vec<[T::Acc; 3]> = (0..op.c)
+    fn backward<T: Float>(
+        &self,
+        [x, w, _]: [&[T]; 3],
+        g: &[T],
+    ) -> grad_core::Result<[Option<Grad<T>>; 3]> {
+        let (sum_g, sum_gx) = channel_grad_sums(g, x, self.n, self.c, self.s, &self.mean);
+        let count = (self.n * self.s) as f64;
+        let mean: Vec<T::Acc> = self.mean.iter().map(|&m| T::Acc::of(m)).collect();
+        let k: Vec<[T::Acc; 3]> = (0..self.c)
             .map(|ch| {
-                let (wc, s) = (w[ch].as_f64(), op.invstd[ch]);
+                let (wc, s) = (w[ch].as_f64(), self.invstd[ch]);
                 let a = wc * s;
-                let (b, d) = if op.batch_stats {
+                let (b, d) = if self.batch_stats {
                     (-wc * s * s * sum_gx[ch] * s / count, -a * sum_g[ch] / count)
                 } else {
                     (0.0, 0.0)
@@ -310,64 +269,20 @@ impl FloatFn for Backward<'_> {
                 [T::Acc::of(a), T::Acc::of(b), T::Acc::of(d)]
             })
             .collect();
-        let dx = channel_map(g, x, op.c, op.s, &mean, &k, |gv, xv, m, k| {
+        let dx = channel_map(g, x, self.c, self.s, &mean, &k, |gv, xv, m, k| {
             k[0] * gv + k[1] * (xv - m) + k[2]
         });
-        let dx = Tensor::from_vec(dx, self.x.shape(), self.x.device())?;
-        Ok((dx, grad_w, sum_g))
-    }
-}
-
-impl CustomOp3 for BatchNormOp {
-    fn name(&self) -> &'static str {
-        "gradkit-batch-norm"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let fwd = Forward {
-            op: self,
-            x: (s1, l1),
-            w: (s2, l2),
-            b: (s3, l3),
-        };
-        let dtype = dtype_of(s1);
-        let out = dispatch_op(self.name(), dtype, fwd)?;
-        Ok((out, l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _b: &Tensor,
-        _y: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let g = grad.contiguous()?;
-        let (dx, gw, gb) = dispatch_op(
-            self.name(),
-            x.dtype(),
-            Backward {
-                op: self,
-                x,
-                g: &g,
-                w,
-            },
-        )?;
-        let to_param = |v: Vec<f64>| -> candle_core::Result<Tensor> {
-            Tensor::from_vec(v, w.shape(), w.device())?.to_dtype(w.dtype())
-        };
-        let gw = self.has_weight.then(|| to_param(gw)).transpose()?;
-        let gb = self.has_bias.then(|| to_param(gb)).transpose()?;
-        Ok((Some(dx), gw, gb))
+        let grad_w = self.has_weight.then(|| {
+            Grad::F64(
+                sum_gx
+                    .iter()
+                    .zip(&self.invstd)
+                    .map(|(a, s)| a * s)
+                    .collect(),
+            )
+        });
+        let grad_b = self.has_bias.then_some(Grad::F64(sum_g));
+        Ok([Some(Grad::Elem(dx)), grad_w, grad_b])
     }
 }
 

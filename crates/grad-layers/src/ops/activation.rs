@@ -1,6 +1,7 @@
-//! Functional activations and PReLU, fused on the CPU, with composed candle-op oracles.
+//! Functional activations, fused on the CPU, with composed candle-op oracles.
 
 use candle_core::Tensor;
+use grad_core::cpu::Fused;
 use grad_core::device::Path;
 
 use crate::kernels::activation::ActivationOp;
@@ -118,7 +119,7 @@ pub fn activation(x: &Tensor, act: Activation) -> Result<Tensor> {
         return composed(x, act);
     }
     let x = x.contiguous()?;
-    Ok(with_elementwise!(act, |f| x.apply_op1(ActivationOp(f))?))
+    Ok(with_elementwise!(act, |f| x.apply_op1(Fused(ActivationOp(f)))?))
 }
 
 /// [`activation`] written with candle ops (with `where_cond` so the derivative at 0 follows

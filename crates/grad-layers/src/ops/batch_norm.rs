@@ -6,6 +6,7 @@
 //! through them) or given running statistics (Ioffe & Szegedy 2015, "Batch Normalization").
 
 use candle_core::{DType, Tensor};
+use grad_core::cpu::Fused;
 use grad_core::device::Path;
 
 use crate::kernels::batch_norm::{BatchNormOp, ChannelStats, channel_stats};
@@ -120,7 +121,7 @@ fn fused(
     };
     let w = check::or_const(weight, 1.0, &[c], &x)?;
     let b = check::or_const(bias, 0.0, &[c], &x)?;
-    let y = x.apply_op3(&w, &b, op)?;
+    let y = x.apply_op3(&w, &b, Fused(op))?;
     Ok(BatchNormOutput { y, batch_stats })
 }
 
@@ -149,10 +150,7 @@ fn composed(
     (n, c, s): (usize, usize, usize),
 ) -> Result<BatchNormOutput> {
     let dtype = x.dtype();
-    let compute = match dtype {
-        DType::F16 | DType::BF16 => DType::F32,
-        d => d,
-    };
+    let compute = grad_core::device::compute_dtype(dtype);
     let rank = x.rank();
     let mut bshape = vec![1; rank];
     bshape[1] = c;

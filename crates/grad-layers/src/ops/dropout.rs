@@ -11,6 +11,7 @@
 use std::sync::Arc;
 
 use candle_core::Tensor;
+use grad_core::cpu::Fused;
 use grad_core::device::Path;
 use grad_core::mask::{MaskStream, mask_words_tensor};
 use grad_core::rng::bernoulli_threshold;
@@ -207,7 +208,7 @@ fn fused(x: &Tensor, plan: &Plan, at: PhiloxState) -> Result<Tensor> {
         keep_shift: plan.keep_shift,
         drop_value: plan.drop_value,
     };
-    Ok(x.contiguous()?.apply_op1(op)?)
+    Ok(x.contiguous()?.apply_op1(Fused(op))?)
 }
 
 /// `x * a + b` with `(a, b)` per unit from the device-built mask: `(scale, shift)` where kept,

@@ -5,10 +5,11 @@
 //! positions; `y = (x - mean) / sqrt(var + eps) * weight[c] + bias[c]`.
 
 use candle_core::Tensor;
-use grad_core::device::Path;
+use grad_core::cpu::Fused;
+use grad_core::device::{Path, compute_dtype};
 
-use super::rows::{compute_dtype, normalize_rows_composed};
-use crate::kernels::row_norm::{AffineIndex, RowNorm};
+use super::rows::normalize_rows_composed;
+use crate::kernels::row_norm::{AffineIndex, RowNorm, RowNormSpec, Statistic};
 use crate::{Error, Result, check};
 
 const OP: &str = "group_norm";
@@ -47,22 +48,22 @@ pub fn group_norm(
     }
     let x = x.contiguous()?;
     let c = x.dim(1)?;
-    let op = RowNorm::new(
-        "gradkit-group-norm",
-        per_group * spatial,
-        true,
+    let op = RowNorm::new(RowNormSpec {
+        name: "gradkit-group-norm",
+        row_len: per_group * spatial,
+        statistic: Statistic::Variance,
         eps,
-        AffineIndex::Channel {
+        index: AffineIndex::Channel {
             groups: num_groups,
             per_group,
             spatial,
         },
-        weight.is_some(),
-        bias.is_some(),
-    );
+        weight_is_param: weight.is_some(),
+        bias_is_param: bias.is_some(),
+    });
     let w = check::or_const(weight, 1.0, &[c], &x)?;
     let b = check::or_const(bias, 0.0, &[c], &x)?;
-    Ok(x.apply_op3(&w, &b, op)?)
+    Ok(x.apply_op3(&w, &b, Fused(op))?)
 }
 
 /// [`group_norm`] written with candle ops: the test oracle and the path for other devices.

@@ -5,10 +5,11 @@
 //! `normalized_shape`.
 
 use candle_core::Tensor;
-use grad_core::device::Path;
+use grad_core::cpu::Fused;
+use grad_core::device::{Path, compute_dtype};
 
-use super::rows::{compute_dtype, normalize_rows_composed};
-use crate::kernels::row_norm::{AffineIndex, RowNorm};
+use super::rows::normalize_rows_composed;
+use crate::kernels::row_norm::{AffineIndex, RowNorm, RowNormSpec, Statistic};
 use crate::{Error, Result, check};
 
 const OP: &str = "layer_norm";
@@ -45,18 +46,18 @@ pub fn layer_norm(
         return composed(x, row_len, weight, bias, eps);
     }
     let x = x.contiguous()?;
-    let op = RowNorm::new(
-        "gradkit-layer-norm",
+    let op = RowNorm::new(RowNormSpec {
+        name: "gradkit-layer-norm",
         row_len,
-        true,
+        statistic: Statistic::Variance,
         eps,
-        AffineIndex::Element,
-        weight.is_some(),
-        bias.is_some(),
-    );
+        index: AffineIndex::Element,
+        weight_is_param: weight.is_some(),
+        bias_is_param: bias.is_some(),
+    });
     let w = check::or_const(weight, 1.0, normalized_shape, &x)?;
     let b = check::or_const(bias, 0.0, normalized_shape, &x)?;
-    Ok(x.apply_op3(&w, &b, op)?)
+    Ok(x.apply_op3(&w, &b, Fused(op))?)
 }
 
 /// [`layer_norm`] written with candle ops: the test oracle and the path for other devices.

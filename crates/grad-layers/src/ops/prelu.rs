@@ -4,6 +4,8 @@
 use candle_core::Tensor;
 use grad_core::device::Path;
 
+use grad_core::cpu::Fused;
+
 use crate::kernels::prelu::PReluOp;
 use crate::{Error, Result};
 
@@ -35,7 +37,8 @@ pub fn prelu(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
         return prelu_unchecked_composed(x, weight);
     }
     let op = PReluOp { channels, spatial };
-    Ok(x.contiguous()?.apply_op2(&weight.contiguous()?, op)?)
+    Ok(x.contiguous()?
+        .apply_op2(&weight.contiguous()?, Fused(op))?)
 }
 
 /// [`prelu`] written with candle ops: the test oracle and the path for other devices.

@@ -4,13 +4,14 @@
 //! `normalized_shape` dims: no mean subtraction, no bias.
 
 use candle_core::{DType, Tensor};
-use grad_core::device::Path;
+use grad_core::cpu::Fused;
+use grad_core::device::{Path, compute_dtype};
 
 use super::layer_norm;
-use super::rows::{compute_dtype, normalize_rows_composed};
+use super::rows::normalize_rows_composed;
 use crate::Result;
 use crate::check;
-use crate::kernels::row_norm::{AffineIndex, RowNorm};
+use crate::kernels::row_norm::{AffineIndex, RowNorm, RowNormSpec, Statistic};
 
 /// The `eps` PyTorch uses for `eps=None`: the machine epsilon of the input's dtype, f32's for
 /// f16 and bf16 (which compute in f32).
@@ -55,18 +56,18 @@ pub fn rms_norm(
         return composed(x, row_len, weight, eps);
     }
     let x = x.contiguous()?;
-    let op = RowNorm::new(
-        "gradkit-rms-norm",
+    let op = RowNorm::new(RowNormSpec {
+        name: "gradkit-rms-norm",
         row_len,
-        false,
+        statistic: Statistic::MeanSquare,
         eps,
-        AffineIndex::Element,
-        weight.is_some(),
-        false,
-    );
+        index: AffineIndex::Element,
+        weight_is_param: weight.is_some(),
+        bias_is_param: false,
+    });
     let w = check::or_const(weight, 1.0, normalized_shape, &x)?;
     let b = check::or_const(None, 0.0, normalized_shape, &x)?;
-    Ok(x.apply_op3(&w, &b, op)?)
+    Ok(x.apply_op3(&w, &b, Fused(op))?)
 }
 
 /// [`rms_norm`] written with candle ops: the test oracle and the path for other devices.

@@ -1,16 +1,8 @@
 //! Composed pieces shared by the row-wise normalisers' oracles.
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
 use crate::Result;
-
-/// The dtype the composed versions compute in: f32 for f16/bf16, else the input's.
-pub(crate) fn compute_dtype(dtype: DType) -> DType {
-    match dtype {
-        DType::F16 | DType::BF16 => DType::F32,
-        d => d,
-    }
-}
 
 /// Normalises each row of `x` (`[rows, D]`): `(x - mean) / sqrt(var + eps)` when `center`,
 /// else `x / sqrt(mean(x^2) + eps)`.

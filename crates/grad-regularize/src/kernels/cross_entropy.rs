@@ -9,12 +9,11 @@
 //! denominator: one pass and no allocation. A second backward of the same graph finds the saved
 //! gradient consumed and recomputes it from the logits.
 
-use std::mem::MaybeUninit;
 use std::sync::{Mutex, PoisonError};
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Storage, Tensor};
 use grad_core::cpu::sum_by;
-use grad_core::cpu::{CHUNK, UninitVec, cpu_slice};
+use grad_core::cpu::{CHUNK, Slots, cpu_slice, fill_with};
 use grad_core::cpu::{Float, FloatFn, Real, dispatch_op, dtype_of, with_avx2};
 use rayon::prelude::*;
 
@@ -98,7 +97,7 @@ impl CrossEntropyOp {
         x: &[T],
         index: Option<i64>,
         probs: Option<&[T]>,
-        out: Option<&mut [MaybeUninit<T>]>,
+        out: Option<&mut Slots<'_, T>>,
         scratch: &mut Vec<T::Acc>,
     ) -> RowLoss {
         let c = self.classes;
@@ -108,9 +107,7 @@ impl CrossEntropyOp {
         let target = match (self.kind, index) {
             (TargetKind::Indices { ignore_index }, Some(y)) if ignore_index == Some(y) => {
                 if let Some(out) = out {
-                    out.iter_mut().for_each(|g| {
-                        g.write(T::cast_f64(0.0));
-                    });
+                    out.extend(std::iter::repeat_n(T::cast_f64(0.0), c));
                 }
                 return RowLoss::default();
             }
@@ -172,6 +169,7 @@ impl CrossEntropyOp {
 
         // Pass 3: the gradient of this row's loss, from the cached exponentials.
         if let Some(out) = out {
+            let start = out.written();
             let inv = 1.0 / sum;
             match (target, probs) {
                 (Some(y), _) => {
@@ -181,31 +179,30 @@ impl CrossEntropyOp {
                     let s = T::Acc::of(smooth);
                     match weight {
                         Some(w) => {
-                            for ((g, e), wk) in out.iter_mut().zip(scratch.iter()).zip(w) {
-                                g.write(T::from_acc(*e * a - s * T::Acc::of(*wk)));
-                            }
+                            out.extend(
+                                scratch
+                                    .iter()
+                                    .zip(w)
+                                    .map(|(e, wk)| T::from_acc(*e * a - s * T::Acc::of(*wk))),
+                            );
                         }
                         None => {
-                            for (g, e) in out.iter_mut().zip(scratch.iter()) {
-                                g.write(T::from_acc(*e * a - s));
-                            }
+                            out.extend(scratch.iter().map(|e| T::from_acc(*e * a - s)));
                         }
                     }
                     // The target's own term, written over its slot.
                     let gy = scratch[y] * a - s * T::Acc::of(wy) - T::Acc::of((1.0 - eps) * wy);
-                    out[y].write(T::from_acc(gy));
+                    out.filled_mut()[start + y] = T::from_acc(gy);
                 }
                 (None, Some(t)) => {
                     let a = T::Acc::of(inv * wt);
-                    for (k, ((g, e), tk)) in out.iter_mut().zip(scratch.iter()).zip(t).enumerate() {
+                    out.extend(scratch.iter().zip(t).enumerate().map(|(k, (e, tk))| {
                         let wk = weight.map_or(1.0, |w| w[k]);
                         let tprime = T::Acc::of(wk * ((1.0 - eps) * tk.as_f64() + smooth));
-                        g.write(T::from_acc(*e * a - tprime));
-                    }
+                        T::from_acc(*e * a - tprime)
+                    }));
                 }
-                (None, None) => out.iter_mut().for_each(|g| {
-                    g.write(T::cast_f64(f64::NAN));
-                }),
+                (None, None) => out.extend(std::iter::repeat_n(T::cast_f64(f64::NAN), c)),
             }
         }
         RowLoss {
@@ -224,10 +221,9 @@ impl CrossEntropyOp {
         let c = self.classes;
         let rows = x.len() / c;
         let rows_per_task = (CHUNK / c).max(1);
-        let mut losses = vec![RowLoss::default(); rows];
         let run = |t: usize,
                    lb: &mut [RowLoss],
-                   gb: Option<&mut [MaybeUninit<T>]>,
+                   gb: Option<&mut Slots<'_, T>>,
                    scratch: &mut Vec<T::Acc>| {
             with_avx2(
                 #[inline(always)]
@@ -239,28 +235,24 @@ impl CrossEntropyOp {
                         let xr = &x[r * c..(r + 1) * c];
                         let idx = indices.map(|v| v[r]);
                         let pr = probs.map(|p| &p[r * c..(r + 1) * c]);
-                        let out = gb.as_deref_mut().map(|g| &mut g[i * c..(i + 1) * c]);
+                        let out = gb.as_deref_mut();
                         *l = self.row(xr, idx, pr, out, scratch);
                     }
                 },
             );
         };
         if self.keep_grad {
-            let mut grad = UninitVec::new(x.len());
-            losses
-                .par_chunks_mut(rows_per_task)
-                .zip(grad.as_uninit_mut().par_chunks_mut(rows_per_task * c))
-                .enumerate()
-                .for_each_init(Vec::new, |scratch, (t, (lb, gb))| {
-                    run(t, lb, Some(gb), scratch)
+            // Each block of rows writes its gradient rows in order (`row` writes all C slots on
+            // every path) and returns its losses.
+            let (grad, blocks) =
+                fill_with(x.len(), rows_per_task * c, Vec::new, |scratch, t, gb| {
+                    let mut lb = vec![RowLoss::default(); gb.len() / c];
+                    run(t, &mut lb, Some(gb), scratch);
+                    lb
                 });
-            #[allow(unsafe_code, reason = "skipping the zero fill of a fresh output")]
-            // SAFETY: row blocks of the losses and of the gradient zip one to one (both sized by
-            // `rows_per_task`), and `row` writes all C slots of its gradient row on every path
-            // (ignored rows with zeros, the target slot twice).
-            let grad = unsafe { grad.assume_init() };
-            (losses, Some(grad))
+            (blocks.concat(), Some(grad))
         } else {
+            let mut losses = vec![RowLoss::default(); rows];
             losses
                 .par_chunks_mut(rows_per_task)
                 .enumerate()
