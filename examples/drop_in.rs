@@ -7,8 +7,7 @@
 //! ```
 
 use candle_core::{D, DType, Device, Module, Tensor};
-use candle_nn::{Linear, Optimizer, SGD, VarBuilder, VarMap, loss, ops};
-use gradkit::{diagnostics::GradMonitor, regularize::Clipped};
+use candle_nn::{Linear, SGD, VarBuilder, VarMap, loss, ops};
 
 struct Mlp {
     ln1: Linear,
@@ -39,8 +38,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let varmap = VarMap::new();
     let vs = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
     let model = Mlp::new(vs)?;
-    let mut sgd = Clipped::with_max_norm(SGD::new(varmap.all_vars(), 0.5)?, &varmap, 1.0)?;
-    let mut monitor = GradMonitor::from_var_map(&varmap)?;
+    let mut sgd = gradkit::regularize::Clipped::<SGD>::with_max_norm(&varmap, 0.5, 1.0)?;
+    let mut monitor = gradkit::diagnostics::GradMonitor::from_var_map(&varmap)?;
     for epoch in 1..=200 {
         let logits = model.forward(&train_images)?;
         let log_sm = ops::log_softmax(&logits, D::Minus1)?;

@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use candle_core::{DType, Device, Module, ModuleT};
-use candle_nn::{Optimizer, SGD, VarBuilder, VarMap};
+use candle_nn::{SGD, VarBuilder, VarMap};
 use clap::Parser;
 use grad_core::Philox;
 use grad_diagnostics::{GradMonitor, JsonlSink, TensorBoardSink};
@@ -54,8 +54,7 @@ fn run(cli: &Cli) -> Result<()> {
     let fc2 = candle_nn::linear(64, 64, vb.pp("fc2"))?;
     let head = candle_nn::linear(64, 10, vb.pp("head"))?;
     let act = Activation::leaky_relu();
-    let sgd = SGD::new(map.all_vars(), 0.05)?;
-    let mut opt = Clipped::with_max_norm(sgd, &map, 1.0)?;
+    let mut opt = Clipped::<SGD>::with_max_norm(&map, 0.05, 1.0)?;
     let mut monitor = GradMonitor::from_var_map(&map)?;
     let mut events = TensorBoardSink::create(out.path())?;
     let mut log = JsonlSink::create(out.path().join("log.jsonl"))?;

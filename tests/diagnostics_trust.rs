@@ -19,6 +19,8 @@ use gradkit::diagnostics::{
 use gradkit::layers::{LayerNormConfig, batch_norm, layer_norm};
 use gradkit::regularize::{ClipPolicy, ClipRule, Clipped, ClippedConfig};
 
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
 fn x() -> Tensor {
     Tensor::arange(0f32, 64.0, &Device::Cpu)
         .unwrap()
@@ -64,7 +66,7 @@ fn train(map: &VarMap, forward: &dyn Fn(&Tensor) -> Tensor, steps: u64) -> GradM
 }
 
 #[test]
-fn a_fast_path_that_drops_gradients_is_no_gradient_not_vanishing() {
+fn a_fast_path_that_drops_gradients_is_no_gradient_not_vanishing() -> TestResult {
     let (map, forward) = layer_norm_model(false);
     let monitor = train(&map, &*forward, 5);
     let findings = monitor.findings();
@@ -105,14 +107,15 @@ fn a_fast_path_that_drops_gradients_is_no_gradient_not_vanishing() {
             .all(|f| !matches!(f.kind, FindingKind::NoGradient | FindingKind::Vanishing)),
         "{findings:#?}"
     );
+    Ok(())
 }
 
 #[test]
-fn an_unused_parameter_is_named() {
+fn an_unused_parameter_is_named() -> TestResult {
     let map = VarMap::new();
     let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
-    let fc = candle_nn::linear(8, 2, vb.pp("fc")).unwrap();
-    let _spare = vb.get((2, 2), "spare.weight").unwrap();
+    let fc = candle_nn::linear(8, 2, vb.pp("fc"))?;
+    let _spare = vb.get((2, 2), "spare.weight")?;
     let forward = move |x: &Tensor| fc.forward(x).unwrap();
     let findings = train(&map, &forward, 2).findings();
     let f = findings
@@ -120,17 +123,18 @@ fn an_unused_parameter_is_named() {
         .find(|f| f.kind == FindingKind::NoGradient)
         .unwrap();
     assert_eq!(f.layers, ["spare.weight"]);
+    Ok(())
 }
 
 #[test]
-fn buffers_are_never_parameters() {
+fn buffers_are_never_parameters() -> TestResult {
     let map = VarMap::new();
     let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
-    let conv1 = candle_nn::linear(8, 8, vb.pp("conv1")).unwrap();
-    let bn1 = batch_norm(8, Default::default(), vb.pp("bn1")).unwrap();
-    let conv2 = candle_nn::linear(8, 8, vb.pp("conv2")).unwrap();
-    let bn2 = batch_norm(8, Default::default(), vb.pp("bn2")).unwrap();
-    let fc = candle_nn::linear(8, 2, vb.pp("fc")).unwrap();
+    let conv1 = candle_nn::linear(8, 8, vb.pp("conv1"))?;
+    let bn1 = batch_norm(8, Default::default(), vb.pp("bn1"))?;
+    let conv2 = candle_nn::linear(8, 8, vb.pp("conv2"))?;
+    let bn2 = batch_norm(8, Default::default(), vb.pp("bn2"))?;
+    let fc = candle_nn::linear(8, 2, vb.pp("fc"))?;
     let params = NamedVars::from_var_map(&map);
     assert!(
         params
@@ -140,19 +144,16 @@ fn buffers_are_never_parameters() {
     let buffers = NamedVars::buffers_of(&map);
     assert_eq!(buffers.len(), 6);
 
-    let mut monitor = GradMonitor::from_var_map(&map).unwrap();
+    let mut monitor = GradMonitor::from_var_map(&map)?;
     // Network order, not name order (bn1, bn2, conv1, ...).
     assert_eq!(monitor.layers(), ["conv1", "bn1", "conv2", "bn2", "fc"]);
     assert!(monitor.buffers().contains(&"bn2.running_var".to_owned()));
-    let sgd = SGD::new(map.all_vars(), 0.05).unwrap();
-    let mut opt = Clipped::with_max_norm(sgd, &map, 0.5).unwrap();
+    let mut opt = Clipped::<SGD>::with_max_norm(&map, 0.05, 0.5)?;
     for step in 0..4 {
-        let h = bn1.forward_t(&conv1.forward(&x()).unwrap(), true).unwrap();
-        let h = bn2
-            .forward_t(&conv2.forward(&h.relu().unwrap()).unwrap(), true)
-            .unwrap();
-        let loss = fc.forward(&h).unwrap().sqr().unwrap().mean_all().unwrap();
-        monitor.backward_step(step, &loss, &mut opt).unwrap();
+        let h = bn1.forward_t(&conv1.forward(&x())?, true)?;
+        let h = bn2.forward_t(&conv2.forward(&h.relu()?)?, true)?;
+        let loss = fc.forward(&h)?.sqr()?.mean_all()?;
+        monitor.backward_step(step, &loss, &mut opt)?;
     }
     let last = monitor.last().unwrap();
     assert_eq!(last.params.len(), 10);
@@ -168,82 +169,75 @@ fn buffers_are_never_parameters() {
     let report = monitor.report();
     assert_eq!(report.buffers.len(), 6);
     assert!(report.summary_table().contains("buffers (not parameters)"));
+    Ok(())
 }
 
 #[test]
-fn a_misspelt_layer_order_entry_is_an_error() {
+fn a_misspelt_layer_order_entry_is_an_error() -> TestResult {
     let map = VarMap::new();
     let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
-    candle_nn::linear(4, 4, vb.pp("encoder")).unwrap();
+    candle_nn::linear(4, 4, vb.pp("encoder"))?;
     let config = MonitorConfig {
         layer_order: Some(vec!["encodr".into()]),
         ..Default::default()
     };
     let err = GradMonitor::new(NamedVars::from_var_map(&map), config).unwrap_err();
     assert!(err.to_string().contains("encodr"), "{err}");
+    Ok(())
 }
 
 #[test]
-fn the_record_says_what_the_clipper_did() {
+fn the_record_says_what_the_clipper_did() -> TestResult {
     let map = VarMap::new();
     let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
-    let fc = candle_nn::linear(8, 2, vb.pp("fc")).unwrap();
-    let policy = ClipPolicy::single(ClipRule::max_norm(1e-3)).unwrap();
-    let sgd = SGD::new(map.all_vars(), 0.01).unwrap();
-    let mut opt = Clipped::new(
-        sgd,
+    let fc = candle_nn::linear(8, 2, vb.pp("fc"))?;
+    let policy = ClipPolicy::single(ClipRule::max_norm(1e-3))?;
+    let mut opt = Clipped::<SGD>::new(
         NamedVars::from_var_map(&map),
+        0.01,
         ClippedConfig::new(policy),
-    );
-    let mut monitor = GradMonitor::from_var_map(&map).unwrap();
-    let loss = fc.forward(&x()).unwrap().sqr().unwrap().mean_all().unwrap();
+    )?;
+    let mut monitor = GradMonitor::from_var_map(&map)?;
+    let loss = fc.forward(&x())?.sqr()?.mean_all()?;
     let record = monitor.backward_step(0, &loss, &mut opt).unwrap().unwrap();
     let clip = record.clip.unwrap();
     assert!(clip.clipped && !clip.skipped);
     assert_eq!(record.learning_rate, Some(0.01));
-    assert_eq!(
-        record.loss,
-        Some(f64::from(loss.to_scalar::<f32>().unwrap()))
-    );
-    let bad = (fc.forward(&x()).unwrap().sum_all().unwrap() * f64::NAN).unwrap();
+    assert_eq!(record.loss, Some(f64::from(loss.to_scalar::<f32>()?)));
+    let bad = (fc.forward(&x())?.sum_all()? * f64::NAN)?;
     let record = monitor.backward_step(1, &bad, &mut opt).unwrap().unwrap();
     assert!(record.clip.unwrap().skipped);
     assert!(record.loss.unwrap().is_nan());
     let report = monitor.report();
     assert_eq!((report.clipped_steps, report.skipped_steps), (1, 1));
     // A loss that is not a scalar is an error, not a silent pick of one element.
-    let grads = fc
-        .forward(&x())
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    let not_scalar = fc.forward(&x()).unwrap();
+    let grads = fc.forward(&x())?.sum_all()?.backward()?;
+    let not_scalar = fc.forward(&x())?;
     let ctx = gradkit::diagnostics::StepContext {
         loss: Some(&not_scalar),
         learning_rate: None,
     };
     assert!(monitor.observe_with(2, &grads, ctx).is_err());
+    Ok(())
 }
 
 #[test]
-fn value_clipping_counts_only_steps_it_changed() {
+fn value_clipping_counts_only_steps_it_changed() -> TestResult {
     let map = VarMap::new();
     let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
-    let fc = candle_nn::linear(8, 2, vb.pp("fc")).unwrap();
-    let policy = ClipPolicy::single(ClipRule::Value { clip_value: 1e6 }).unwrap();
-    let sgd = SGD::new(map.all_vars(), 0.0).unwrap();
-    let mut opt = Clipped::new(
-        sgd,
+    let fc = candle_nn::linear(8, 2, vb.pp("fc"))?;
+    let policy = ClipPolicy::single(ClipRule::Value { clip_value: 1e6 })?;
+    let mut opt = Clipped::<SGD>::new(
         NamedVars::from_var_map(&map),
+        0.0,
         ClippedConfig::new(policy),
-    );
-    let small = fc.forward(&x()).unwrap().mean_all().unwrap();
-    assert!(!opt.try_backward_step(&small).unwrap().clipped);
-    let large = (fc.forward(&x()).unwrap().sum_all().unwrap() * 1e9).unwrap();
-    assert!(opt.try_backward_step(&large).unwrap().clipped);
+    )?;
+    let small = fc.forward(&x())?.mean_all()?;
+    assert!(!opt.try_backward_step(&small)?.clipped);
+    let large = (fc.forward(&x())?.sum_all()? * 1e9)?;
+    assert!(opt.try_backward_step(&large)?.clipped);
     assert_eq!(opt.counters().clipped, 1);
+    Ok(())
 }
 
 /// A synthetic record: global norm `g`, one layer `fc` with gradient norm `g`.
@@ -288,7 +282,7 @@ fn record(step: u64, g: f64) -> StepRecord {
 }
 
 #[test]
-fn an_explosion_before_a_nan_is_reported_from_its_first_step() {
+fn an_explosion_before_a_nan_is_reported_from_its_first_step() -> TestResult {
     // 2.6 -> 9.2e4 -> 7.9e5 -> 2.1e6 -> 3.3e7 -> NaN from step 5 to the end at step 68.
     let mut records: Vec<StepRecord> = [2.6, 9.2e4, 7.9e5, 2.1e6, 3.3e7]
         .iter()
@@ -314,10 +308,11 @@ fn an_explosion_before_a_nan_is_reported_from_its_first_step() {
     let report = RunReport::from_records(&records, &DetectorConfig::default());
     assert_ne!(report.layers[0].verdict, "ok");
     assert!(report.layers[0].verdict.contains("non-finite"));
+    Ok(())
 }
 
 #[test]
-fn three_observations_are_enough_to_see_growth() {
+fn three_observations_are_enough_to_see_growth() -> TestResult {
     let records: Vec<StepRecord> = [1.0, 1.2, 40.0]
         .iter()
         .enumerate()
@@ -330,10 +325,11 @@ fn three_observations_are_enough_to_see_growth() {
         .unwrap_or_else(|| panic!("{findings:#?}"));
     assert_eq!(ex.severity, Severity::Warning);
     assert_eq!(ex.steps, [2, 2]);
+    Ok(())
 }
 
 #[test]
-fn a_vanishing_episode_is_remembered_after_it_ends() {
+fn a_vanishing_episode_is_remembered_after_it_ends() -> TestResult {
     // Two layers; the first falls to 1e-9 of the second for steps 2..=6, then recovers.
     let records: Vec<StepRecord> = (0..20u64)
         .map(|s| {
@@ -357,36 +353,39 @@ fn a_vanishing_episode_is_remembered_after_it_ends() {
     assert_eq!(v.steps, [2, 6]);
     assert_eq!(v.layers, ["l0"]);
     assert_eq!(v.peak, Some(1e-9));
+    Ok(())
 }
 
 #[test]
-fn an_all_nan_gradient_has_a_histogram_that_says_so() {
+fn an_all_nan_gradient_has_a_histogram_that_says_so() -> TestResult {
     let map = VarMap::new();
     let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
-    let fc = candle_nn::linear(8, 2, vb.pp("fc")).unwrap();
-    let mut monitor = GradMonitor::from_var_map(&map).unwrap();
-    let loss = (fc.forward(&x()).unwrap().sum_all().unwrap() * f64::NAN).unwrap();
-    let grads = loss.backward().unwrap();
+    let fc = candle_nn::linear(8, 2, vb.pp("fc"))?;
+    let mut monitor = GradMonitor::from_var_map(&map)?;
+    let loss = (fc.forward(&x())?.sum_all()? * f64::NAN)?;
+    let grads = loss.backward()?;
     let record = monitor.observe(0, &grads).unwrap().unwrap();
     let h = &record.layers[0].grad_histogram;
     assert_eq!(h.nan, 18);
     assert_eq!(h.total(), 18);
+    Ok(())
 }
 
 #[test]
-fn a_nan_learning_rate_is_recorded_as_it_was() {
+fn a_nan_learning_rate_is_recorded_as_it_was() -> TestResult {
     let map = VarMap::new();
     let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
-    let fc = candle_nn::linear(8, 2, vb.pp("fc")).unwrap();
-    let mut monitor = GradMonitor::from_var_map(&map).unwrap();
-    let loss = fc.forward(&x()).unwrap().sqr().unwrap().mean_all().unwrap();
-    let grads = loss.backward().unwrap();
+    let fc = candle_nn::linear(8, 2, vb.pp("fc"))?;
+    let mut monitor = GradMonitor::from_var_map(&map)?;
+    let loss = fc.forward(&x())?.sqr()?.mean_all()?;
+    let grads = loss.backward()?;
     let ctx = gradkit::diagnostics::StepContext {
         loss: Some(&loss),
         learning_rate: Some(f64::NAN),
     };
     let record = monitor.observe_with(0, &grads, ctx).unwrap().unwrap();
     assert!(record.learning_rate.unwrap().is_nan());
-    let line = serde_json::to_string(record).unwrap();
+    let line = serde_json::to_string(record)?;
     assert!(line.contains(r#""learning_rate":"nan""#), "{line}");
+    Ok(())
 }

@@ -23,6 +23,8 @@ use gradkit::regularize::{
 };
 use proptest::prelude::*;
 
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
 fn vals(t: &Tensor) -> Vec<f64> {
     grad_testkit::values(t).unwrap()
 }
@@ -152,9 +154,9 @@ proptest! {
         data in values(625, Values::WithSpecials { lo: -4.0, hi: 4.0 }),
     ) {
         let count: usize = dims.iter().product();
-        let x = build_tensor(&dims, data[..count].to_vec(), dtype, layout).unwrap();
+        let x = build_tensor(&dims, data[..count].to_vec(), dtype, layout)?;
         let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
-        let layer = dropout(DropoutConfig { p, kind, seed: Some(seed) }, vb).unwrap();
+        let layer = dropout(DropoutConfig { p, kind, seed: Some(seed) }, vb)?;
         let start = PhiloxState {
             seed,
             offset: if near_segment_end { (1u64 << 32) - 7 } else { 0 },
@@ -196,13 +198,13 @@ proptest! {
         data in values(42, Values::Finite { lo: -20.0, hi: 20.0 }),
         targets in prop::collection::vec(0i64..7, 6),
     ) {
-        let logits = build_tensor(&[rows, classes], data[..rows * classes].to_vec(), dtype, layout).unwrap();
+        let logits = build_tensor(&[rows, classes], data[..rows * classes].to_vec(), dtype, layout)?;
         let t: Vec<i64> = targets[..rows]
             .iter()
             .enumerate()
             .map(|(i, &y)| if ignore_some && i % 2 == 0 { -100 } else { y % classes as i64 })
             .collect();
-        let t = Tensor::new(t.as_slice(), &Device::Cpu).unwrap();
+        let t = Tensor::new(t.as_slice(), &Device::Cpu)?;
         let weight = weighted.then(|| {
             Tensor::arange(1.0, classes as f64 + 1.0, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
         });
@@ -228,8 +230,7 @@ proptest! {
             let map = VarMap::new();
             let vb = VarBuilder::from_varmap(&map, dtype, &Device::Cpu);
             let w = vb.get_with_hints((3, 2), "w", candle_nn::Init::Const(0.5)).unwrap();
-            let sgd = SGD::new(map.all_vars(), 0.1).unwrap();
-            let mut clipped = Clipped::with_max_norm(sgd, &map, 1.0).unwrap();
+            let mut clipped = Clipped::<SGD>::with_max_norm(&map, 0.1, 1.0).unwrap();
             let mut reports = Vec::new();
             for &s in &scales {
                 let loss = (w.sqr().unwrap().sum_all().unwrap() * s).unwrap();
@@ -333,26 +334,26 @@ fn monitored_training(steps: u64) -> Vec<Vec<f64>> {
 }
 
 #[test]
-fn monitor_records_and_probe_statistics_agree() {
+fn monitor_records_and_probe_statistics_agree() -> TestResult {
     let (fused, composed) = both(|| monitored_training(4));
     assert_eq!(fused.len(), composed.len());
     for (k, (a, b)) in fused.iter().zip(&composed).enumerate() {
         assert_close(a, b, 1e-9, &format!("record row {k}"));
     }
+    Ok(())
 }
 
 /// The drop-in example's loop (an MLP, candle's loss, `Clipped` around SGD, a `GradMonitor`),
 /// on the composed path: each step reads back exactly two small tensors, the clipper's norms
 /// (whose finite flag decides the step) and the monitor's statistics.
 #[test]
-fn a_composed_training_step_reads_back_two_small_tensors() {
+fn a_composed_training_step_reads_back_two_small_tensors() -> TestResult {
     with_path(Path::Composed, || {
         let map = VarMap::new();
         let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
         let ln1 = candle_nn::linear(64, 100, vb.pp("ln1")).unwrap();
         let ln2 = candle_nn::linear(100, 10, vb.pp("ln2")).unwrap();
-        let mut sgd =
-            Clipped::with_max_norm(SGD::new(map.all_vars(), 0.5).unwrap(), &map, 1.0).unwrap();
+        let mut sgd = Clipped::<SGD>::with_max_norm(&map, 0.5, 1.0).unwrap();
         let mut monitor = GradMonitor::from_var_map(&map).unwrap();
         let x = Tensor::randn(0f32, 1.0, (32, 64), &Device::Cpu).unwrap();
         let labels: Vec<u32> = (0..32).map(|i| i % 10).collect();
@@ -369,13 +370,14 @@ fn a_composed_training_step_reads_back_two_small_tensors() {
         }
         assert_eq!(sgd.counters().steps, 3);
     });
+    Ok(())
 }
 
 /// Broadcast (stride-0) and transposed inputs give the same results on both paths (a broadcast
 /// gradient is copied before an in-place update instead of being refused).
 #[test]
-fn broadcast_and_strided_inputs_agree() {
-    let row = Tensor::new(&[0.5f64, -1.5, 2.0, 0.0], &Device::Cpu).unwrap();
+fn broadcast_and_strided_inputs_agree() -> TestResult {
+    let row = Tensor::new(&[0.5f64, -1.5, 2.0, 0.0], &Device::Cpu)?;
     // Made afresh for each run: the in-place clip below writes into a strided view's storage.
     let broadcast = || row.broadcast_as((3, 4)).unwrap();
     let transposed = || {
@@ -433,4 +435,5 @@ fn broadcast_and_strided_inputs_agree() {
     }
     // The broadcast source itself is untouched by the in-place clip.
     assert_eq!(vals(&row), [0.5, -1.5, 2.0, 0.0]);
+    Ok(())
 }

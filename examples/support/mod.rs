@@ -159,15 +159,14 @@ impl Sgd {
     pub fn new(params: &grad_core::NamedVars, lr: f64, max_norm: Option<f64>) -> Result<Self> {
         use candle_nn::Optimizer;
         use grad_regularize::{ClipPolicy, ClipRule, Clipped, ClippedConfig};
-        let sgd = candle_nn::SGD::new(params.vars().to_vec(), lr)?;
         Ok(match max_norm {
-            None => Self::Plain(sgd),
+            None => Self::Plain(candle_nn::SGD::new(params.vars().to_vec(), lr)?),
             Some(m) => {
                 let config = ClippedConfig {
                     max_consecutive_skips: None,
                     ..ClippedConfig::new(ClipPolicy::single(ClipRule::max_norm(m))?)
                 };
-                Self::Clipped(Box::new(Clipped::new(sgd, params.clone(), config)))
+                Self::Clipped(Box::new(Clipped::new(params.clone(), lr, config)?))
             }
         })
     }

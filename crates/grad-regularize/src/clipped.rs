@@ -82,9 +82,9 @@ pub struct ClipCounters {
 /// let map = VarMap::new();
 /// let net = candle_nn::linear(4, 1, VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu))?;
 /// let params = NamedVars::from_var_map(&map);
-/// let sgd = SGD::new(params.vars().to_vec(), 0.1)?;
 /// let policy = ClipPolicy::single(ClipRule::max_norm(1.0))?;
-/// let mut opt = Clipped::new(sgd, params, ClippedConfig::new(policy));
+/// // SGD's configuration is its learning rate; `Clipped` builds it over `params`.
+/// let mut opt = Clipped::<SGD>::new(params, 0.1, ClippedConfig::new(policy))?;
 /// let x = Tensor::ones((8, 4), DType::F32, &Device::Cpu)?;
 /// let loss = net.forward(&x)?.sqr()?.mean_all()?;
 /// let report = opt.try_backward_step(&loss)?;
@@ -102,24 +102,32 @@ pub struct Clipped<O> {
 }
 
 impl<O: Optimizer> Clipped<O> {
-    /// Wraps `inner`, which must optimise the variables of `params` (their names select the
-    /// policy's groups).
-    pub fn new(inner: O, params: NamedVars, config: ClippedConfig) -> Self {
-        Self {
+    /// Builds the inner optimizer from its configuration over exactly the variables of `params`
+    /// (their names select the policy's groups), so the clipped and the stepped variables are
+    /// the same list by construction.
+    ///
+    /// # Errors
+    /// The inner optimizer's construction error (e.g. an invalid learning rate).
+    pub fn new(params: NamedVars, inner: O::Config, config: ClippedConfig) -> Result<Self> {
+        let inner = O::new(params.vars().to_vec(), inner)?;
+        Ok(Self {
             inner,
             params,
             config,
             counters: ClipCounters::default(),
             last: None,
-        }
+        })
     }
 
-    /// Wraps `inner`, which optimises the variables of `vars`, clipping their global L2 norm at
-    /// `max_norm` (PyTorch's `clip_grad_norm_(params, max_norm)` before every step) and skipping
-    /// steps with non-finite gradients: the one-line drop-in for a candle training loop.
+    /// Builds the inner optimizer from its configuration over the parameters of `vars`,
+    /// clipping their global L2 norm at `max_norm` (PyTorch's `clip_grad_norm_(params,
+    /// max_norm)` before every step) and skipping steps with non-finite gradients: the one-line
+    /// drop-in for a candle training loop. Buffers in `vars` (BatchNorm's running statistics)
+    /// are neither clipped nor stepped.
     ///
     /// # Errors
-    /// [`Error::Core`] when `max_norm` is not positive and finite.
+    /// [`Error::Core`] when `max_norm` is not positive and finite; the inner optimizer's
+    /// construction error.
     ///
     /// ```
     /// use candle_core::{DType, Device};
@@ -128,17 +136,17 @@ impl<O: Optimizer> Clipped<O> {
     /// let varmap = VarMap::new();
     /// let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
     /// let _layer = candle_nn::linear(4, 2, vb.pp("fc"))?;
-    /// let mut sgd = Clipped::with_max_norm(SGD::new(varmap.all_vars(), 0.1)?, &varmap, 1.0)?;
+    /// let mut sgd = Clipped::<SGD>::with_max_norm(&varmap, 0.1, 1.0)?;
     /// assert_eq!(sgd.learning_rate(), 0.1);
     /// # Ok::<(), gradkit::regularize::Error>(())
     /// ```
-    pub fn with_max_norm(inner: O, vars: &VarMap, max_norm: f64) -> Result<Self> {
+    pub fn with_max_norm(vars: &VarMap, inner: O::Config, max_norm: f64) -> Result<Self> {
         let policy = ClipPolicy::single(ClipRule::max_norm(max_norm))?;
-        Ok(Self::new(
-            inner,
+        Self::new(
             NamedVars::from_var_map(vars),
+            inner,
             ClippedConfig::new(policy),
-        ))
+        )
     }
 
     /// Computes the gradients of `loss`, then [`try_step`](Self::try_step).
@@ -285,8 +293,7 @@ impl<O: Optimizer> Optimizer for Clipped<O> {
                 .map(|(i, v)| (format!("param.{i}"), v.clone())),
         )
         .map_err(candle_core::Error::from)?;
-        let inner = O::new(vars, config.inner)?;
-        Ok(Self::new(inner, params, config.clip))
+        Self::new(params, config.inner, config.clip).map_err(candle_core::Error::from)
     }
 
     fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {

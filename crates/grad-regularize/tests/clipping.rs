@@ -17,6 +17,8 @@ use grad_regularize::{
 };
 use proptest::prelude::*;
 
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
 fn vals(t: &Tensor) -> Vec<f64> {
     grad_testkit::values(t).unwrap()
 }
@@ -56,8 +58,8 @@ proptest! {
         let before: Vec<Vec<f64>> = grads.iter().map(vals).collect();
         let before_norms: Vec<f64> = grads.iter().map(|g| global_norm(std::slice::from_ref(g), norm_type).unwrap()).collect();
         let mut clipped: Vec<Tensor> = grads.iter().map(|g| g.copy().unwrap()).collect();
-        let outcome = clip_grad_norm(&mut clipped, max_norm, norm_type, NonFiniteNorm::Scale).unwrap();
-        let after = global_norm(&clipped, norm_type).unwrap();
+        let outcome = clip_grad_norm(&mut clipped, max_norm, norm_type, NonFiniteNorm::Scale)?;
+        let after = global_norm(&clipped, norm_type)?;
         prop_assert!(after <= max_norm * (1.0 + 1e-6), "{after} > {max_norm}");
         let c = outcome.coefficient;
         prop_assert!(c > 0.0 && c <= 1.0);
@@ -68,7 +70,7 @@ proptest! {
             for (x, y) in vals(g).iter().zip(b) {
                 prop_assert!((x - c * y).abs() <= tol * (1.0 + y.abs()));
             }
-            let after_t = global_norm(std::slice::from_ref(g), norm_type).unwrap();
+            let after_t = global_norm(std::slice::from_ref(g), norm_type)?;
             prop_assert!(after_t <= n * (1.0 + 1e-6));
         }
     }
@@ -77,7 +79,7 @@ proptest! {
     fn clipped_values_are_bounded(grads in grad_lists(), clip in 0.01f64..10.0) {
         let before: Vec<Vec<f64>> = grads.iter().map(vals).collect();
         let mut clipped: Vec<Tensor> = grads.iter().map(|g| g.copy().unwrap()).collect();
-        clip_grad_value(&mut clipped, clip).unwrap();
+        clip_grad_value(&mut clipped, clip)?;
         for (g, b) in clipped.iter().zip(&before) {
             let c32 = if g.dtype() == DType::F32 { f64::from(clip as f32) } else { clip };
             for (x, y) in vals(g).iter().zip(b) {
@@ -98,36 +100,28 @@ fn mlp(map: &VarMap) -> candle_nn::Sequential {
 }
 
 #[test]
-fn a_poisoned_batch_skips_exactly_its_step() {
+fn a_poisoned_batch_skips_exactly_its_step() -> TestResult {
     let map = VarMap::new();
     let net = mlp(&map);
     let params = NamedVars::from_var_map(&map);
-    let sgd = SGD::new(params.vars().to_vec(), 0.05).unwrap();
-    let policy = ClipPolicy::single(ClipRule::max_norm(1.0)).unwrap();
-    let mut opt = Clipped::new(sgd, params.clone(), ClippedConfig::new(policy));
+    let policy = ClipPolicy::single(ClipRule::max_norm(1.0))?;
+    let mut opt = Clipped::<SGD>::new(params.clone(), 0.05, ClippedConfig::new(policy))?;
     let snapshot =
         |p: &NamedVars| -> Vec<Vec<f64>> { p.vars().iter().map(|v| vals(v.as_tensor())).collect() };
 
     let mut rng = grad_core::Philox::new(3);
     for step in 0..6 {
-        let mut x = rng
-            .normal((16, 4), 0.0, 1.0, DType::F32, &Device::Cpu)
-            .unwrap();
+        let mut x = rng.normal((16, 4), 0.0, 1.0, DType::F32, &Device::Cpu)?;
         if step == 3 {
             // One NaN in the batch poisons every gradient.
             let mut v = vals(&x);
             v[5] = f64::NAN;
-            x = Tensor::from_vec(v, (16, 4), &Device::Cpu)
-                .unwrap()
-                .to_dtype(DType::F32)
-                .unwrap();
+            x = Tensor::from_vec(v, (16, 4), &Device::Cpu)?.to_dtype(DType::F32)?;
         }
-        let y = rng
-            .normal((16, 1), 0.0, 1.0, DType::F32, &Device::Cpu)
-            .unwrap();
+        let y = rng.normal((16, 1), 0.0, 1.0, DType::F32, &Device::Cpu)?;
         let before = snapshot(&params);
-        let loss = candle_nn::loss::mse(&net.forward(&x).unwrap(), &y).unwrap();
-        let report = opt.try_backward_step(&loss).unwrap();
+        let loss = candle_nn::loss::mse(&net.forward(&x)?, &y)?;
+        let report = opt.try_backward_step(&loss)?;
         let after = snapshot(&params);
         assert_eq!(report.skipped, step == 3, "step {step}");
         if step == 3 {
@@ -147,23 +141,21 @@ fn a_poisoned_batch_skips_exactly_its_step() {
     let c = opt.counters();
     assert_eq!((c.steps, c.skipped, c.consecutive_skips), (5, 1, 0));
     assert!(opt.last_total_norm().unwrap().is_finite());
+    Ok(())
 }
 
 #[test]
-fn too_many_consecutive_skips_is_an_error_and_counters_track_clipping() {
-    let w = Var::new(&[1f32, 2.0], &Device::Cpu).unwrap();
-    let params = NamedVars::new([("w", w.clone())]).unwrap();
-    let sgd = SGD::new(vec![w.clone()], 0.1).unwrap();
-    let mut cfg = ClippedConfig::new(ClipPolicy::single(ClipRule::max_norm(0.5)).unwrap());
+fn too_many_consecutive_skips_is_an_error_and_counters_track_clipping() -> TestResult {
+    let w = Var::new(&[1f32, 2.0], &Device::Cpu)?;
+    let params = NamedVars::new([("w", w.clone())])?;
+    let mut cfg = ClippedConfig::new(ClipPolicy::single(ClipRule::max_norm(0.5))?);
     cfg.max_consecutive_skips = Some(2);
-    let mut opt = Clipped::new(sgd, params, cfg);
-    let report = opt
-        .try_backward_step(&w.sqr().unwrap().sum_all().unwrap())
-        .unwrap();
+    let mut opt = Clipped::<SGD>::new(params, 0.1, cfg)?;
+    let report = opt.try_backward_step(&w.sqr()?.sum_all()?)?;
     assert!(report.clipped && opt.last_clipped());
-    let nan_loss = (w.as_tensor() * f64::NAN).unwrap().sum_all().unwrap();
-    assert!(opt.try_backward_step(&nan_loss).unwrap().skipped);
-    assert!(opt.try_backward_step(&nan_loss).unwrap().skipped);
+    let nan_loss = (w.as_tensor() * f64::NAN)?.sum_all()?;
+    assert!(opt.try_backward_step(&nan_loss)?.skipped);
+    assert!(opt.try_backward_step(&nan_loss)?.skipped);
     match opt.try_backward_step(&nan_loss) {
         Err(Error::TooManySkippedSteps {
             skips: 3,
@@ -175,7 +167,7 @@ fn too_many_consecutive_skips_is_an_error_and_counters_track_clipping() {
     let c = opt.counters();
     assert_eq!((c.clipped, c.skipped), (1, 3), "{c:?}");
     // The same error through candle's Optimizer trait stays typed.
-    let store = nan_loss.backward().unwrap();
+    let store = nan_loss.backward()?;
     let err = Optimizer::step(&mut opt, &store).unwrap_err();
     assert!(
         matches!(
@@ -189,16 +181,11 @@ fn too_many_consecutive_skips_is_an_error_and_counters_track_clipping() {
         vec![w.clone()],
         grad_regularize::ClippedOptimizerConfig {
             inner: 0.1,
-            clip: ClippedConfig::new(
-                ClipPolicy::single(ClipRule::Value { clip_value: 0.1 }).unwrap(),
-            ),
+            clip: ClippedConfig::new(ClipPolicy::single(ClipRule::Value { clip_value: 0.1 })?),
         },
-    )
-    .unwrap();
+    )?;
     let before = vals(w.as_tensor());
-    via_trait
-        .backward_step(&w.sqr().unwrap().sum_all().unwrap())
-        .unwrap();
+    via_trait.backward_step(&w.sqr()?.sum_all()?)?;
     let after = vals(w.as_tensor());
     for (a, b) in after.iter().zip(&before) {
         assert!(
@@ -207,28 +194,24 @@ fn too_many_consecutive_skips_is_an_error_and_counters_track_clipping() {
         );
     }
     assert_eq!(via_trait.counters().clipped, 1, "the clamp counts");
+    Ok(())
 }
 
 #[test]
-fn groups_apply_their_own_rules_and_leave_the_rest() {
+fn groups_apply_their_own_rules_and_leave_the_rest() -> TestResult {
     let dev = Device::Cpu;
-    let a = Var::new(&[30f32, 40.0], &dev).unwrap();
-    let b = Var::new(&[[3f32, 4.0], [0.0, 0.0]], &dev).unwrap();
-    let c = Var::new(&[100f32], &dev).unwrap();
+    let a = Var::new(&[30f32, 40.0], &dev)?;
+    let b = Var::new(&[[3f32, 4.0], [0.0, 0.0]], &dev)?;
+    let c = Var::new(&[100f32], &dev)?;
     let params = NamedVars::new([
         ("enc.a", a.clone()),
         ("enc.b", b.clone()),
         ("head.c", c.clone()),
-    ])
-    .unwrap();
+    ])?;
     // b's gradient is 2b + 1 = [[7, 9], [1, 1]]: row 1 has a gradient but a zero weight.
-    let loss = (a.sqr().unwrap().sum_all().unwrap()
-        + b.sqr().unwrap().sum_all().unwrap()
-        + b.sum_all().unwrap()
-        + c.sum_all().unwrap())
-    .unwrap();
-    let store = loss.backward().unwrap();
-    let mut grads = params.grads(&store).unwrap();
+    let loss = (a.sqr()?.sum_all()? + b.sqr()?.sum_all()? + b.sum_all()? + c.sum_all()?)?;
+    let store = loss.backward()?;
+    let mut grads = params.grads(&store)?;
     let policy = ClipPolicy::new(vec![
         ParamGroup {
             name: "b".into(),
@@ -248,9 +231,8 @@ fn groups_apply_their_own_rules_and_leave_the_rest() {
             select: Selector::All,
             rule: ClipRule::Unclipped,
         },
-    ])
-    .unwrap();
-    let report = policy.apply(&mut grads, None).unwrap();
+    ])?;
+    let report = policy.apply(&mut grads, None)?;
     assert_eq!(
         report.iter().map(|g| g.parameters).collect::<Vec<_>>(),
         [1, 1, 1]
@@ -275,12 +257,13 @@ fn groups_apply_their_own_rules_and_leave_the_rest() {
         gb[2] > 0.0 && (gb[2] - gb[3]).abs() < 1e-12,
         "the direction is kept"
     );
+    Ok(())
 }
 
 #[test]
-fn bad_input_is_an_error() {
+fn bad_input_is_an_error() -> TestResult {
     let dev = Device::Cpu;
-    let mut g = vec![Tensor::ones(3, DType::F32, &dev).unwrap()];
+    let mut g = vec![Tensor::ones(3, DType::F32, &dev)?];
     for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
         assert!(
             clip_grad_norm(&mut g, bad, NormType::L2, NonFiniteNorm::Scale).is_err(),
@@ -301,7 +284,7 @@ fn bad_input_is_an_error() {
         })
         .is_err()
     );
-    let mut inf = vec![Tensor::new(&[f32::INFINITY], &dev).unwrap()];
+    let mut inf = vec![Tensor::new(&[f32::INFINITY], &dev)?];
     let before = vals(&inf[0]);
     assert!(matches!(
         clip_grad_norm(&mut inf, 1.0, NormType::L2, NonFiniteNorm::Error),
@@ -312,6 +295,7 @@ fn bad_input_is_an_error() {
         before,
         "an error leaves the gradients untouched"
     );
-    let mut ints = vec![Tensor::ones(3, DType::U32, &dev).unwrap()];
+    let mut ints = vec![Tensor::ones(3, DType::U32, &dev)?];
     assert!(clip_grad_norm(&mut ints, 1.0, NormType::L2, NonFiniteNorm::Scale).is_err());
+    Ok(())
 }
