@@ -15,7 +15,7 @@
 //!   [`fill`] and [`fill_with`], a fresh output written once, chunk by chunk, through [`Slots`]
 //!   that check every element was written (so kernels need no `unsafe`; transparent huge pages
 //!   on Linux);
-//! - reductions ([`sum_by`], [`sum_by2`], [`max_abs`]) accumulated in f64 over [`LANES`]
+//! - reductions ([`sum_by`], [`sum_by2`], [`sum_by3`], [`max_abs`]) accumulated in f64 over [`LANES`]
 //!   interleaved lanes, so the result depends only on the data, and [`Moments`], the mean and
 //!   variance merged exactly across blocks.
 //!
@@ -40,4 +40,4 @@ pub use host::{
     storage_slice,
 };
 pub use moments::Moments;
-pub use reduce::{LANES, max_abs, sum_by, sum_by2};
+pub use reduce::{LANES, max_abs, sum_by, sum_by2, sum_by3};

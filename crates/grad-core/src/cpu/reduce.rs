@@ -41,20 +41,31 @@ pub fn sum_by<T: Float>(xs: &[T], f: impl Fn(f64) -> f64) -> f64 {
 /// ```
 #[inline(always)]
 pub fn sum_by2<T: Float>(a: &[T], b: &[T], f: impl Fn(f64, f64) -> f64) -> f64 {
+    sum_by3(a, b, b, |x, y, _| f(x, y))
+}
+
+/// `sum f(a_j, b_j, c_j)` over three slices of equal length (the shortest one bounds the sum).
+///
+/// ```
+/// let g = [1.0f64, -1.0];
+/// let w = [2.0f64, 2.0];
+/// let x = [3.0f64, 5.0];
+/// assert_eq!(gradkit::core::cpu::sum_by3(&g, &w, &x, |g, w, x| g * w * x), -4.0);
+/// ```
+#[inline(always)]
+pub fn sum_by3<T: Float>(a: &[T], b: &[T], c: &[T], f: impl Fn(f64, f64, f64) -> f64) -> f64 {
     let mut lanes = [0f64; LANES];
     let mut blocks_a = a.chunks_exact(LANES);
     let mut blocks_b = b.chunks_exact(LANES);
-    for (ba, bb) in (&mut blocks_a).zip(&mut blocks_b) {
-        for ((lane, x), y) in lanes.iter_mut().zip(ba).zip(bb) {
-            *lane += f(x.as_f64(), y.as_f64());
+    let mut blocks_c = c.chunks_exact(LANES);
+    for ((ba, bb), bc) in (&mut blocks_a).zip(&mut blocks_b).zip(&mut blocks_c) {
+        for (((lane, x), y), z) in lanes.iter_mut().zip(ba).zip(bb).zip(bc) {
+            *lane += f(x.as_f64(), y.as_f64(), z.as_f64());
         }
     }
-    for ((lane, x), y) in lanes
-        .iter_mut()
-        .zip(blocks_a.remainder())
-        .zip(blocks_b.remainder())
-    {
-        *lane += f(x.as_f64(), y.as_f64());
+    let tails = blocks_a.remainder().iter().zip(blocks_b.remainder());
+    for ((lane, (x, y)), z) in lanes.iter_mut().zip(tails).zip(blocks_c.remainder()) {
+        *lane += f(x.as_f64(), y.as_f64(), z.as_f64());
     }
     lanes.iter().sum()
 }

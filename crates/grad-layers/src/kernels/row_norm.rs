@@ -19,7 +19,7 @@
 use std::sync::OnceLock;
 
 use grad_core::cpu::{CHUNK, Float, Grad, Kernel, Real, Slots, fill, with_avx2};
-use grad_core::cpu::{Moments, sum_by, sum_by2};
+use grad_core::cpu::{Moments, sum_by, sum_by2, sum_by3};
 
 /// How a row position maps to an affine parameter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,15 +158,9 @@ impl RowNorm {
         let (m, s) = (T::Acc::of(mean), T::Acc::of(invstd));
         match self.spec.index {
             AffineIndex::Element => {
-                // a = sum g w, c = sum g w x_hat, in f64 lanes.
-                let (mut a, mut c) = ([0f64; 8], [0f64; 8]);
-                for (i, ((gj, wj), xj)) in g.iter().zip(w).zip(x).enumerate() {
-                    let gwj = gj.as_f64() * wj.as_f64();
-                    a[i % 8] += gwj;
-                    c[i % 8] += gwj * (xj.as_f64() - mean);
-                }
-                let a: f64 = a.iter().sum();
-                let c = c.iter().sum::<f64>() * invstd;
+                // a = sum g w, c = sum g w x_hat.
+                let a = sum_by2(g, w, |gv, wv| gv * wv);
+                let c = sum_by3(g, w, x, |gv, wv, xv| gv * wv * (xv - mean)) * invstd;
                 let (ka, kc) = (
                     T::Acc::of(if self.center() { a / n } else { 0.0 }),
                     T::Acc::of(c / n),
