@@ -53,9 +53,16 @@ impl Mlp {
             let w = rng
                 .normal((fan_out, fan_in), 0.0, std, DType::F32, &Device::Cpu)
                 .unwrap();
-            map.data().lock().unwrap()[&format!("layer.{i}.weight")]
-                .set(&w)
+            // PyTorch's default bias range, drawn from the seeded stream (candle-nn's own
+            // initialisation is not seeded, which made these runs differ from one to the next).
+            let bound = 1.0 / (fan_in as f64).sqrt();
+            let b = rng
+                .uniform(fan_out, -bound, bound, DType::F32, &Device::Cpu)
                 .unwrap();
+            let data = map.data().lock().unwrap();
+            data[&format!("layer.{i}.weight")].set(&w).unwrap();
+            data[&format!("layer.{i}.bias")].set(&b).unwrap();
+            drop(data);
             norms.push((style == Style::Remedied && i < depth).then(|| {
                 candle_nn::batch_norm(
                     width,
