@@ -23,6 +23,8 @@ use gradkit::layers::ops::{self, DropoutKind};
 use gradkit::layers::{Activation, GeluApproximation};
 use gradkit::regularize::{CrossEntropyConfig, NonFiniteNorm};
 
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
 type Outcome = Result<Tensor, Box<dyn std::error::Error + Send + Sync>>;
 
 /// One hostile input, named.
@@ -320,7 +322,7 @@ fn boxed<E: std::error::Error + Send + Sync + 'static>(r: Result<Tensor, E>) -> 
 }
 
 #[test]
-fn every_op_on_every_hostile_input_errs_clearly_or_keeps_its_promise() {
+fn every_op_on_every_hostile_input_errs_clearly_or_keeps_its_promise() -> TestResult {
     let inputs = hostile_inputs();
     let mut t = Tally::default();
     for h in &inputs {
@@ -329,7 +331,7 @@ fn every_op_on_every_hostile_input_errs_clearly_or_keeps_its_promise() {
                 boxed(ops::activation(x, act))
             });
         }
-        let slope = Tensor::new(&[0.25f32], &Device::Cpu).unwrap();
+        let slope = Tensor::new(&[0.25f32], &Device::Cpu)?;
         t.check("prelu", h, Promise::Elementwise, &|x| {
             boxed(ops::prelu(
                 x,
@@ -393,7 +395,7 @@ fn every_op_on_every_hostile_input_errs_clearly_or_keeps_its_promise() {
         if h.x.rank() >= 2 {
             let mut tdims = h.x.dims().to_vec();
             tdims.remove(1);
-            let targets = Tensor::zeros(tdims, DType::I64, &Device::Cpu).unwrap();
+            let targets = Tensor::zeros(tdims, DType::I64, &Device::Cpu)?;
             t.check("cross_entropy", h, Promise::ScalarNanKept, &|x| {
                 boxed(gradkit::regularize::cross_entropy(
                     x,
@@ -419,4 +421,5 @@ fn every_op_on_every_hostile_input_errs_clearly_or_keeps_its_promise() {
         t.panics.join("\n"),
         t.wrong.join("\n")
     );
+    Ok(())
 }

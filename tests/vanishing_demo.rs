@@ -8,6 +8,8 @@
     reason = "a test fails by panicking"
 )]
 
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
 #[path = "../examples/support/mod.rs"]
 mod support;
 
@@ -18,19 +20,19 @@ use demo::{Options, Setup};
 use grad_diagnostics::FindingKind;
 
 #[test]
-fn the_sigmoid_net_vanishes_and_the_remedies_train() {
+fn the_sigmoid_net_vanishes_and_the_remedies_train() -> TestResult {
     let data = support::load_digits(&support::default_data()).unwrap();
     let options = Options {
         epochs: 10,
         ..Options::default()
     };
     let dir = std::env::temp_dir().join("gradkit-vanishing-demo-test");
-    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(&dir)?;
     for setup in Setup::ALL {
         let log = dir.join(format!("{}.jsonl", setup.slug()));
         let o = demo::run(setup, &data, &options, Some(&log), |_, _| {}).unwrap();
         // Every observation reached the log, whole.
-        let read = grad_diagnostics::read_log(&log).unwrap();
+        let read = grad_diagnostics::read_log(&log)?;
         assert!(read.bad_lines.is_empty());
         assert_eq!(read.records.len(), o.records.len());
         let vanishing = o
@@ -47,10 +49,11 @@ fn the_sigmoid_net_vanishes_and_the_remedies_train() {
             assert!(o.test_accuracy > 0.6, "{}: {}", o.title, o.test_accuracy);
         }
     }
+    Ok(())
 }
 
 #[test]
-fn nonsense_options_are_rejected_before_training() {
+fn nonsense_options_are_rejected_before_training() -> TestResult {
     for (options, arg) in [
         (
             Options {
@@ -77,10 +80,11 @@ fn nonsense_options_are_rejected_before_training() {
         let e = options.validate().unwrap_err().to_string();
         assert!(e.contains(arg), "{e}");
     }
+    Ok(())
 }
 
 #[test]
-fn a_missing_or_corrupt_data_file_is_one_clear_error() {
+fn a_missing_or_corrupt_data_file_is_one_clear_error() -> TestResult {
     let missing = support::load_digits(std::path::Path::new("no/such/digits.csv.gz"));
     assert!(
         missing
@@ -89,7 +93,8 @@ fn a_missing_or_corrupt_data_file_is_one_clear_error() {
             .contains("no/such/digits.csv.gz")
     );
     let corrupt = std::env::temp_dir().join("gradkit-corrupt-digits.csv.gz");
-    std::fs::write(&corrupt, b"not gzip at all").unwrap();
+    std::fs::write(&corrupt, b"not gzip at all")?;
     let e = support::load_digits(&corrupt).unwrap_err().to_string();
     assert!(e.contains("cannot read the digits data set"), "{e}");
+    Ok(())
 }

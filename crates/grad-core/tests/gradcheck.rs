@@ -10,6 +10,8 @@
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 use grad_core::{Error, GradcheckConfig, gradcheck};
 
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
 fn input(shape: &[usize], seed: u64) -> Tensor {
     grad_core::Philox::new(seed)
         .normal(shape, 0.0, 1.0, DType::F64, &Device::Cpu)
@@ -51,7 +53,7 @@ impl CustomOp1 for Cube {
 }
 
 #[test]
-fn candle_ops_pass() {
+fn candle_ops_pass() -> TestResult {
     let cfg = GradcheckConfig::default();
     let x = input(&[3, 4], 1);
     let w = input(&[4, 5], 2);
@@ -63,8 +65,7 @@ fn candle_ops_pass() {
         },
         &[x.clone(), w, b],
         &cfg,
-    )
-    .unwrap();
+    )?;
     assert_eq!(report.inputs.len(), 3);
     assert!(report.inputs.iter().all(|i| i.passed && i.has_gradient));
     assert!(report.inputs.iter().all(|i| i.max_abs_error < 1e-7));
@@ -73,18 +74,17 @@ fn candle_ops_pass() {
         |xs: &[Tensor]| candle_nn::ops::sigmoid(&xs[0])?.exp(),
         std::slice::from_ref(&x),
         &cfg,
-    )
-    .unwrap();
+    )?;
     gradcheck(
         |xs: &[Tensor]| xs[0].t()?.contiguous()?.sum_keepdim(0),
         &[x],
         &cfg,
-    )
-    .unwrap();
+    )?;
+    Ok(())
 }
 
 #[test]
-fn a_wrong_backward_is_caught_and_located() {
+fn a_wrong_backward_is_caught_and_located() -> TestResult {
     let x = input(&[2, 3], 4);
     let err = gradcheck(
         |xs: &[Tensor]| {
@@ -116,8 +116,8 @@ fn a_wrong_backward_is_caught_and_located() {
         },
         &[input_tensor()],
         &GradcheckConfig::default(),
-    )
-    .unwrap();
+    )?;
+    Ok(())
 }
 
 fn input_tensor() -> Tensor {
@@ -125,7 +125,7 @@ fn input_tensor() -> Tensor {
 }
 
 #[test]
-fn a_missing_backward_is_caught() {
+fn a_missing_backward_is_caught() -> TestResult {
     let err = gradcheck(
         |xs: &[Tensor]| xs[0].apply_op1(Cube { backward: None }),
         &[input_tensor()],
@@ -151,12 +151,13 @@ fn a_missing_backward_is_caught() {
     )
     .unwrap_err();
     assert!(matches!(err, Error::GradcheckFailed(r) if !r.inputs[0].has_gradient));
+    Ok(())
 }
 
 #[test]
-fn bad_arguments_are_errors() {
+fn bad_arguments_are_errors() -> TestResult {
     let f = |xs: &[Tensor]| xs[0].exp();
-    let x32 = input_tensor().to_dtype(DType::F32).unwrap();
+    let x32 = input_tensor().to_dtype(DType::F32)?;
     assert!(matches!(
         gradcheck(f, &[x32], &GradcheckConfig::default()),
         Err(Error::UnsupportedDType { .. })
@@ -178,10 +179,11 @@ fn bad_arguments_are_errors() {
         gradcheck(failing, &[input_tensor()], &GradcheckConfig::default()),
         Err(Error::Function(_))
     ));
+    Ok(())
 }
 
 #[test]
-fn a_function_returning_nan_fails_with_a_nan_error_not_zero() {
+fn a_function_returning_nan_fails_with_a_nan_error_not_zero() -> TestResult {
     let err = gradcheck(
         |xs: &[Tensor]| xs[0].affine(f64::NAN, 0.0),
         &[input(&[2, 3], 5)],
@@ -193,4 +195,5 @@ fn a_function_returning_nan_fails_with_a_nan_error_not_zero() {
     };
     assert!(!report.inputs[0].passed);
     assert!(report.inputs[0].max_abs_error.is_nan(), "{report}");
+    Ok(())
 }

@@ -12,6 +12,8 @@ use grad_core::strategies::{LayoutKind, TensorSpec, Values, tensor};
 use grad_core::{Error, NormType, global_norm, multi_norm};
 use proptest::prelude::*;
 
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
 /// The reference: every element to f64, then the textbook formula.
 fn naive(tensors: &[Tensor], p: f64) -> (f64, Vec<f64>) {
     let per: Vec<Vec<f64>> = tensors
@@ -58,7 +60,7 @@ proptest! {
         ),
         norm_type in norm_types(),
     ) {
-        let got = multi_norm(&tensors, norm_type).unwrap();
+        let got = multi_norm(&tensors, norm_type)?;
         let (total, per) = naive(&tensors, norm_type.p());
         prop_assert!(close(got.total, total, 1e-12), "{} vs {}", got.total, total);
         for (g, w) in got.per_tensor.iter().zip(&per) {
@@ -73,7 +75,7 @@ proptest! {
         norm_type in norm_types(),
     ) {
         // The reference reads the same rounded values, so only summation order differs.
-        let got = global_norm(&tensors, norm_type).unwrap();
+        let got = global_norm(&tensors, norm_type)?;
         let (total, _) = naive(&tensors, norm_type.p());
         prop_assert!(close(got, total, 1e-12), "{got} vs {total}");
     }
@@ -86,11 +88,11 @@ proptest! {
         ),
         norm_type in norm_types(),
     ) {
-        let got = multi_norm(&tensors, norm_type).unwrap();
+        let got = multi_norm(&tensors, norm_type)?;
         let mut nan = 0;
         let mut inf = 0;
         for (t, n) in tensors.iter().zip(&got.per_tensor) {
-            let v = grad_testkit::values(t).unwrap();
+            let v = grad_testkit::values(t)?;
             let (tn, ti) = (v.iter().filter(|x| x.is_nan()).count() as u64, v.iter().filter(|x| x.is_infinite()).count() as u64);
             prop_assert_eq!((n.nan_count, n.inf_count), (tn, ti));
             nan += tn;
@@ -116,26 +118,20 @@ proptest! {
         }),
         norm_type in norm_types(),
     ) {
-        let strided = multi_norm(std::slice::from_ref(&t), norm_type).unwrap();
-        let contiguous = multi_norm(&[t.contiguous().unwrap()], norm_type).unwrap();
+        let strided = multi_norm(std::slice::from_ref(&t), norm_type)?;
+        let contiguous = multi_norm(&[t.contiguous()?], norm_type)?;
         prop_assert_eq!(strided.total.to_bits(), contiguous.total.to_bits());
     }
 }
 
 #[test]
-fn result_does_not_depend_on_thread_count() {
+fn result_does_not_depend_on_thread_count() -> TestResult {
     let dev = Device::Cpu;
     let tensors = vec![
-        Tensor::randn(0f32, 1.0, (300, 700), &dev).unwrap(),
-        Tensor::randn(0f32, 1e-3, (64,), &dev).unwrap(),
-        Tensor::randn(0f64, 10.0, (2048, 33), &dev)
-            .unwrap()
-            .t()
-            .unwrap(),
-        Tensor::randn(0f32, 1.0, (1000, 100), &dev)
-            .unwrap()
-            .to_dtype(DType::BF16)
-            .unwrap(),
+        Tensor::randn(0f32, 1.0, (300, 700), &dev)?,
+        Tensor::randn(0f32, 1e-3, (64,), &dev)?,
+        Tensor::randn(0f64, 10.0, (2048, 33), &dev)?.t()?,
+        Tensor::randn(0f32, 1.0, (1000, 100), &dev)?.to_dtype(DType::BF16)?,
     ];
     for norm_type in [NormType::L1, NormType::L2, NormType::Inf, NormType::P(3.5)] {
         let totals: Vec<u64> = [1, 2, 3, 8]
@@ -153,13 +149,14 @@ fn result_does_not_depend_on_thread_count() {
             "{norm_type:?}: {totals:?}"
         );
     }
+    Ok(())
 }
 
 #[test]
-fn large_f64_sum_matches_reference_to_1e12() {
-    let t = Tensor::randn(0f64, 1.0, (3_000_000,), &Device::Cpu).unwrap();
-    let got = global_norm(std::slice::from_ref(&t), NormType::L2).unwrap();
-    let v = t.to_vec1::<f64>().unwrap();
+fn large_f64_sum_matches_reference_to_1e12() -> TestResult {
+    let t = Tensor::randn(0f64, 1.0, (3_000_000,), &Device::Cpu)?;
+    let got = global_norm(std::slice::from_ref(&t), NormType::L2)?;
+    let v = t.to_vec1::<f64>()?;
     // Kahan-compensated reference.
     let (mut sum, mut c) = (0.0f64, 0.0f64);
     for x in v {
@@ -169,21 +166,23 @@ fn large_f64_sum_matches_reference_to_1e12() {
         sum = s;
     }
     assert!(close(got, sum.sqrt(), 1e-12), "{got} vs {}", sum.sqrt());
+    Ok(())
 }
 
 #[test]
-fn empty_tensors_count_as_zero() {
+fn empty_tensors_count_as_zero() -> TestResult {
     let dev = Device::Cpu;
-    let empty = Tensor::zeros((0, 3), DType::F32, &dev).unwrap();
-    let g = Tensor::new(&[3f32, 4.0], &dev).unwrap();
-    assert_eq!(global_norm(&[empty.clone(), g], NormType::L2).unwrap(), 5.0);
-    assert_eq!(global_norm(&[empty], NormType::Inf).unwrap(), 0.0);
+    let empty = Tensor::zeros((0, 3), DType::F32, &dev)?;
+    let g = Tensor::new(&[3f32, 4.0], &dev)?;
+    assert_eq!(global_norm(&[empty.clone(), g], NormType::L2)?, 5.0);
+    assert_eq!(global_norm(&[empty], NormType::Inf)?, 0.0);
+    Ok(())
 }
 
 #[test]
-fn bad_input_is_an_error_not_a_panic() {
+fn bad_input_is_an_error_not_a_panic() -> TestResult {
     let dev = Device::Cpu;
-    let g = Tensor::new(&[1f32], &dev).unwrap();
+    let g = Tensor::new(&[1f32], &dev)?;
     assert!(matches!(
         global_norm(&[], NormType::L2),
         Err(Error::EmptyInput { .. })
@@ -198,17 +197,18 @@ fn bad_input_is_an_error_not_a_panic() {
         ));
         assert!(NormType::from_p(p).is_err());
     }
-    let ints = Tensor::new(&[1u32, 2], &dev).unwrap();
+    let ints = Tensor::new(&[1u32, 2], &dev)?;
     assert!(matches!(
         global_norm(&[g, ints], NormType::L2),
         Err(Error::UnsupportedDType { .. })
     ));
+    Ok(())
 }
 
 /// The composed path (what CUDA and Metal run) reads back one small tensor per call, whatever
 /// the number of tensors, and agrees with the fused path on norms and non-finite counts.
 #[test]
-fn composed_norms_and_unscale_read_back_once_per_call() {
+fn composed_norms_and_unscale_read_back_once_per_call() -> TestResult {
     use grad_core::device::{Path, read_back_count, with_path};
     let ts: Vec<Tensor> = (0..7)
         .map(|k| {
@@ -218,7 +218,7 @@ fn composed_norms_and_unscale_read_back_once_per_call() {
                 .unwrap()
         })
         .collect();
-    let fused = multi_norm(&ts, NormType::L2).unwrap();
+    let fused = multi_norm(&ts, NormType::L2)?;
     let (composed, reads) = with_path(Path::Composed, || {
         let before = read_back_count();
         let n = multi_norm(&ts, NormType::L2).unwrap();
@@ -229,7 +229,7 @@ fn composed_norms_and_unscale_read_back_once_per_call() {
         assert!((a.norm - b.norm).abs() < 1e-9 * b.norm.max(1.0));
     }
     let mut gs = ts.clone();
-    gs[3] = Tensor::new(&[1f32, f32::INFINITY], &Device::Cpu).unwrap();
+    gs[3] = Tensor::new(&[1f32, f32::INFINITY], &Device::Cpu)?;
     let (found, reads) = with_path(Path::Composed, || {
         let before = read_back_count();
         let found = grad_core::unscale_all_in_place(&mut gs, 0.5).unwrap();
@@ -238,7 +238,8 @@ fn composed_norms_and_unscale_read_back_once_per_call() {
     assert!(found);
     assert_eq!(reads, 1);
     assert_eq!(
-        gs[0].to_vec1::<f32>().unwrap(),
-        ts[0].affine(0.5, 0.0).unwrap().to_vec1::<f32>().unwrap()
+        gs[0].to_vec1::<f32>()?,
+        ts[0].affine(0.5, 0.0)?.to_vec1::<f32>()?
     );
+    Ok(())
 }

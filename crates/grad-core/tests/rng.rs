@@ -11,6 +11,8 @@ use candle_core::{DType, Device, Tensor};
 use grad_core::{Philox, PhiloxState};
 use rand_core::{RngCore, SeedableRng};
 
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
 fn values(t: &Tensor) -> Vec<f64> {
     grad_testkit::values(t).unwrap()
 }
@@ -24,13 +26,9 @@ fn mean_var(v: &[f64]) -> (f64, f64) {
 const N: usize = 400_000;
 
 #[test]
-fn uniform_moments_within_five_sigma() {
+fn uniform_moments_within_five_sigma() -> TestResult {
     for dtype in [DType::F32, DType::F64, DType::BF16] {
-        let v = values(
-            &Philox::new(1)
-                .uniform(N, -1.0, 3.0, dtype, &Device::Cpu)
-                .unwrap(),
-        );
+        let v = values(&Philox::new(1).uniform(N, -1.0, 3.0, dtype, &Device::Cpu)?);
         assert!(v.iter().all(|x| (-1.0..=3.0).contains(x)));
         let (m, var) = mean_var(&v);
         // U(-1, 3): mean 1, variance 16/12; sd of the mean = sqrt(16/12 / N).
@@ -41,16 +39,13 @@ fn uniform_moments_within_five_sigma() {
         );
         assert!((var - 16.0 / 12.0).abs() < 0.02, "{dtype:?}: var {var}");
     }
+    Ok(())
 }
 
 #[test]
-fn normal_moments_and_tails_within_five_sigma() {
+fn normal_moments_and_tails_within_five_sigma() -> TestResult {
     for dtype in [DType::F32, DType::F64] {
-        let v = values(
-            &Philox::new(2)
-                .normal(N + 1, 0.5, 2.0, dtype, &Device::Cpu)
-                .unwrap(),
-        );
+        let v = values(&Philox::new(2).normal(N + 1, 0.5, 2.0, dtype, &Device::Cpu)?);
         assert_eq!(v.len(), N + 1);
         let (m, var) = mean_var(&v);
         assert!(
@@ -69,33 +64,22 @@ fn normal_moments_and_tails_within_five_sigma() {
             "tail {tail}"
         );
     }
+    Ok(())
 }
 
 #[test]
-fn bernoulli_frequency_and_exact_extremes() {
+fn bernoulli_frequency_and_exact_extremes() -> TestResult {
     for p in [0.1, 0.5, 0.9] {
-        let v = values(
-            &Philox::new(3)
-                .bernoulli(N, p, DType::F32, &Device::Cpu)
-                .unwrap(),
-        );
+        let v = values(&Philox::new(3).bernoulli(N, p, DType::F32, &Device::Cpu)?);
         let freq = v.iter().sum::<f64>() / N as f64;
         assert!(
             (freq - p).abs() < 5.0 * (p * (1.0 - p) / N as f64).sqrt(),
             "p {p}: {freq}"
         );
     }
-    let ones = values(
-        &Philox::new(3)
-            .bernoulli(1000, 1.0, DType::F16, &Device::Cpu)
-            .unwrap(),
-    );
+    let ones = values(&Philox::new(3).bernoulli(1000, 1.0, DType::F16, &Device::Cpu)?);
     assert!(ones.iter().all(|&x| x == 1.0));
-    let zeros = values(
-        &Philox::new(3)
-            .bernoulli(1000, 0.0, DType::F64, &Device::Cpu)
-            .unwrap(),
-    );
+    let zeros = values(&Philox::new(3).bernoulli(1000, 0.0, DType::F64, &Device::Cpu)?);
     assert!(zeros.iter().all(|&x| x == 0.0));
     assert!(
         Philox::new(0)
@@ -103,51 +87,44 @@ fn bernoulli_frequency_and_exact_extremes() {
             .is_err()
     );
     assert!(Philox::new(0).bernoulli_bits(3, f64::NAN).is_err());
+    Ok(())
 }
 
 #[test]
-fn saved_state_resumes_the_same_stream() {
+fn saved_state_resumes_the_same_stream() -> TestResult {
     let mut rng = Philox::new(77);
-    let _ = rng
-        .uniform((10, 10), 0.0, 1.0, DType::F32, &Device::Cpu)
-        .unwrap();
+    let _ = rng.uniform((10, 10), 0.0, 1.0, DType::F32, &Device::Cpu)?;
     let saved: PhiloxState = rng.state();
     assert_eq!(saved.offset, 100);
-    let a = values(&rng.normal(33, 0.0, 1.0, DType::F64, &Device::Cpu).unwrap());
+    let a = values(&rng.normal(33, 0.0, 1.0, DType::F64, &Device::Cpu)?);
     let b_state = rng.state();
     assert_eq!(b_state.offset, 100 + 4 * 17);
 
     let mut resumed = Philox::from_state(saved);
-    let b = values(
-        &resumed
-            .normal(33, 0.0, 1.0, DType::F64, &Device::Cpu)
-            .unwrap(),
-    );
+    let b = values(&resumed.normal(33, 0.0, 1.0, DType::F64, &Device::Cpu)?);
     assert_eq!(a, b);
     assert_eq!(resumed.state(), b_state);
 
     // Different offsets give different draws.
     let mut other = Philox::from_state(saved.advanced(1));
-    let c = values(
-        &other
-            .normal(33, 0.0, 1.0, DType::F64, &Device::Cpu)
-            .unwrap(),
-    );
+    let c = values(&other.normal(33, 0.0, 1.0, DType::F64, &Device::Cpu)?);
     assert_ne!(a, c);
+    Ok(())
 }
 
 #[test]
-fn plugs_into_rand_core_and_differs_across_seeds() {
+fn plugs_into_rand_core_and_differs_across_seeds() -> TestResult {
     fn draw<R: RngCore>(rng: &mut R) -> Vec<u64> {
         (0..8).map(|_| rng.next_u64()).collect()
     }
     let a = draw(&mut Philox::seed_from_u64(1));
     assert_eq!(a, draw(&mut Philox::new(1)));
     assert_ne!(a, draw(&mut Philox::new(2)));
+    Ok(())
 }
 
 #[test]
-fn bad_parameters_are_errors() {
+fn bad_parameters_are_errors() -> TestResult {
     let dev = Device::Cpu;
     let mut rng = Philox::new(0);
     assert!(rng.uniform(3, 1.0, 1.0, DType::F32, &dev).is_err());
@@ -160,4 +137,5 @@ fn bad_parameters_are_errors() {
     assert!(rng.uniform(3, 0.0, 1.0, DType::U32, &dev).is_err());
     // Failed calls consume nothing.
     assert_eq!(rng.state().offset, 0);
+    Ok(())
 }

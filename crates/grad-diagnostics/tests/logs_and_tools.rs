@@ -16,6 +16,8 @@ use std::process::Command;
 use common::{Mlp, Style};
 use grad_diagnostics::{JsonlSink, StepRecord, plot, read_log};
 
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
 fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("gradkit-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -38,46 +40,39 @@ fn write_log(path: &Path, records: &[StepRecord]) {
 }
 
 #[test]
-fn a_log_round_trips() {
+fn a_log_round_trips() -> TestResult {
     let dir = temp_dir("roundtrip");
     let rs = records(Style::Sigmoid);
     write_log(&dir.join("run.jsonl"), &rs);
-    let back = read_log(dir.join("run.jsonl")).unwrap();
+    let back = read_log(dir.join("run.jsonl"))?;
     assert!(back.bad_lines.is_empty());
     assert!(back.records == rs, "records differ after a round trip");
     // Appending continues the log.
-    JsonlSink::append(dir.join("run.jsonl"))
-        .unwrap()
-        .write(&rs[0])
-        .unwrap();
-    assert_eq!(
-        read_log(dir.join("run.jsonl")).unwrap().records.len(),
-        rs.len() + 1
-    );
-    std::fs::remove_dir_all(dir).unwrap();
+    JsonlSink::append(dir.join("run.jsonl"))?.write(&rs[0])?;
+    assert_eq!(read_log(dir.join("run.jsonl"))?.records.len(), rs.len() + 1);
+    std::fs::remove_dir_all(dir)?;
+    Ok(())
 }
 
 #[test]
-fn a_truncated_last_line_and_a_garbage_line_are_reported_and_the_rest_read() {
+fn a_truncated_last_line_and_a_garbage_line_are_reported_and_the_rest_read() -> TestResult {
     let dir = temp_dir("damaged");
     let path = dir.join("run.jsonl");
     let rs = records(Style::Sigmoid);
     write_log(&path, &rs[..3]);
-    let mut f = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&path)
-        .unwrap();
-    writeln!(f, "this is not json").unwrap();
-    let whole = serde_json::to_string(&rs[3]).unwrap();
-    write!(f, "{}", &whole[..whole.len() / 2]).unwrap(); // a crash mid-write
+    let mut f = std::fs::OpenOptions::new().append(true).open(&path)?;
+    writeln!(f, "this is not json")?;
+    let whole = serde_json::to_string(&rs[3])?;
+    write!(f, "{}", &whole[..whole.len() / 2])?; // a crash mid-write
     drop(f);
-    let log = read_log(&path).unwrap();
+    let log = read_log(&path)?;
     assert!(log.records == rs[..3], "the three whole records read back");
     assert_eq!(
         log.bad_lines.iter().map(|b| b.line).collect::<Vec<_>>(),
         [4, 5]
     );
-    std::fs::remove_dir_all(dir).unwrap();
+    std::fs::remove_dir_all(dir)?;
+    Ok(())
 }
 
 /// The number of legend entries (one per series) among `names`.
@@ -88,14 +83,14 @@ fn series_count(svg: &str, names: impl Iterator<Item = String>) -> usize {
 }
 
 #[test]
-fn plots_are_valid_svg_with_one_series_per_layer() {
+fn plots_are_valid_svg_with_one_series_per_layer() -> TestResult {
     let dir = temp_dir("plots");
     let mut rs = records(Style::Remedied);
     rs.iter_mut().for_each(|r| r.clip_threshold = Some(1.0));
-    let files = plot::plot_all(&rs, &dir).unwrap();
+    let files = plot::plot_all(&rs, &dir)?;
     assert_eq!(files.len(), 5);
     for f in &files {
-        let svg = std::fs::read_to_string(f).unwrap();
+        let svg = std::fs::read_to_string(f)?;
         assert!(
             svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"),
             "{}",
@@ -105,21 +100,22 @@ fn plots_are_valid_svg_with_one_series_per_layer() {
         assert_eq!(svg.matches("<text").count(), svg.matches("</text>").count());
     }
     let layers = rs[0].layers.len();
-    let update = std::fs::read_to_string(dir.join("update_ratio.svg")).unwrap();
+    let update = std::fs::read_to_string(dir.join("update_ratio.svg"))?;
     assert_eq!(
         series_count(&update, rs[0].layers.iter().map(|l| l.name.clone())),
         layers
     );
-    let flow = std::fs::read_to_string(dir.join("gradient_flow.svg")).unwrap();
+    let flow = std::fs::read_to_string(dir.join("gradient_flow.svg"))?;
     assert_eq!(
         series_count(&flow, rs.iter().map(|r| format!("step {}", r.step))),
         rs.len().min(5)
     );
-    let global = std::fs::read_to_string(dir.join("global_norm.svg")).unwrap();
+    let global = std::fs::read_to_string(dir.join("global_norm.svg"))?;
     assert!(global.contains("clip threshold"));
-    let probes = std::fs::read_to_string(dir.join("probes.svg")).unwrap();
+    let probes = std::fs::read_to_string(dir.join("probes.svg"))?;
     assert!(probes.contains("layer.1.act (dead)"));
-    std::fs::remove_dir_all(dir).unwrap();
+    std::fs::remove_dir_all(dir)?;
+    Ok(())
 }
 
 fn gradscope(args: &[&str]) -> (i32, String, String) {
@@ -135,7 +131,7 @@ fn gradscope(args: &[&str]) -> (i32, String, String) {
 }
 
 #[test]
-fn gradscope_exit_statuses() {
+fn gradscope_exit_statuses() -> TestResult {
     let dir = temp_dir("gradscope");
     let (sick, healthy) = (dir.join("sick.jsonl"), dir.join("healthy.jsonl"));
     let net = Mlp::new(20, 16, Style::Sigmoid, 1);
@@ -168,18 +164,19 @@ fn gradscope_exit_statuses() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.starts_with("gradscope: error:"));
     let garbage = dir.join("garbage.jsonl");
-    std::fs::write(&garbage, "not json\n{\n").unwrap();
+    std::fs::write(&garbage, "not json\n{\n")?;
     let (code, _, err) = gradscope(&["check", garbage.to_str().unwrap()]);
     assert_eq!(code, 2);
     assert!(
         err.contains("garbage.jsonl:1")
             && err.lines().last().unwrap().contains("no readable record")
     );
-    std::fs::remove_dir_all(dir).unwrap();
+    std::fs::remove_dir_all(dir)?;
+    Ok(())
 }
 
 #[test]
-fn check_fails_at_or_above_the_chosen_severity() {
+fn check_fails_at_or_above_the_chosen_severity() -> TestResult {
     let dir = temp_dir("severity");
     // One Info-level finding (update ratio far too large) and nothing worse.
     let mut rs = records(Style::Remedied);
@@ -208,42 +205,45 @@ fn check_fails_at_or_above_the_chosen_severity() {
     );
     let (code, _, err) = gradscope(&["check", path, "--min-severity", "loud"]);
     assert_eq!(code, 2, "{err}");
-    std::fs::remove_dir_all(dir).unwrap();
+    std::fs::remove_dir_all(dir)?;
+    Ok(())
 }
 
 /// Issue 15, problem 8: appending to a log whose last line was cut off keeps the cut line apart
 /// (one bad line) instead of gluing the next record onto it; nothing around it is lost.
 #[test]
-fn appending_after_a_truncated_line_loses_nothing_around_it() {
+fn appending_after_a_truncated_line_loses_nothing_around_it() -> TestResult {
     let dir = temp_dir("append");
     let path = dir.join("log.jsonl");
     let rs = records(Style::Remedied);
     write_log(&path, &rs[..3]);
-    let text = std::fs::read_to_string(&path).unwrap();
+    let text = std::fs::read_to_string(&path)?;
     // Cut the third line in half, as a crash mid-write would.
     let cut = text.len() - text.lines().last().unwrap().len() / 2;
-    std::fs::write(&path, &text[..cut]).unwrap();
-    let mut sink = JsonlSink::append(&path).unwrap();
+    std::fs::write(&path, &text[..cut])?;
+    let mut sink = JsonlSink::append(&path)?;
     for r in &rs[3..] {
-        sink.write(r).unwrap();
+        sink.write(r)?;
     }
-    let log = read_log(&path).unwrap();
+    let log = read_log(&path)?;
     assert_eq!(log.bad_lines.len(), 1);
     assert_eq!(log.bad_lines[0].line, 3);
     assert_eq!(log.records.len(), rs.len() - 1);
     assert_eq!(log.records[..2], rs[..2]);
     assert_eq!(log.records[2..], rs[3..]);
-    std::fs::remove_dir_all(dir).unwrap();
+    std::fs::remove_dir_all(dir)?;
+    Ok(())
 }
 
 #[test]
-fn plots_include_the_gradient_histograms() {
+fn plots_include_the_gradient_histograms() -> TestResult {
     let dir = temp_dir("histograms");
     let rs = records(Style::Sigmoid);
-    let path = plot::gradient_histograms(&rs, &dir.join("h.svg")).unwrap();
-    let svg = std::fs::read_to_string(path).unwrap();
+    let path = plot::gradient_histograms(&rs, &dir.join("h.svg"))?;
+    let svg = std::fs::read_to_string(path)?;
     assert!(svg.starts_with("<svg") && svg.contains("layer.0") && svg.contains("<rect"));
-    std::fs::remove_dir_all(dir).unwrap();
+    std::fs::remove_dir_all(dir)?;
+    Ok(())
 }
 
 /// Runs `f` on another thread and fails if it has not returned within `secs`: a hang fails the
@@ -258,7 +258,7 @@ fn within<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) 
 }
 
 #[test]
-fn plots_of_values_at_the_f64_limits_return() {
+fn plots_of_values_at_the_f64_limits_return() -> TestResult {
     let dir = temp_dir("plots-limits");
     let mut rs = records(Style::Remedied);
     let extremes = [9e307, f64::MAX, 5e-324, f64::MIN_POSITIVE, 1.0];
@@ -274,5 +274,6 @@ fn plots_of_values_at_the_f64_limits_return() {
     let out = dir.clone();
     let files = within(120, move || plot::plot_all(&rs, &out).unwrap());
     assert_eq!(files.len(), 5);
-    std::fs::remove_dir_all(dir).unwrap();
+    std::fs::remove_dir_all(dir)?;
+    Ok(())
 }

@@ -14,6 +14,8 @@ use grad_core::strategies::{TensorSpec, Values, tensor};
 use grad_diagnostics::{GradMonitor, MonitorConfig, Probe, ProbeKind};
 use proptest::prelude::*;
 
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
 fn close(a: f64, b: f64, tol: f64) -> bool {
     (a - b).abs() <= tol * (1.0 + b.abs())
 }
@@ -25,13 +27,13 @@ proptest! {
     fn parameter_statistics_equal_a_naive_computation(
         g in tensor(TensorSpec { dtypes: vec![DType::F32, DType::F64], values: Values::Finite { lo: -3.0, hi: 3.0 }, max_dim: 9, ..TensorSpec::default() }),
     ) {
-        let w = Var::from_tensor(&g.ones_like().unwrap().to_dtype(g.dtype()).unwrap()).unwrap();
+        let w = Var::from_tensor(&g.ones_like()?.to_dtype(g.dtype())?)?;
         let mut store = GradStore::default();
         store.insert(w.as_tensor(), g.clone());
-        let mut monitor = GradMonitor::new(NamedVars::new([("net.w", w.clone())]).unwrap(), MonitorConfig::default()).unwrap();
+        let mut monitor = GradMonitor::new(NamedVars::new([("net.w", w.clone())])?, MonitorConfig::default())?;
         let record = monitor.observe(0, &store).unwrap().unwrap().clone();
         let p = &record.params[0];
-        let v = grad_testkit::values(&g).unwrap();
+        let v = grad_testkit::values(&g)?;
         let n = v.len() as f64;
         let mean = v.iter().sum::<f64>() / n;
         let std = (v.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / n).sqrt();
@@ -47,12 +49,12 @@ proptest! {
 
     #[test]
     fn the_history_never_exceeds_its_bound(bound in 1usize..8, steps in 1u64..40, every in 1u64..4) {
-        let w = Var::new(&[1f32, 2.0], &Device::Cpu).unwrap();
+        let w = Var::new(&[1f32, 2.0], &Device::Cpu)?;
         let cfg = MonitorConfig { history: bound, every, ..MonitorConfig::default() };
-        let mut monitor = GradMonitor::new(NamedVars::new([("w", w.clone())]).unwrap(), cfg).unwrap();
+        let mut monitor = GradMonitor::new(NamedVars::new([("w", w.clone())])?, cfg)?;
         for step in 0..steps {
-            let grads = w.sqr().unwrap().sum_all().unwrap().backward().unwrap();
-            let observed = monitor.observe(step, &grads).unwrap().is_some();
+            let grads = w.sqr()?.sum_all()?.backward()?;
+            let observed = monitor.observe(step, &grads)?.is_some();
             prop_assert_eq!(observed, step % every == 0);
             prop_assert!(monitor.history().len() <= bound);
         }
@@ -120,48 +122,36 @@ proptest! {
 }
 
 #[test]
-fn probe_statistics_hold_across_many_blocks() {
+fn probe_statistics_hold_across_many_blocks() -> TestResult {
     let mut rng = grad_core::Philox::new(7);
     for dims in [vec![300usize, 200], vec![4, 8, 40, 40]] {
         // Rounded to quarters, so exact zeros and saturated values occur.
-        let x = (rng
-            .normal(dims.as_slice(), 0.0, 1.0, DType::F32, &Device::Cpu)
-            .unwrap()
-            * 4.0)
-            .unwrap()
-            .round()
-            .unwrap()
-            .affine(0.25, 0.0)
-            .unwrap();
+        let x = (rng.normal(dims.as_slice(), 0.0, 1.0, DType::F32, &Device::Cpu)? * 4.0)?
+            .round()?
+            .affine(0.25, 0.0)?;
         for kind in [ProbeKind::Relu, ProbeKind::Tanh, ProbeKind::Sigmoid] {
             check_probe(&x, kind).unwrap();
         }
         check_probe(&x.to_dtype(DType::F64).unwrap(), ProbeKind::Relu).unwrap();
     }
+    Ok(())
 }
 
 #[test]
-fn gradient_statistics_hold_across_many_chunks() {
+fn gradient_statistics_hold_across_many_chunks() -> TestResult {
     let mut rng = grad_core::Philox::new(8);
-    let g = (rng
-        .normal((500, 300), 1e3, 1.0, DType::F32, &Device::Cpu)
-        .unwrap()
-        * 2.0)
-        .unwrap()
-        .round()
-        .unwrap()
-        .affine(0.5, -1e3)
-        .unwrap();
-    let w = Var::from_tensor(&g.ones_like().unwrap()).unwrap();
+    let g = (rng.normal((500, 300), 1e3, 1.0, DType::F32, &Device::Cpu)? * 2.0)?
+        .round()?
+        .affine(0.5, -1e3)?;
+    let w = Var::from_tensor(&g.ones_like()?)?;
     let mut store = GradStore::default();
     store.insert(w.as_tensor(), g.clone());
     let mut monitor = GradMonitor::new(
-        NamedVars::new([("w", w.clone())]).unwrap(),
+        NamedVars::new([("w", w.clone())])?,
         MonitorConfig::default(),
-    )
-    .unwrap();
+    )?;
     let p = monitor.observe(0, &store).unwrap().unwrap().params[0].clone();
-    let v = grad_testkit::values(&g).unwrap();
+    let v = grad_testkit::values(&g)?;
     let n = v.len() as f64;
     let mean = v.iter().sum::<f64>() / n;
     let std = (v.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / n).sqrt();
@@ -176,41 +166,32 @@ fn gradient_statistics_hold_across_many_chunks() {
     let zeros = v.iter().filter(|x| **x == 0.0).count();
     assert!(zeros > 1000, "the test wants many zeros, got {zeros}");
     assert_eq!(p.zero_fraction, zeros as f64 / n);
+    Ok(())
 }
 
 #[test]
-fn update_ratios_are_exact_for_small_parameters_and_close_for_large_ones() {
+fn update_ratios_are_exact_for_small_parameters_and_close_for_large_ones() -> TestResult {
     let dev = Device::Cpu;
-    let small = Var::from_tensor(
-        &grad_core::Philox::new(1)
-            .normal(100, 0.0, 1.0, DType::F64, &dev)
-            .unwrap(),
-    )
-    .unwrap();
-    let large = Var::from_tensor(
-        &grad_core::Philox::new(2)
-            .normal((300, 300), 0.0, 1.0, DType::F64, &dev)
-            .unwrap(),
-    )
-    .unwrap();
-    let params = NamedVars::new([("a.small", small.clone()), ("b.large", large.clone())]).unwrap();
-    let mut monitor = GradMonitor::new(params, MonitorConfig::default()).unwrap();
+    let small =
+        Var::from_tensor(&grad_core::Philox::new(1).normal(100, 0.0, 1.0, DType::F64, &dev)?)?;
+    let large = Var::from_tensor(&grad_core::Philox::new(2).normal(
+        (300, 300),
+        0.0,
+        1.0,
+        DType::F64,
+        &dev,
+    )?)?;
+    let params = NamedVars::new([("a.small", small.clone()), ("b.large", large.clone())])?;
+    let mut monitor = GradMonitor::new(params, MonitorConfig::default())?;
     let store = GradStore::default();
-    monitor.observe(0, &store).unwrap();
+    monitor.observe(0, &store)?;
     let (ds, dl) = (
-        grad_core::Philox::new(3)
-            .normal(100, 0.0, 1e-3, DType::F64, &dev)
-            .unwrap(),
-        grad_core::Philox::new(4)
-            .normal((300, 300), 0.0, 1e-3, DType::F64, &dev)
-            .unwrap(),
+        grad_core::Philox::new(3).normal(100, 0.0, 1e-3, DType::F64, &dev)?,
+        grad_core::Philox::new(4).normal((300, 300), 0.0, 1e-3, DType::F64, &dev)?,
     );
-    let (ws, wl) = (
-        (small.as_tensor() + &ds).unwrap(),
-        (large.as_tensor() + &dl).unwrap(),
-    );
-    small.set(&ws).unwrap();
-    large.set(&wl).unwrap();
+    let (ws, wl) = ((small.as_tensor() + &ds)?, (large.as_tensor() + &dl)?);
+    small.set(&ws)?;
+    large.set(&wl)?;
     let r = monitor.observe(1, &store).unwrap().unwrap().clone();
     let norm = |t: &Tensor| {
         t.sqr()
@@ -227,10 +208,11 @@ fn update_ratios_are_exact_for_small_parameters_and_close_for_large_ones() {
     assert!(close(r.params[0].update_ratio.unwrap(), exact_small, 1e-12));
     // 4096 of 90,000 elements sampled: within a few percent.
     assert!((r.params[1].update_ratio.unwrap() / exact_large - 1.0).abs() < 0.1);
+    Ok(())
 }
 
 #[test]
-fn probes_are_thread_safe() {
+fn probes_are_thread_safe() -> TestResult {
     let probe = Probe::new("shared", ProbeKind::Relu, 2);
     std::thread::scope(|s| {
         for t in 0..4 {
@@ -246,4 +228,5 @@ fn probes_are_thread_safe() {
     let s = probe.stats();
     assert_eq!(s.forwards, 100);
     assert_eq!(s.units, 5);
+    Ok(())
 }

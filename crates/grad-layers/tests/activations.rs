@@ -16,6 +16,8 @@ use grad_layers::{Activation, GeluApproximation, PReluConfig, ops, prelu};
 use grad_testkit::grads_of;
 use proptest::prelude::*;
 
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
 const ALL: [Activation; 9] = [
     Activation::Relu,
     Activation::LeakyRelu {
@@ -53,7 +55,7 @@ fn away_from_kink(n: usize, seed: u64) -> Tensor {
 }
 
 #[test]
-fn gradcheck_every_activation_in_f64() {
+fn gradcheck_every_activation_in_f64() -> TestResult {
     let x = away_from_kink(24, 1);
     for act in ALL {
         gradcheck(
@@ -64,16 +66,16 @@ fn gradcheck_every_activation_in_f64() {
         .unwrap_or_else(|e| panic!("{act:?}: {e}"));
     }
     for w in [
-        Tensor::new(&[0.3f64], &Device::Cpu).unwrap(),
-        Tensor::new(&[0.3f64, -0.2, 1.5, 0.0, 0.1, 0.25, 0.7, 2.0], &Device::Cpu).unwrap(),
+        Tensor::new(&[0.3f64], &Device::Cpu)?,
+        Tensor::new(&[0.3f64, -0.2, 1.5, 0.0, 0.1, 0.25, 0.7, 2.0], &Device::Cpu)?,
     ] {
         gradcheck(
             |t: &[Tensor]| ops::prelu(&t[0], &t[1]),
             &[x.clone(), w],
             &GradcheckConfig::default(),
-        )
-        .unwrap();
+        )?;
     }
+    Ok(())
 }
 
 proptest! {
@@ -89,10 +91,10 @@ proptest! {
         dtype in prop::sample::select(vec![DType::F64, DType::F32]),
         layout in prop::sample::select(vec![LayoutKind::Contiguous, LayoutKind::Transposed, LayoutKind::Narrowed]),
     ) {
-        let x = Var::from_tensor(&build_tensor(&dims, data, dtype, layout).unwrap()).unwrap();
-        let up = build_tensor(&dims, up, dtype, LayoutKind::Contiguous).unwrap();
-        let y = ops::activation(x.as_tensor(), act).unwrap();
-        let z = ops::activation_composed(x.as_tensor(), act).unwrap();
+        let x = Var::from_tensor(&build_tensor(&dims, data, dtype, layout)?)?;
+        let up = build_tensor(&dims, up, dtype, LayoutKind::Contiguous)?;
+        let y = ops::activation(x.as_tensor(), act)?;
+        let z = ops::activation_composed(x.as_tensor(), act)?;
         let gy = grads_of(&y, &up, &[x.as_tensor()]).unwrap()[0].clone().unwrap();
         let gz = grads_of(&z, &up, &[x.as_tensor()]).unwrap()[0].clone().unwrap();
         let tol = if dtype == DType::F64 { 1e-12 } else { 2e-6 };
@@ -110,9 +112,9 @@ proptest! {
         }),
         layout in prop::sample::select(vec![LayoutKind::Transposed, LayoutKind::Narrowed]),
     ) {
-        let strided = build_tensor(&dims, data, DType::F32, layout).unwrap();
-        let a = vals(&ops::activation(&strided, act).unwrap());
-        let b = vals(&ops::activation(&strided.contiguous().unwrap(), act).unwrap());
+        let strided = build_tensor(&dims, data, DType::F32, layout)?;
+        let a = vals(&ops::activation(&strided, act)?);
+        let b = vals(&ops::activation(&strided.contiguous()?, act)?);
         for (x, y) in a.iter().zip(&b) {
             prop_assert!(x == y || (x.is_nan() && y.is_nan()));
         }
@@ -120,22 +122,16 @@ proptest! {
 }
 
 #[test]
-fn prelu_fused_equals_composed_with_weight_gradient() {
-    let x = Var::from_tensor(
-        &Philox::new(4)
-            .normal((3, 4, 5), 0.0, 1.0, DType::F64, &Device::Cpu)
-            .unwrap(),
-    )
-    .unwrap();
-    let up = Philox::new(5)
-        .normal((3, 4, 5), 0.0, 1.0, DType::F64, &Device::Cpu)
-        .unwrap();
+fn prelu_fused_equals_composed_with_weight_gradient() -> TestResult {
+    let x =
+        Var::from_tensor(&Philox::new(4).normal((3, 4, 5), 0.0, 1.0, DType::F64, &Device::Cpu)?)?;
+    let up = Philox::new(5).normal((3, 4, 5), 0.0, 1.0, DType::F64, &Device::Cpu)?;
     for w in [vec![0.25], vec![0.1, -0.3, 0.5, 2.0]] {
-        let w = Var::from_tensor(&Tensor::new(w.as_slice(), &Device::Cpu).unwrap()).unwrap();
-        let y = ops::prelu(x.as_tensor(), w.as_tensor()).unwrap();
-        let z = ops::prelu_composed(x.as_tensor(), w.as_tensor()).unwrap();
-        let gy = grads_of(&y, &up, &[x.as_tensor(), w.as_tensor()]).unwrap();
-        let gz = grads_of(&z, &up, &[x.as_tensor(), w.as_tensor()]).unwrap();
+        let w = Var::from_tensor(&Tensor::new(w.as_slice(), &Device::Cpu)?)?;
+        let y = ops::prelu(x.as_tensor(), w.as_tensor())?;
+        let z = ops::prelu_composed(x.as_tensor(), w.as_tensor())?;
+        let gy = grads_of(&y, &up, &[x.as_tensor(), w.as_tensor()])?;
+        let gz = grads_of(&z, &up, &[x.as_tensor(), w.as_tensor()])?;
         assert_eq!(vals(&y), vals(&z));
         for (a, b) in gy.iter().zip(&gz) {
             for (p, q) in vals(a.as_ref().unwrap())
@@ -146,24 +142,19 @@ fn prelu_fused_equals_composed_with_weight_gradient() {
             }
         }
     }
+    Ok(())
 }
 
 #[test]
-fn extreme_inputs_saturate_without_nan() {
-    let x = Var::from_tensor(
-        &Tensor::new(
-            &[-1e30f32, -1e4, -100.0, 0.0, -0.0, 100.0, 1e4, 1e30],
-            &Device::Cpu,
-        )
-        .unwrap(),
-    )
-    .unwrap();
-    let ones = x.ones_like().unwrap();
+fn extreme_inputs_saturate_without_nan() -> TestResult {
+    let x = Var::from_tensor(&Tensor::new(
+        &[-1e30f32, -1e4, -100.0, 0.0, -0.0, 100.0, 1e4, 1e30],
+        &Device::Cpu,
+    )?)?;
+    let ones = x.ones_like()?;
     for act in ALL {
-        let y = ops::activation(x.as_tensor(), act).unwrap();
-        let g = grads_of(&y, &ones, &[x.as_tensor()]).unwrap()[0]
-            .clone()
-            .unwrap();
+        let y = ops::activation(x.as_tensor(), act)?;
+        let g = grads_of(&y, &ones, &[x.as_tensor()])?[0].clone().unwrap();
         for v in vals(&y).iter().chain(vals(&g).iter()) {
             assert!(
                 !v.is_nan(),
@@ -173,28 +164,31 @@ fn extreme_inputs_saturate_without_nan() {
             );
         }
     }
-    let elu = vals(&ops::activation(x.as_tensor(), Activation::Elu { alpha: 0.5 }).unwrap());
+    let elu = vals(&ops::activation(
+        x.as_tensor(),
+        Activation::Elu { alpha: 0.5 },
+    )?);
     assert_eq!(elu[0], -0.5);
+    Ok(())
 }
 
 #[test]
-fn activations_serialise_and_modules_build() {
-    let json = serde_json::to_string(&ALL).unwrap();
-    let back: Vec<Activation> = serde_json::from_str(&json).unwrap();
+fn activations_serialise_and_modules_build() -> TestResult {
+    let json = serde_json::to_string(&ALL)?;
+    let back: Vec<Activation> = serde_json::from_str(&json)?;
     assert_eq!(back, ALL);
     let map = VarMap::new();
     let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
-    let p = prelu(PReluConfig::default(), vb.pp("p")).unwrap();
+    let p = prelu(PReluConfig::default(), vb.pp("p"))?;
     assert_eq!(vals(p.weight()), [0.25]);
-    let y = p
-        .forward(&Tensor::new(&[[-4f32, 4.0]], &Device::Cpu).unwrap())
-        .unwrap();
+    let y = p.forward(&Tensor::new(&[[-4f32, 4.0]], &Device::Cpu)?)?;
     assert_eq!(vals(&y), [-1.0, 4.0]);
+    Ok(())
 }
 
 #[test]
-fn bad_input_is_an_error() {
-    let x = Tensor::ones((2, 3), DType::F32, &Device::Cpu).unwrap();
+fn bad_input_is_an_error() -> TestResult {
+    let x = Tensor::ones((2, 3), DType::F32, &Device::Cpu)?;
     assert!(ops::activation(&x, Activation::Elu { alpha: -1.0 }).is_err());
     assert!(
         ops::activation(
@@ -205,14 +199,14 @@ fn bad_input_is_an_error() {
         )
         .is_err()
     );
-    let w2 = Tensor::ones(2, DType::F32, &Device::Cpu).unwrap();
+    let w2 = Tensor::ones(2, DType::F32, &Device::Cpu)?;
     assert!(
         ops::prelu(&x, &w2).is_err(),
         "two slopes for three channels"
     );
-    let w64 = Tensor::ones(3, DType::F64, &Device::Cpu).unwrap();
+    let w64 = Tensor::ones(3, DType::F64, &Device::Cpu)?;
     assert!(ops::prelu(&x, &w64).is_err(), "dtype mismatch");
-    let ints = Tensor::ones(3, DType::I64, &Device::Cpu).unwrap();
+    let ints = Tensor::ones(3, DType::I64, &Device::Cpu)?;
     assert!(ops::activation(&ints, Activation::Relu).is_err());
     let vb = VarBuilder::from_varmap(&VarMap::new(), DType::F32, &Device::Cpu);
     assert!(
@@ -225,11 +219,11 @@ fn bad_input_is_an_error() {
         )
         .is_err()
     );
+    Ok(())
 }
 
 #[test]
-fn prelu_of_an_input_with_a_zero_size_dim_is_empty_not_a_panic()
--> Result<(), Box<dyn std::error::Error>> {
+fn prelu_of_an_input_with_a_zero_size_dim_is_empty_not_a_panic() -> TestResult {
     let x = Tensor::zeros((2, 3, 0), DType::F32, &Device::Cpu)?;
     let w = Tensor::new(&[0.25f32, 0.5, 0.75], &Device::Cpu)?;
     for y in [ops::prelu(&x, &w)?, ops::prelu_composed(&x, &w)?] {
@@ -246,7 +240,7 @@ fn prelu_of_an_input_with_a_zero_size_dim_is_empty_not_a_panic()
 /// PyTorch's backward at a NaN input: its branch tests (`x <= 0`, `x > 0`, `x <= -3`, ...) are
 /// false for NaN, which picks a branch, not a NaN, for the piecewise activations.
 #[test]
-fn gradients_at_nan_inputs_follow_pytorch() -> Result<(), Box<dyn std::error::Error>> {
+fn gradients_at_nan_inputs_follow_pytorch() -> TestResult {
     use grad_core::device::{Path, with_path};
     let nan = f64::NAN;
     let table = [

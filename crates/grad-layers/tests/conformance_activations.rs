@@ -12,6 +12,8 @@ use grad_core::device::{Path, with_path};
 use grad_layers::{Activation, GeluApproximation, ops};
 use grad_testkit::{Case, CaseError, Outputs, Precision, grads_of, run, run_as};
 
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
 fn activation_case(case: &Case, p: Precision) -> Result<Outputs, CaseError> {
     let x = Var::from_tensor(&case.input("x")?.to_tensor(p.dtype())?)?;
     let name = case.attr_str("activation")?.ok_or("activation is null")?;
@@ -81,17 +83,19 @@ fn activation_case(case: &Case, p: Precision) -> Result<Outputs, CaseError> {
 }
 
 #[test]
-fn activations_f64() {
+fn activations_f64() -> TestResult {
     run("activations", Precision::F64, activation_case).assert_all_passed();
+    Ok(())
 }
 
 #[test]
-fn activations_f32() {
+fn activations_f32() -> TestResult {
     run("activations", Precision::F32, activation_case).assert_all_passed();
+    Ok(())
 }
 
 #[test]
-fn activations_composed_f64() {
+fn activations_composed_f64() -> TestResult {
     with_path(Path::Composed, || {
         run_as(
             "activations",
@@ -101,10 +105,11 @@ fn activations_composed_f64() {
         )
     })
     .assert_all_passed();
+    Ok(())
 }
 
 #[test]
-fn activations_composed_f32() {
+fn activations_composed_f32() -> TestResult {
     with_path(Path::Composed, || {
         run_as(
             "activations",
@@ -114,4 +119,5 @@ fn activations_composed_f32() {
         )
     })
     .assert_all_passed();
+    Ok(())
 }

@@ -11,6 +11,8 @@ use candle_core::{DType, Device, Tensor};
 use grad_layers::init::{FanMode, Nonlinearity, calculate_gain, fans, kaiming_std, xavier_std};
 use grad_testkit::{Case, CaseError, Outputs, Precision, run};
 
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
 fn scalar(v: f64, p: Precision) -> Result<Tensor, CaseError> {
     Ok(Tensor::new(v, &Device::Cpu)?.to_dtype(p.dtype())?)
 }
@@ -76,28 +78,26 @@ fn init_case(case: &Case, p: Precision) -> Result<Outputs, CaseError> {
 }
 
 #[test]
-fn init_f64() {
+fn init_f64() -> TestResult {
     run("init", Precision::F64, init_case).assert_all_passed();
+    Ok(())
 }
 
 #[test]
-fn init_f32() {
+fn init_f32() -> TestResult {
     run("init", Precision::F32, init_case).assert_all_passed();
+    Ok(())
 }
 
 #[test]
-fn closed_form_values_agree_to_1e15() {
+fn closed_form_values_agree_to_1e15() -> TestResult {
     // The README suggests comparing init values at rtol ~1e-15: check the f64 run that tightly.
-    let file = grad_testkit::load("init").unwrap();
+    let file = grad_testkit::load("init")?;
     for case in file.cases.iter().filter(|c| !c.expects_error()) {
         let got = init_case(case, Precision::F64).unwrap();
         for (name, want) in case.expected_tensors() {
-            let g = got[&name]
-                .to_dtype(DType::F64)
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
-            let w = want.scalar_f64().unwrap();
+            let g = got[&name].to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let w = want.scalar_f64()?;
             assert!(
                 (g - w).abs() <= 1e-15 * w.abs(),
                 "{}: {name}: {g} vs {w}",
@@ -105,4 +105,5 @@ fn closed_form_values_agree_to_1e15() {
             );
         }
     }
+    Ok(())
 }

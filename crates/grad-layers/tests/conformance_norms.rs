@@ -13,6 +13,8 @@ use grad_core::device::{Path, with_path};
 use grad_layers::{BatchNormConfig, batch_norm, ops};
 use grad_testkit::{Case, CaseError, Outputs, Precision, grads_of, run, run_as};
 
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
 /// Builds the case's input `name` as a variable (so it receives a gradient).
 fn var(case: &Case, name: &str, p: Precision) -> Result<Var, CaseError> {
     Ok(Var::from_tensor(&case.input(name)?.to_tensor(p.dtype())?)?)
@@ -134,13 +136,14 @@ fn rms_norm_case(case: &Case, p: Precision) -> Result<Outputs, CaseError> {
 }
 
 #[test]
-fn batch_norm_f64() {
+fn batch_norm_f64() -> TestResult {
     run("batch_norm", Precision::F64, batch_norm_case).assert_all_passed();
+    Ok(())
 }
 
 /// The same vectors through the composed path (what CUDA and Metal tensors run), on the CPU.
 #[test]
-fn batch_norm_composed_f64() {
+fn batch_norm_composed_f64() -> TestResult {
     with_path(Path::Composed, || {
         run_as(
             "batch_norm",
@@ -150,16 +153,18 @@ fn batch_norm_composed_f64() {
         )
     })
     .assert_all_passed();
+    Ok(())
 }
 
 #[test]
-fn batch_norm_f32() {
+fn batch_norm_f32() -> TestResult {
     run("batch_norm", Precision::F32, batch_norm_case).assert_all_passed();
+    Ok(())
 }
 
 /// The same vectors through the composed path (what CUDA and Metal tensors run), on the CPU.
 #[test]
-fn batch_norm_composed_f32() {
+fn batch_norm_composed_f32() -> TestResult {
     with_path(Path::Composed, || {
         run_as(
             "batch_norm",
@@ -169,16 +174,18 @@ fn batch_norm_composed_f32() {
         )
     })
     .assert_all_passed();
+    Ok(())
 }
 
 #[test]
-fn layer_norm_f64() {
+fn layer_norm_f64() -> TestResult {
     run("layer_norm", Precision::F64, layer_norm_case).assert_all_passed();
+    Ok(())
 }
 
 /// The same vectors through the composed path (what CUDA and Metal tensors run), on the CPU.
 #[test]
-fn layer_norm_composed_f64() {
+fn layer_norm_composed_f64() -> TestResult {
     with_path(Path::Composed, || {
         run_as(
             "layer_norm",
@@ -188,16 +195,18 @@ fn layer_norm_composed_f64() {
         )
     })
     .assert_all_passed();
+    Ok(())
 }
 
 #[test]
-fn layer_norm_f32() {
+fn layer_norm_f32() -> TestResult {
     run("layer_norm", Precision::F32, layer_norm_case).assert_all_passed();
+    Ok(())
 }
 
 /// The same vectors through the composed path (what CUDA and Metal tensors run), on the CPU.
 #[test]
-fn layer_norm_composed_f32() {
+fn layer_norm_composed_f32() -> TestResult {
     with_path(Path::Composed, || {
         run_as(
             "layer_norm",
@@ -207,16 +216,18 @@ fn layer_norm_composed_f32() {
         )
     })
     .assert_all_passed();
+    Ok(())
 }
 
 #[test]
-fn group_norm_f64() {
+fn group_norm_f64() -> TestResult {
     run("group_norm", Precision::F64, group_norm_case).assert_all_passed();
+    Ok(())
 }
 
 /// The same vectors through the composed path (what CUDA and Metal tensors run), on the CPU.
 #[test]
-fn group_norm_composed_f64() {
+fn group_norm_composed_f64() -> TestResult {
     with_path(Path::Composed, || {
         run_as(
             "group_norm",
@@ -226,16 +237,18 @@ fn group_norm_composed_f64() {
         )
     })
     .assert_all_passed();
+    Ok(())
 }
 
 #[test]
-fn group_norm_f32() {
+fn group_norm_f32() -> TestResult {
     run("group_norm", Precision::F32, group_norm_case).assert_all_passed();
+    Ok(())
 }
 
 /// The same vectors through the composed path (what CUDA and Metal tensors run), on the CPU.
 #[test]
-fn group_norm_composed_f32() {
+fn group_norm_composed_f32() -> TestResult {
     with_path(Path::Composed, || {
         run_as(
             "group_norm",
@@ -245,16 +258,18 @@ fn group_norm_composed_f32() {
         )
     })
     .assert_all_passed();
+    Ok(())
 }
 
 #[test]
-fn rms_norm_f64() {
+fn rms_norm_f64() -> TestResult {
     run("rms_norm", Precision::F64, rms_norm_case).assert_all_passed();
+    Ok(())
 }
 
 /// The same vectors through the composed path (what CUDA and Metal tensors run), on the CPU.
 #[test]
-fn rms_norm_composed_f64() {
+fn rms_norm_composed_f64() -> TestResult {
     with_path(Path::Composed, || {
         run_as(
             "rms_norm",
@@ -264,16 +279,18 @@ fn rms_norm_composed_f64() {
         )
     })
     .assert_all_passed();
+    Ok(())
 }
 
 #[test]
-fn rms_norm_f32() {
+fn rms_norm_f32() -> TestResult {
     run("rms_norm", Precision::F32, rms_norm_case).assert_all_passed();
+    Ok(())
 }
 
 /// The same vectors through the composed path (what CUDA and Metal tensors run), on the CPU.
 #[test]
-fn rms_norm_composed_f32() {
+fn rms_norm_composed_f32() -> TestResult {
     with_path(Path::Composed, || {
         run_as(
             "rms_norm",
@@ -283,4 +300,5 @@ fn rms_norm_composed_f32() {
         )
     })
     .assert_all_passed();
+    Ok(())
 }

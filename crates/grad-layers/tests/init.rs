@@ -13,6 +13,8 @@ use grad_core::Philox;
 use grad_layers::init::{FanMode, Initializer, Nonlinearity, calculate_gain, fans};
 use grad_layers::lsuv::{LsuvConfig, lsuv};
 
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
 fn vals(t: &Tensor) -> Vec<f64> {
     grad_testkit::values(t).unwrap()
 }
@@ -42,10 +44,10 @@ fn normal_cdf(x: f64) -> f64 {
 }
 
 #[test]
-fn kaiming_and_xavier_samples_match_their_bounds_and_std() {
+fn kaiming_and_xavier_samples_match_their_bounds_and_std() -> TestResult {
     let dev = Device::Cpu;
     let shape = [512usize, 256, 3];
-    let (fan_in, fan_out) = fans(&shape).unwrap();
+    let (fan_in, fan_out) = fans(&shape)?;
     let n = shape.iter().product::<usize>() as f64;
     let mut rng = Philox::new(42);
     let cases = [
@@ -65,7 +67,7 @@ fn kaiming_and_xavier_samples_match_their_bounds_and_std() {
                 nonlinearity: Nonlinearity::LeakyRelu,
             },
             false,
-            calculate_gain(Nonlinearity::LeakyRelu, Some(0.2)).unwrap() / (fan_out as f64).sqrt(),
+            calculate_gain(Nonlinearity::LeakyRelu, Some(0.2))? / (fan_out as f64).sqrt(),
         ),
         (
             Initializer::XavierUniform { gain: 1.0 },
@@ -79,7 +81,7 @@ fn kaiming_and_xavier_samples_match_their_bounds_and_std() {
         ),
     ];
     for (init, uniform, std) in cases {
-        let v = vals(&init.sample(&shape[..], DType::F32, &dev, &mut rng).unwrap());
+        let v = vals(&init.sample(&shape[..], DType::F32, &dev, &mut rng)?);
         let (m, var) = moments(&v);
         assert!(m.abs() < 5.0 * std / n.sqrt(), "{init:?}: mean {m}");
         // Sample variance sd: sigma^2 sqrt(2/n) for normals, sigma^2 sqrt(0.8/n) for uniforms.
@@ -107,26 +109,30 @@ fn kaiming_and_xavier_samples_match_their_bounds_and_std() {
             assert!(d < 1.63 / (20_000f64).sqrt() * 1.5, "{init:?}: KS {d}");
         }
     }
+    Ok(())
 }
 
 #[test]
-fn orthogonal_gives_orthonormal_rows_or_columns() {
+fn orthogonal_gives_orthonormal_rows_or_columns() -> TestResult {
     let dev = Device::Cpu;
     let mut rng = Philox::new(7);
     for shape in [vec![64, 32], vec![32, 64], vec![16, 4, 3, 3], vec![50, 50]] {
-        let w = Initializer::Orthogonal { gain: 2.0 }
-            .sample(shape.as_slice(), DType::F64, &dev, &mut rng)
-            .unwrap();
-        let m = w.reshape((shape[0], ())).unwrap();
-        let (rows, cols) = m.dims2().unwrap();
+        let w = Initializer::Orthogonal { gain: 2.0 }.sample(
+            shape.as_slice(),
+            DType::F64,
+            &dev,
+            &mut rng,
+        )?;
+        let m = w.reshape((shape[0], ()))?;
+        let (rows, cols) = m.dims2()?;
         // W^T W = gain^2 I when tall, W W^T = gain^2 I when wide.
         let gram = if rows >= cols {
-            m.t().unwrap().matmul(&m).unwrap()
+            m.t()?.matmul(&m)?
         } else {
-            m.matmul(&m.t().unwrap()).unwrap()
+            m.matmul(&m.t()?)?
         };
         let k = rows.min(cols);
-        let g = gram.to_vec2::<f64>().unwrap();
+        let g = gram.to_vec2::<f64>()?;
         for i in 0..k {
             for j in 0..k {
                 let want = if i == j { 4.0 } else { 0.0 };
@@ -138,10 +144,11 @@ fn orthogonal_gives_orthonormal_rows_or_columns() {
             }
         }
     }
+    Ok(())
 }
 
 #[test]
-fn trunc_normal_stays_inside_and_matches_moments() {
+fn trunc_normal_stays_inside_and_matches_moments() -> TestResult {
     let mut rng = Philox::new(3);
     let init = Initializer::TruncNormal {
         mean: 0.5,
@@ -149,11 +156,7 @@ fn trunc_normal_stays_inside_and_matches_moments() {
         a: -1.0,
         b: 1.5,
     };
-    let v = vals(
-        &init
-            .sample(200_000, DType::F64, &Device::Cpu, &mut rng)
-            .unwrap(),
-    );
+    let v = vals(&init.sample(200_000, DType::F64, &Device::Cpu, &mut rng)?);
     assert!(v.iter().all(|x| (-1.0..=1.5).contains(x)));
     // Mean of N(0.5, 1) truncated to [-1.5, 1] standard units: mu + (phi(a) - phi(b)) / Z.
     let phi = |z: f64| (-0.5 * z * z).exp() / (2.0 * std::f64::consts::PI).sqrt();
@@ -165,10 +168,11 @@ fn trunc_normal_stays_inside_and_matches_moments() {
         (m - mean).abs() < 5.0 / (200_000f64).sqrt(),
         "mean {m} vs {mean}"
     );
+    Ok(())
 }
 
 #[test]
-fn lsuv_reaches_unit_variance_on_a_ten_layer_mlp() {
+fn lsuv_reaches_unit_variance_on_a_ten_layer_mlp() -> TestResult {
     let dev = Device::Cpu;
     let mut rng = Philox::new(11);
     let widths = [64usize, 128, 128, 96, 96, 128, 64, 64, 64, 32, 10];
@@ -183,7 +187,7 @@ fn lsuv_reaches_unit_variance_on_a_ten_layer_mlp() {
         })
         .collect();
     assert_eq!(weights.len(), 10);
-    let batch = rng.uniform((512, 64), 0.0, 1.0, DType::F32, &dev).unwrap();
+    let batch = rng.uniform((512, 64), 0.0, 1.0, DType::F32, &dev)?;
     let output_of = |i: usize, x: &Tensor| -> candle_core::Result<Tensor> {
         let mut h = x.clone();
         for (k, w) in weights.iter().enumerate().take(i + 1) {
@@ -198,18 +202,19 @@ fn lsuv_reaches_unit_variance_on_a_ten_layer_mlp() {
         tol: 0.05,
         ..LsuvConfig::default()
     };
-    let report = lsuv(&weights, &batch, &cfg, &mut rng, output_of).unwrap();
+    let report = lsuv(&weights, &batch, &cfg, &mut rng, output_of)?;
     assert_eq!(report.len(), 10);
     for (i, layer) in report.iter().enumerate() {
         assert!(layer.converged, "layer {i}: {layer:?}");
-        let out = output_of(i, &batch).unwrap();
+        let out = output_of(i, &batch)?;
         let (_, var) = moments(&vals(&out));
         assert!((var - 1.0).abs() < 0.05, "layer {i}: variance {var}");
     }
+    Ok(())
 }
 
 #[test]
-fn bad_input_is_an_error() {
+fn bad_input_is_an_error() -> TestResult {
     let dev = Device::Cpu;
     let mut rng = Philox::new(0);
     let kaiming = Initializer::KaimingUniform {
@@ -256,9 +261,9 @@ fn bad_input_is_an_error() {
     );
     assert!("swish".parse::<Nonlinearity>().is_err());
     assert!(calculate_gain(Nonlinearity::LeakyRelu, Some(f64::INFINITY)).is_err());
-    let w = Var::zeros((4, 4), DType::F32, &dev).unwrap();
-    let x = Tensor::zeros((8, 4), DType::F32, &dev).unwrap();
-    let dead = |_: usize, x: &Tensor| x.matmul(&w.as_tensor().t().unwrap());
+    let w = Var::zeros((4, 4), DType::F32, &dev)?;
+    let x = Tensor::zeros((8, 4), DType::F32, &dev)?;
+    let dead = |_: usize, x: &Tensor| x.matmul(&w.as_tensor().t()?);
     let cfg = LsuvConfig {
         orthogonal: false,
         ..LsuvConfig::default()
@@ -267,10 +272,11 @@ fn bad_input_is_an_error() {
         lsuv(std::slice::from_ref(&w), &x, &cfg, &mut rng, dead),
         Err(grad_layers::Error::DegenerateVariance { layer: 0, .. })
     ));
+    Ok(())
 }
 
 #[test]
-fn reinit_names_the_parameter_whose_rule_failed() -> Result<(), Box<dyn std::error::Error>> {
+fn reinit_names_the_parameter_whose_rule_failed() -> TestResult {
     use candle_nn::{VarBuilder, VarMap};
     let map = VarMap::new();
     let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
@@ -295,8 +301,7 @@ fn reinit_names_the_parameter_whose_rule_failed() -> Result<(), Box<dyn std::err
 }
 
 #[test]
-fn fan_in_bias_takes_the_fan_in_of_the_weight_beside_it() -> Result<(), Box<dyn std::error::Error>>
-{
+fn fan_in_bias_takes_the_fan_in_of_the_weight_beside_it() -> TestResult {
     use candle_nn::{VarBuilder, VarMap};
     let map = VarMap::new();
     let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
@@ -332,7 +337,7 @@ fn fan_in_bias_takes_the_fan_in_of_the_weight_beside_it() -> Result<(), Box<dyn 
 }
 
 #[test]
-fn zero_element_tensors_are_left_alone_by_every_rule() {
+fn zero_element_tensors_are_left_alone_by_every_rule() -> TestResult {
     let kaiming = Initializer::KaimingUniform {
         a: 0.0,
         mode: FanMode::FanOut,
@@ -354,4 +359,5 @@ fn zero_element_tensors_are_left_alone_by_every_rule() {
             assert_eq!(t.dims(), dims);
         }
     }
+    Ok(())
 }

@@ -17,6 +17,8 @@ use grad_layers::{
     group_norm, layer_norm, ops, rms_norm,
 };
 
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
 fn vals(t: &Tensor) -> Vec<f64> {
     grad_testkit::values(t).unwrap()
 }
@@ -37,10 +39,10 @@ fn first_layer_grad(dtype: DType, norm: &dyn Fn(&Tensor) -> Tensor) -> Option<Ve
 }
 
 #[test]
-fn gradients_reach_the_layer_before_the_norm() {
+fn gradients_reach_the_layer_before_the_norm() -> TestResult {
     let map = VarMap::new();
     let vb = VarBuilder::from_varmap(&map, DType::F64, &Device::Cpu);
-    let ln = layer_norm(8, LayerNormConfig::default(), vb.pp("ln")).unwrap();
+    let ln = layer_norm(8, LayerNormConfig::default(), vb.pp("ln"))?;
     let rms = rms_norm(
         8,
         RmsNormConfig {
@@ -48,8 +50,7 @@ fn gradients_reach_the_layer_before_the_norm() {
             elementwise_affine: true,
         },
         vb.pp("rms"),
-    )
-    .unwrap();
+    )?;
 
     let ours =
         first_layer_grad(DType::F64, &|h| ln.forward(h).unwrap()).expect("a gradient upstream");
@@ -76,12 +77,13 @@ fn gradients_reach_the_layer_before_the_norm() {
     // while no gradient reaches the layer before them.
     // (Its fused ops take f32 only.)
     let vb32 = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
-    let cnn_ln = candle_nn::layer_norm(8, 1e-5, vb32.pp("cnn_ln")).unwrap();
+    let cnn_ln = candle_nn::layer_norm(8, 1e-5, vb32.pp("cnn_ln"))?;
     assert!(first_layer_grad(DType::F32, &|h| cnn_ln.forward(h).unwrap()).is_none());
-    let cnn_rms = candle_nn::rms_norm(8, 1e-6, vb32.pp("cnn_rms")).unwrap();
+    let cnn_rms = candle_nn::rms_norm(8, 1e-6, vb32.pp("cnn_rms"))?;
     assert!(first_layer_grad(DType::F32, &|h| cnn_rms.forward(h).unwrap()).is_none());
-    let ln32 = layer_norm(8, LayerNormConfig::default(), vb32.pp("ln32")).unwrap();
+    let ln32 = layer_norm(8, LayerNormConfig::default(), vb32.pp("ln32"))?;
     assert!(first_layer_grad(DType::F32, &|h| ln32.forward(h).unwrap()).is_some());
+    Ok(())
 }
 
 fn temp_file(name: &str) -> std::path::PathBuf {
@@ -89,11 +91,9 @@ fn temp_file(name: &str) -> std::path::PathBuf {
 }
 
 #[test]
-fn candle_nn_checkpoints_load_both_ways() {
+fn candle_nn_checkpoints_load_both_ways() -> TestResult {
     let dev = Device::Cpu;
-    let x = grad_core::Philox::new(2)
-        .normal((16, 4, 3), 1.0, 2.0, DType::F32, &dev)
-        .unwrap();
+    let x = grad_core::Philox::new(2).normal((16, 4, 3), 1.0, 2.0, DType::F32, &dev)?;
 
     // candle-nn's BatchNorm, trained one step, saved.
     let map = VarMap::new();
@@ -101,27 +101,22 @@ fn candle_nn_checkpoints_load_both_ways() {
         4,
         candle_nn::BatchNormConfig::default(),
         VarBuilder::from_varmap(&map, DType::F32, &dev),
-    )
-    .unwrap();
-    cnn.forward_t(&x, true).unwrap();
+    )?;
+    cnn.forward_t(&x, true)?;
     let path = temp_file("candle-nn-bn.safetensors");
-    map.save(&path).unwrap();
+    map.save(&path)?;
 
     // ... loads into gradkit's BatchNorm unchanged, counter starting at 0.
-    let tensors: HashMap<String, Tensor> = candle_core::safetensors::load(&path, &dev).unwrap();
+    let tensors: HashMap<String, Tensor> = candle_core::safetensors::load(&path, &dev)?;
     assert!(!tensors.contains_key("num_batches_tracked"));
     let ours = batch_norm(
         4,
         BatchNormConfig::default(),
         VarBuilder::from_tensors(tensors, DType::F32, &dev),
-    )
-    .unwrap();
-    assert_eq!(ours.num_batches_tracked().unwrap(), Some(0));
+    )?;
+    assert_eq!(ours.num_batches_tracked()?, Some(0));
     assert_eq!(vals(ours.running_mean().unwrap()), vals(cnn.running_mean()));
-    let (a, b) = (
-        ours.forward_t(&x, false).unwrap(),
-        cnn.forward_t(&x, false).unwrap(),
-    );
+    let (a, b) = (ours.forward_t(&x, false)?, cnn.forward_t(&x, false)?);
     for (p, q) in vals(&a).iter().zip(vals(&b)) {
         assert!((p - q).abs() < 1e-5);
     }
@@ -132,36 +127,32 @@ fn candle_nn_checkpoints_load_both_ways() {
         4,
         BatchNormConfig::default(),
         VarBuilder::from_varmap(&map, DType::F32, &dev),
-    )
-    .unwrap();
-    ours.forward_t(&x, true).unwrap();
+    )?;
+    ours.forward_t(&x, true)?;
     let path2 = temp_file("gradkit-bn.safetensors");
-    map.save(&path2).unwrap();
-    let tensors: HashMap<String, Tensor> = candle_core::safetensors::load(&path2, &dev).unwrap();
-    assert_eq!(
-        tensors["num_batches_tracked"].to_scalar::<i64>().unwrap(),
-        1
-    );
+    map.save(&path2)?;
+    let tensors: HashMap<String, Tensor> = candle_core::safetensors::load(&path2, &dev)?;
+    assert_eq!(tensors["num_batches_tracked"].to_scalar::<i64>()?, 1);
     let cnn = candle_nn::batch_norm(
         4,
         candle_nn::BatchNormConfig::default(),
         VarBuilder::from_tensors(tensors, DType::F32, &dev),
-    )
-    .unwrap();
+    )?;
     assert_eq!(vals(cnn.running_var()), vals(ours.running_var().unwrap()));
-    std::fs::remove_file(path).unwrap();
-    std::fs::remove_file(path2).unwrap();
+    std::fs::remove_file(path)?;
+    std::fs::remove_file(path2)?;
+    Ok(())
 }
 
 #[test]
-fn running_statistics_follow_pytorch_rules() {
+fn running_statistics_follow_pytorch_rules() -> TestResult {
     let dev = Device::Cpu;
     let map = VarMap::new();
     let cma = BatchNormConfig {
         momentum: None,
         ..BatchNormConfig::default()
     };
-    let bn = batch_norm(2, cma, VarBuilder::from_varmap(&map, DType::F64, &dev)).unwrap();
+    let bn = batch_norm(2, cma, VarBuilder::from_varmap(&map, DType::F64, &dev))?;
     let batches: Vec<Tensor> = (0..3)
         .map(|i| {
             grad_core::Philox::new(i)
@@ -170,7 +161,7 @@ fn running_statistics_follow_pytorch_rules() {
         })
         .collect();
     for b in &batches {
-        bn.forward_t(b, true).unwrap();
+        bn.forward_t(b, true)?;
     }
     // The cumulative average of the batch means.
     let mean_of_means: Vec<f64> = (0..2)
@@ -192,7 +183,7 @@ fn running_statistics_follow_pytorch_rules() {
     for (a, b) in vals(bn.running_mean().unwrap()).iter().zip(&mean_of_means) {
         assert!((a - b).abs() < 1e-12);
     }
-    assert_eq!(bn.num_batches_tracked().unwrap(), Some(3));
+    assert_eq!(bn.num_batches_tracked()?, Some(3));
     // The VarMap sees the same buffers, so saving after training saves the updated statistics.
     let stored = map.data().lock().unwrap()["running_mean"]
         .as_tensor()
@@ -202,7 +193,7 @@ fn running_statistics_follow_pytorch_rules() {
     // Evaluation neither uses nor changes batch statistics; without tracking, batch statistics
     // are used in both modes.
     let before = vals(bn.running_var().unwrap());
-    bn.forward_t(&batches[0], false).unwrap();
+    bn.forward_t(&batches[0], false)?;
     assert_eq!(before, vals(bn.running_var().unwrap()));
     let untracked = batch_norm(
         2,
@@ -211,52 +202,44 @@ fn running_statistics_follow_pytorch_rules() {
             ..BatchNormConfig::default()
         },
         VarBuilder::from_varmap(&VarMap::new(), DType::F64, &dev),
-    )
-    .unwrap();
-    assert_eq!(untracked.num_batches_tracked().unwrap(), None);
+    )?;
+    assert_eq!(untracked.num_batches_tracked()?, None);
     let (t, e) = (
-        untracked.forward_t(&batches[1], true).unwrap(),
-        untracked.forward_t(&batches[1], false).unwrap(),
+        untracked.forward_t(&batches[1], true)?,
+        untracked.forward_t(&batches[1], false)?,
     );
     assert_eq!(vals(&t), vals(&e));
+    Ok(())
 }
 
 #[test]
-fn rank_five_inputs_normalise_per_channel() {
+fn rank_five_inputs_normalise_per_channel() -> TestResult {
     let dev = Device::Cpu;
     let bn = batch_norm(
         3,
         BatchNormConfig::default(),
         VarBuilder::from_varmap(&VarMap::new(), DType::F32, &dev),
-    )
-    .unwrap();
-    let x = grad_core::Philox::new(0)
-        .normal((2, 3, 2, 3, 4), 5.0, 3.0, DType::F32, &dev)
-        .unwrap();
-    let y = bn.forward_t(&x, true).unwrap();
-    let per_channel = y
-        .transpose(0, 1)
-        .unwrap()
-        .contiguous()
-        .unwrap()
-        .reshape((3, ()))
-        .unwrap();
-    for row in per_channel.to_vec2::<f32>().unwrap() {
+    )?;
+    let x = grad_core::Philox::new(0).normal((2, 3, 2, 3, 4), 5.0, 3.0, DType::F32, &dev)?;
+    let y = bn.forward_t(&x, true)?;
+    let per_channel = y.transpose(0, 1)?.contiguous()?.reshape((3, ()))?;
+    for row in per_channel.to_vec2::<f32>()? {
         let mean = row.iter().sum::<f32>() / row.len() as f32;
         assert!(mean.abs() < 1e-5);
     }
+    Ok(())
 }
 
 #[test]
-fn bad_input_is_an_error_not_a_panic() {
+fn bad_input_is_an_error_not_a_panic() -> TestResult {
     let dev = Device::Cpu;
     let vb = VarBuilder::from_varmap(&VarMap::new(), DType::F32, &dev);
-    let bn = batch_norm(4, BatchNormConfig::default(), vb.pp("bn")).unwrap();
-    let rank1 = Tensor::zeros(4, DType::F32, &dev).unwrap();
-    let rank6 = Tensor::zeros((2, 4, 1, 1, 1, 2), DType::F32, &dev).unwrap();
-    let wrong_c = Tensor::zeros((2, 3), DType::F32, &dev).unwrap();
-    let empty = Tensor::zeros((0, 4), DType::F32, &dev).unwrap();
-    let one = Tensor::zeros((1, 4), DType::F32, &dev).unwrap();
+    let bn = batch_norm(4, BatchNormConfig::default(), vb.pp("bn"))?;
+    let rank1 = Tensor::zeros(4, DType::F32, &dev)?;
+    let rank6 = Tensor::zeros((2, 4, 1, 1, 1, 2), DType::F32, &dev)?;
+    let wrong_c = Tensor::zeros((2, 3), DType::F32, &dev)?;
+    let empty = Tensor::zeros((0, 4), DType::F32, &dev)?;
+    let one = Tensor::zeros((1, 4), DType::F32, &dev)?;
     assert!(matches!(
         bn.try_forward(&rank1, true),
         Err(Error::Core(grad_core::Error::RankMismatch { .. }))
@@ -310,10 +293,10 @@ fn bad_input_is_an_error_not_a_panic() {
         ..LayerNormConfig::default()
     };
     assert!(layer_norm(4, bad_eps, vb.pp("ln")).is_err());
-    let ln = layer_norm(4, LayerNormConfig::default(), vb.pp("ln2")).unwrap();
+    let ln = layer_norm(4, LayerNormConfig::default(), vb.pp("ln2"))?;
     assert!(ln.try_forward(&wrong_c).is_err());
     assert!(
-        ln.try_forward(&Tensor::zeros((0, 4), DType::F32, &dev).unwrap())
+        ln.try_forward(&Tensor::zeros((0, 4), DType::F32, &dev)?)
             .is_err()
     );
     assert!(matches!(
@@ -324,7 +307,7 @@ fn bad_input_is_an_error_not_a_panic() {
         })
     ));
     assert!(group_norm(0, 6, GroupNormConfig::default(), vb.pp("gn0")).is_err());
-    let gn = group_norm(2, 4, GroupNormConfig::default(), vb.pp("gn2")).unwrap();
+    let gn = group_norm(2, 4, GroupNormConfig::default(), vb.pp("gn2"))?;
     assert!(gn.try_forward(&rank1).is_err());
     assert!(gn.try_forward(&wrong_c).is_err());
     assert!(
@@ -338,34 +321,28 @@ fn bad_input_is_an_error_not_a_panic() {
         )
         .is_err()
     );
-    let ints = Tensor::zeros((2, 4), DType::U32, &dev).unwrap();
+    let ints = Tensor::zeros((2, 4), DType::U32, &dev)?;
     assert!(ops::layer_norm(&ints, &[4], None, None, 1e-5).is_err());
-    let w64 = Tensor::ones(4, DType::F64, &dev).unwrap();
-    let x32 = Tensor::ones((2, 4), DType::F32, &dev).unwrap();
+    let w64 = Tensor::ones(4, DType::F64, &dev)?;
+    let x32 = Tensor::ones((2, 4), DType::F32, &dev)?;
     assert!(ops::layer_norm(&x32, &[4], Some(&w64), None, 1e-5).is_err());
+    Ok(())
 }
 
 /// Issue 15, problem 10: training forwards from four threads sharing one layer each count once
 /// and each blend into the running mean (a cumulative average of batches whose means are all 2
 /// stays exactly 2 only if no update is lost or torn).
 #[test]
-fn concurrent_training_forwards_each_update_the_statistics_once() {
+fn concurrent_training_forwards_each_update_the_statistics_once() -> TestResult {
     let map = VarMap::new();
     let vb = VarBuilder::from_varmap(&map, DType::F64, &Device::Cpu);
     let config = BatchNormConfig {
         momentum: None,
         ..Default::default()
     };
-    let bn = batch_norm(3, config, vb).unwrap();
-    let x = (Tensor::arange(0f64, 24.0, &Device::Cpu)
-        .unwrap()
-        .reshape((8, 3))
-        .unwrap()
-        * 0.0)
-        .unwrap()
-        .affine(1.0, 2.0)
-        .unwrap();
-    let x = Tensor::cat(&[(&x - 1.0).unwrap(), (&x + 1.0).unwrap()], 0).unwrap();
+    let bn = batch_norm(3, config, vb)?;
+    let x = (Tensor::arange(0f64, 24.0, &Device::Cpu)?.reshape((8, 3))? * 0.0)?.affine(1.0, 2.0)?;
+    let x = Tensor::cat(&[(&x - 1.0)?, (&x + 1.0)?], 0)?;
     std::thread::scope(|s| {
         for _ in 0..4 {
             s.spawn(|| {
@@ -375,14 +352,15 @@ fn concurrent_training_forwards_each_update_the_statistics_once() {
             });
         }
     });
-    assert_eq!(bn.num_batches_tracked().unwrap(), Some(800));
+    assert_eq!(bn.num_batches_tracked()?, Some(800));
     for m in vals(bn.running_mean().unwrap()) {
         assert!((m - 2.0).abs() < 1e-12, "running mean {m}");
     }
+    Ok(())
 }
 
 #[test]
-fn rms_norm_default_config_learns_a_weight() -> Result<(), Box<dyn std::error::Error>> {
+fn rms_norm_default_config_learns_a_weight() -> TestResult {
     assert!(RmsNormConfig::default().elementwise_affine);
     let map = VarMap::new();
     let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
@@ -393,8 +371,7 @@ fn rms_norm_default_config_learns_a_weight() -> Result<(), Box<dyn std::error::E
 }
 
 #[test]
-fn layer_norm_affine_names_exactly_the_parameters_it_learns()
--> Result<(), Box<dyn std::error::Error>> {
+fn layer_norm_affine_names_exactly_the_parameters_it_learns() -> TestResult {
     for (affine, expected) in [
         (Affine::None, vec![]),
         (Affine::Weight, vec!["ln.weight"]),
@@ -417,7 +394,7 @@ fn layer_norm_affine_names_exactly_the_parameters_it_learns()
 }
 
 #[test]
-fn half_inputs_with_f32_parameters_compute_in_f32() -> Result<(), Box<dyn std::error::Error>> {
+fn half_inputs_with_f32_parameters_compute_in_f32() -> TestResult {
     let map = VarMap::new();
     let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
     let bn = batch_norm(4, BatchNormConfig::default(), vb.pp("bn"))?;

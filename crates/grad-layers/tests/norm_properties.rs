@@ -15,6 +15,8 @@ use grad_layers::ops::{self, BatchNormStats};
 use grad_testkit::grads_of;
 use proptest::prelude::*;
 
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
 /// Which normaliser a property runs on.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Norm {
@@ -151,12 +153,12 @@ proptest! {
         dtype in prop::sample::select(vec![DType::F64, DType::F32, DType::BF16]),
         layout in prop::sample::select(vec![LayoutKind::Contiguous, LayoutKind::Transposed, LayoutKind::Narrowed]),
     ) {
-        let x = build_tensor(&dims, data, dtype, layout).unwrap();
-        let g = build_tensor(&dims, grad, dtype, LayoutKind::Contiguous).unwrap();
+        let x = build_tensor(&dims, data, dtype, layout)?;
+        let g = build_tensor(&dims, grad, dtype, LayoutKind::Contiguous)?;
         let pd = param_dims(norm, &dims);
         let k = pd[0];
-        let w = build_tensor(&pd, (0..k).map(|i| 0.5 + i as f64 * 0.25).collect(), dtype, LayoutKind::Contiguous).unwrap();
-        let b = build_tensor(&pd, (0..k).map(|i| i as f64 * 0.1 - 0.2).collect(), dtype, LayoutKind::Contiguous).unwrap();
+        let w = build_tensor(&pd, (0..k).map(|i| 0.5 + i as f64 * 0.25).collect(), dtype, LayoutKind::Contiguous)?;
+        let b = build_tensor(&pd, (0..k).map(|i| i as f64 * 0.1 - 0.2).collect(), dtype, LayoutKind::Contiguous)?;
         let fused = forward_backward(norm, false, &x, &w, &b, &g);
         let composed = forward_backward(norm, true, &x, &w, &b, &g);
         let (rtol, atol) = match dtype {
@@ -180,16 +182,16 @@ proptest! {
             (Just(d), values(n, Values::Finite { lo: -50.0, hi: 50.0 }))
         }),
     ) {
-        let x = build_tensor(&dims, data, DType::F64, LayoutKind::Contiguous).unwrap();
-        let y = apply(norm, false, &x, None, None, 1e-12).unwrap();
+        let x = build_tensor(&dims, data, DType::F64, LayoutKind::Contiguous)?;
+        let y = apply(norm, false, &x, None, None, 1e-12)?;
         // Regroup y so each row is one normalisation group.
         let (n, c) = (dims[0], dims[1]);
         let rows = match norm {
-            Norm::BatchTrain => y.transpose(0, 1).unwrap().contiguous().unwrap().reshape((c, ())).unwrap(),
-            Norm::Group(g) => y.reshape((n * g, ())).unwrap(),
-            _ => y.reshape(((), dims[dims.len() - 1])).unwrap(),
+            Norm::BatchTrain => y.transpose(0, 1)?.contiguous()?.reshape((c, ()))?,
+            Norm::Group(g) => y.reshape((n * g, ()))?,
+            _ => y.reshape(((), dims[dims.len() - 1]))?,
         };
-        for row in rows.to_vec2::<f64>().unwrap() {
+        for row in rows.to_vec2::<f64>()? {
             let len = row.len() as f64;
             let spread = row.iter().map(|v| (v - row[0]).abs()).fold(0.0, f64::max);
             if spread == 0.0 && norm != Norm::Rms {
@@ -216,7 +218,7 @@ proptest! {
         scale in 0.01f64..100.0,
         shift in -1e3f64..1e3,
     ) {
-        let x = build_tensor(&dims, data, DType::F64, LayoutKind::Contiguous).unwrap();
+        let x = build_tensor(&dims, data, DType::F64, LayoutKind::Contiguous)?;
         // The shift varies along the group axis of each norm (per channel for batch norm, per
         // row for layer norm, per sample for group norm); RMS norm is only scale invariant.
         let rank = dims.len();
@@ -224,20 +226,20 @@ proptest! {
             Norm::BatchTrain => {
                 let mut s = vec![1; rank];
                 s[1] = dims[1];
-                Tensor::arange(0.0, dims[1] as f64, &Device::Cpu).unwrap().affine(shift, shift).unwrap().reshape(s).unwrap()
+                Tensor::arange(0.0, dims[1] as f64, &Device::Cpu)?.affine(shift, shift)?.reshape(s)?
             }
-            Norm::Rms => Tensor::zeros(1, DType::F64, &Device::Cpu).unwrap(),
+            Norm::Rms => Tensor::zeros(1, DType::F64, &Device::Cpu)?,
             _ => {
                 let mut s = vec![1; rank];
                 s[0] = dims[0];
-                Tensor::arange(0.0, dims[0] as f64, &Device::Cpu).unwrap().affine(shift, shift).unwrap().reshape(s).unwrap()
+                Tensor::arange(0.0, dims[0] as f64, &Device::Cpu)?.affine(shift, shift)?.reshape(s)?
             }
         };
-        let moved = x.affine(scale, 0.0).unwrap().broadcast_add(&shift_t).unwrap();
+        let moved = x.affine(scale, 0.0)?.broadcast_add(&shift_t)?;
         let eps = 1e-3;
-        let a = apply(norm, false, &x, None, None, eps).unwrap();
+        let a = apply(norm, false, &x, None, None, eps)?;
         // Exact invariance needs eps scaled by scale^2.
-        let b = apply(norm, false, &moved, None, None, eps * scale * scale).unwrap();
+        let b = apply(norm, false, &moved, None, None, eps * scale * scale)?;
         assert_close(&vals(&b), &vals(&a), 1e-7, 1e-7, "shifted and scaled");
     }
 
@@ -250,10 +252,10 @@ proptest! {
         }),
     ) {
         // Round the inputs to f32 first, so both runs see the same numbers.
-        let x32 = build_tensor(&dims, data, DType::F32, LayoutKind::Contiguous).unwrap();
-        let x64 = x32.to_dtype(DType::F64).unwrap();
-        let y32 = apply(norm, false, &x32, None, None, 1e-3).unwrap();
-        let y64 = apply(norm, false, &x64, None, None, 1e-3).unwrap();
+        let x32 = build_tensor(&dims, data, DType::F32, LayoutKind::Contiguous)?;
+        let x64 = x32.to_dtype(DType::F64)?;
+        let y32 = apply(norm, false, &x32, None, None, 1e-3)?;
+        let y64 = apply(norm, false, &x64, None, None, 1e-3)?;
         assert_close(&vals(&y32), &vals(&y64), 1e-4, 1e-5, "f32 vs f64");
     }
 
@@ -266,21 +268,19 @@ proptest! {
         }),
         layout in prop::sample::select(vec![LayoutKind::Transposed, LayoutKind::Narrowed]),
     ) {
-        let strided = build_tensor(&dims, data, DType::F32, layout).unwrap();
-        let dense = strided.contiguous().unwrap();
-        let a = apply(norm, false, &strided, None, None, 1e-5).unwrap();
-        let b = apply(norm, false, &dense, None, None, 1e-5).unwrap();
+        let strided = build_tensor(&dims, data, DType::F32, layout)?;
+        let dense = strided.contiguous()?;
+        let a = apply(norm, false, &strided, None, None, 1e-5)?;
+        let b = apply(norm, false, &dense, None, None, 1e-5)?;
         prop_assert_eq!(vals(&a), vals(&b));
     }
 }
 
 #[test]
-fn gradcheck_every_norm_in_f64() {
+fn gradcheck_every_norm_in_f64() -> TestResult {
     let mut rng = grad_core::Philox::new(5);
     let dims = [3usize, 4, 5];
-    let x = rng
-        .normal(&dims[..], 0.5, 2.0, DType::F64, &Device::Cpu)
-        .unwrap();
+    let x = rng.normal(&dims[..], 0.5, 2.0, DType::F64, &Device::Cpu)?;
     let cfg = GradcheckConfig::default();
     for norm in [
         Norm::BatchTrain,
@@ -291,12 +291,8 @@ fn gradcheck_every_norm_in_f64() {
         Norm::Rms,
     ] {
         let pd = param_dims(norm, &dims);
-        let w = rng
-            .normal(pd.as_slice(), 1.0, 0.5, DType::F64, &Device::Cpu)
-            .unwrap();
-        let b = rng
-            .normal(pd.as_slice(), 0.0, 0.5, DType::F64, &Device::Cpu)
-            .unwrap();
+        let w = rng.normal(pd.as_slice(), 1.0, 0.5, DType::F64, &Device::Cpu)?;
+        let b = rng.normal(pd.as_slice(), 0.0, 0.5, DType::F64, &Device::Cpu)?;
         let mut inputs = vec![x.clone(), w];
         if norm != Norm::Rms {
             inputs.push(b);
@@ -309,38 +305,25 @@ fn gradcheck_every_norm_in_f64() {
         .unwrap_or_else(|e| panic!("{norm:?}: {e}"));
         assert!(report.inputs.iter().all(|i| i.has_gradient), "{norm:?}");
     }
+    Ok(())
 }
 
 #[test]
-fn large_offsets_keep_double_precision() {
+fn large_offsets_keep_double_precision() -> TestResult {
     // Channels offset by 1e4 with unit spread: E[x^2] - E[x]^2 would lose 8 digits here.
     let mut rng = grad_core::Philox::new(9);
-    let x = (rng
-        .normal((64, 3, 7), 0.0, 1.0, DType::F64, &Device::Cpu)
-        .unwrap()
-        + 1e4)
-        .unwrap();
-    let y = ops::batch_norm(&x, None, None, BatchNormStats::Batch, 1e-5)
-        .unwrap()
-        .y;
+    let x = (rng.normal((64, 3, 7), 0.0, 1.0, DType::F64, &Device::Cpu)? + 1e4)?;
+    let y = ops::batch_norm(&x, None, None, BatchNormStats::Batch, 1e-5)?.y;
     let data = x
-        .transpose(0, 1)
-        .unwrap()
-        .contiguous()
-        .unwrap()
-        .reshape((3, ()))
-        .unwrap()
-        .to_vec2::<f64>()
-        .unwrap();
+        .transpose(0, 1)?
+        .contiguous()?
+        .reshape((3, ()))?
+        .to_vec2::<f64>()?;
     let got = y
-        .transpose(0, 1)
-        .unwrap()
-        .contiguous()
-        .unwrap()
-        .reshape((3, ()))
-        .unwrap()
-        .to_vec2::<f64>()
-        .unwrap();
+        .transpose(0, 1)?
+        .contiguous()?
+        .reshape((3, ()))?
+        .to_vec2::<f64>()?;
     // The reference mean is exact to rounding: x - 1e4 is exact (Sterbenz), so sum the offsets.
     let exact_mean =
         |row: &[f64]| 1e4 + row.iter().map(|v| v - 1e4).sum::<f64>() / row.len() as f64;
@@ -354,14 +337,12 @@ fn large_offsets_keep_double_precision() {
             .collect();
         assert_close(out, &expected, 1e-9, 1e-12, "batch norm with offset");
     }
-    let ly = ops::layer_norm(&x, &[7], None, None, 1e-5).unwrap();
+    let ly = ops::layer_norm(&x, &[7], None, None, 1e-5)?;
     for (row, out) in x
-        .reshape(((), 7))
-        .unwrap()
-        .to_vec2::<f64>()
-        .unwrap()
+        .reshape(((), 7))?
+        .to_vec2::<f64>()?
         .iter()
-        .zip(ly.reshape(((), 7)).unwrap().to_vec2::<f64>().unwrap())
+        .zip(ly.reshape(((), 7))?.to_vec2::<f64>()?)
     {
         let mean = exact_mean(row);
         let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / 7.0;
@@ -371,13 +352,12 @@ fn large_offsets_keep_double_precision() {
             .collect();
         assert_close(&out, &expected, 1e-9, 1e-12, "layer norm with offset");
     }
+    Ok(())
 }
 
 #[test]
-fn results_do_not_depend_on_thread_count() {
-    let x = grad_core::Philox::new(1)
-        .normal((64, 32, 9, 9), 3.0, 2.0, DType::F32, &Device::Cpu)
-        .unwrap();
+fn results_do_not_depend_on_thread_count() -> TestResult {
+    let x = grad_core::Philox::new(1).normal((64, 32, 9, 9), 3.0, 2.0, DType::F32, &Device::Cpu)?;
     let run = |threads| {
         rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
@@ -390,4 +370,5 @@ fn results_do_not_depend_on_thread_count() {
             })
     };
     assert_eq!(run(1), run(2));
+    Ok(())
 }

@@ -13,6 +13,8 @@ use grad_core::{NamedVars, NormType};
 use grad_regularize::{AgcConfig, NonFiniteNorm, adaptive_clip, clip_grad_norm, clip_grad_value};
 use grad_testkit::{Case, CaseError, Outputs, Precision, run, run_as};
 
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
 /// The case's `<prefix>0`, `<prefix>1`, ... inputs, in order.
 fn numbered(case: &Case, prefix: &str, p: Precision) -> Result<Vec<Tensor>, CaseError> {
     let mut out = Vec::new();
@@ -95,57 +97,65 @@ fn agc_case(case: &Case, p: Precision) -> Result<Outputs, CaseError> {
 }
 
 #[test]
-fn clip_grad_f64() {
+fn clip_grad_f64() -> TestResult {
     run("clip_grad", Precision::F64, clip_case).assert_all_passed();
+    Ok(())
 }
 
 /// The same vectors through the composed path (what CUDA and Metal tensors run), on the CPU.
 #[test]
-fn clip_grad_composed_f64() {
+fn clip_grad_composed_f64() -> TestResult {
     with_path(Path::Composed, || {
         run_as("clip_grad", "clip_grad_composed", Precision::F64, clip_case)
     })
     .assert_all_passed();
+    Ok(())
 }
 
 #[test]
-fn clip_grad_f32() {
+fn clip_grad_f32() -> TestResult {
     run("clip_grad", Precision::F32, clip_case).assert_all_passed();
+    Ok(())
 }
 
 /// The same vectors through the composed path (what CUDA and Metal tensors run), on the CPU.
 #[test]
-fn clip_grad_composed_f32() {
+fn clip_grad_composed_f32() -> TestResult {
     with_path(Path::Composed, || {
         run_as("clip_grad", "clip_grad_composed", Precision::F32, clip_case)
     })
     .assert_all_passed();
+    Ok(())
 }
 
 #[test]
-fn agc_f64() {
+fn agc_f64() -> TestResult {
     run("agc", Precision::F64, agc_case).assert_all_passed();
+    Ok(())
 }
 
 /// The same vectors through the composed path (what CUDA and Metal tensors run), on the CPU.
 #[test]
-fn agc_composed_f64() {
+fn agc_composed_f64() -> TestResult {
     with_path(Path::Composed, || {
         run_as("agc", "agc_composed", Precision::F64, agc_case)
     })
     .assert_all_passed();
+    Ok(())
 }
 
 #[test]
-fn agc_f32() {
+fn agc_f32() -> TestResult {
     run("agc", Precision::F32, agc_case).assert_all_passed();
+    Ok(())
 }
 
 /// The same vectors through the composed path (what CUDA and Metal tensors run), on the CPU.
 #[test]
-fn agc_composed_f32() {
+fn agc_composed_f32() -> TestResult {
     with_path(Path::Composed, || {
         run_as("agc", "agc_composed", Precision::F32, agc_case)
     })
     .assert_all_passed();
+    Ok(())
 }

@@ -13,6 +13,8 @@ use grad_core::device::{Path, with_path};
 use grad_regularize::{CrossEntropyConfig, LossScaler, LossScalerConfig, Reduction, cross_entropy};
 use grad_testkit::{Case, CaseError, Outputs, Precision, grads_of, run, run_as};
 
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
 fn cross_entropy_case(case: &Case, p: Precision) -> Result<Outputs, CaseError> {
     let logits = Var::from_tensor(&case.input("logits")?.to_tensor(p.dtype())?)?;
     let targets = case.input("target")?.to_tensor(p.dtype())?;
@@ -92,13 +94,14 @@ fn grad_scaler_case(case: &Case, p: Precision) -> Result<Outputs, CaseError> {
 }
 
 #[test]
-fn cross_entropy_f64() {
+fn cross_entropy_f64() -> TestResult {
     run("cross_entropy", Precision::F64, cross_entropy_case).assert_all_passed();
+    Ok(())
 }
 
 /// The same vectors through the composed path (what CUDA and Metal tensors run), on the CPU.
 #[test]
-fn cross_entropy_composed_f64() {
+fn cross_entropy_composed_f64() -> TestResult {
     with_path(Path::Composed, || {
         run_as(
             "cross_entropy",
@@ -108,16 +111,18 @@ fn cross_entropy_composed_f64() {
         )
     })
     .assert_all_passed();
+    Ok(())
 }
 
 #[test]
-fn cross_entropy_f32() {
+fn cross_entropy_f32() -> TestResult {
     run("cross_entropy", Precision::F32, cross_entropy_case).assert_all_passed();
+    Ok(())
 }
 
 /// The same vectors through the composed path (what CUDA and Metal tensors run), on the CPU.
 #[test]
-fn cross_entropy_composed_f32() {
+fn cross_entropy_composed_f32() -> TestResult {
     with_path(Path::Composed, || {
         run_as(
             "cross_entropy",
@@ -127,16 +132,18 @@ fn cross_entropy_composed_f32() {
         )
     })
     .assert_all_passed();
+    Ok(())
 }
 
 #[test]
-fn grad_scaler_f64() {
+fn grad_scaler_f64() -> TestResult {
     run("grad_scaler", Precision::F64, grad_scaler_case).assert_all_passed();
+    Ok(())
 }
 
 /// The same vectors through the composed path (what CUDA and Metal tensors run), on the CPU.
 #[test]
-fn grad_scaler_composed_f64() {
+fn grad_scaler_composed_f64() -> TestResult {
     with_path(Path::Composed, || {
         run_as(
             "grad_scaler",
@@ -146,16 +153,18 @@ fn grad_scaler_composed_f64() {
         )
     })
     .assert_all_passed();
+    Ok(())
 }
 
 #[test]
-fn grad_scaler_f32() {
+fn grad_scaler_f32() -> TestResult {
     run("grad_scaler", Precision::F32, grad_scaler_case).assert_all_passed();
+    Ok(())
 }
 
 /// The same vectors through the composed path (what CUDA and Metal tensors run), on the CPU.
 #[test]
-fn grad_scaler_composed_f32() {
+fn grad_scaler_composed_f32() -> TestResult {
     with_path(Path::Composed, || {
         run_as(
             "grad_scaler",
@@ -165,20 +174,18 @@ fn grad_scaler_composed_f32() {
         )
     })
     .assert_all_passed();
+    Ok(())
 }
 
 #[test]
-fn scales_are_bit_exact_float32() {
+fn scales_are_bit_exact_float32() -> TestResult {
     // The README: scales are f32 values PyTorch computes exactly.
-    let file = grad_testkit::load("grad_scaler").unwrap();
+    let file = grad_testkit::load("grad_scaler")?;
     for case in file.cases.iter().filter(|c| !c.expects_error()) {
         let got = grad_scaler_case(case, Precision::F64).unwrap();
         let want = case.expected_tensors()["scale"].values_f64();
-        let have = got["scale"]
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap();
+        let have = got["scale"].to_dtype(DType::F64)?.to_vec1::<f64>()?;
         assert_eq!(have, want, "{}", case.name);
     }
+    Ok(())
 }

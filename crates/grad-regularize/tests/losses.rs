@@ -17,6 +17,8 @@ use grad_regularize::{
 use grad_testkit::grads_of;
 use proptest::prelude::*;
 
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
 fn vals(t: &Tensor) -> Vec<f64> {
     grad_testkit::values(t).unwrap()
 }
@@ -155,8 +157,8 @@ proptest! {
     fn single_precision_agrees_with_double(c in ce_cases()) {
         let (x, t, o) = build(&c, DType::F32);
         let (l32, g32) = loss_and_grad(true, &x, &t, &o);
-        let x64 = x.to_dtype(DType::F64).unwrap();
-        let t64 = if c.soft { t.to_dtype(DType::F64).unwrap() } else { t.clone() };
+        let x64 = x.to_dtype(DType::F64)?;
+        let t64 = if c.soft { t.to_dtype(DType::F64)? } else { t.clone() };
         let o64 = CrossEntropyConfig { weight: o.weight.as_ref().map(|w| w.to_dtype(DType::F64).unwrap()), ..o.clone() };
         let (l64, g64) = loss_and_grad(true, &x64, &t64, &o64);
         prop_assert!(close(&l32, &l64, 1e-4));
@@ -165,9 +167,9 @@ proptest! {
 
     #[test]
     fn smoothed_targets_sum_to_one(n in 1usize..6, c in 2usize..9, eps in 0.0f64..=1.0, seed in any::<u64>()) {
-        let t = candle_nn::ops::softmax(&Philox::new(seed).normal((n, c), 0.0, 1.0, DType::F64, &Device::Cpu).unwrap(), 1).unwrap();
-        let s = smooth_labels(&t, eps).unwrap();
-        for row in s.to_vec2::<f64>().unwrap() {
+        let t = candle_nn::ops::softmax(&Philox::new(seed).normal((n, c), 0.0, 1.0, DType::F64, &Device::Cpu)?, 1)?;
+        let s = smooth_labels(&t, eps)?;
+        for row in s.to_vec2::<f64>()? {
             prop_assert!((row.iter().sum::<f64>() - 1.0).abs() < 1e-12);
             prop_assert!(row.iter().all(|v| *v >= eps / c as f64 - 1e-15));
         }
@@ -175,7 +177,7 @@ proptest! {
 }
 
 #[test]
-fn gradcheck_with_every_option() {
+fn gradcheck_with_every_option() -> TestResult {
     for (soft, weighted, ignore, reduction, eps) in [
         (false, false, false, Reduction::Mean, 0.1),
         (false, true, true, Reduction::Mean, 0.25),
@@ -201,116 +203,99 @@ fn gradcheck_with_every_option() {
         )
         .unwrap_or_else(|e| panic!("{c:?}: {e}"));
     }
+    Ok(())
 }
 
 #[test]
-fn without_options_equals_candle_nn() {
+fn without_options_equals_candle_nn() -> TestResult {
     let mut rng = Philox::new(1);
-    let logits = rng
-        .normal((32, 10), 0.0, 2.0, DType::F32, &Device::Cpu)
-        .unwrap();
+    let logits = rng.normal((32, 10), 0.0, 2.0, DType::F32, &Device::Cpu)?;
     let targets = Tensor::from_vec(
         (0..32u32).map(|i| i * 7 % 10).collect::<Vec<_>>(),
         32,
         &Device::Cpu,
-    )
-    .unwrap();
-    let ours = cross_entropy(&logits, &targets, &CrossEntropyConfig::default()).unwrap();
-    let theirs = candle_nn::loss::cross_entropy(&logits, &targets).unwrap();
-    assert!((ours.to_scalar::<f32>().unwrap() - theirs.to_scalar::<f32>().unwrap()).abs() < 1e-6);
+    )?;
+    let ours = cross_entropy(&logits, &targets, &CrossEntropyConfig::default())?;
+    let theirs = candle_nn::loss::cross_entropy(&logits, &targets)?;
+    assert!((ours.to_scalar::<f32>()? - theirs.to_scalar::<f32>()?).abs() < 1e-6);
+    Ok(())
 }
 
 #[test]
-fn huge_logits_stay_finite() {
+fn huge_logits_stay_finite() -> TestResult {
     let logits = Var::new(
         &[[1e4f32, -1e4, 0.0], [-3e4, 3e4, 1e4], [1e30, -1e30, 0.0]],
         &Device::Cpu,
-    )
-    .unwrap();
-    let targets = Tensor::new(&[1i64, 1, 2], &Device::Cpu).unwrap();
+    )?;
+    let targets = Tensor::new(&[1i64, 1, 2], &Device::Cpu)?;
     let o = CrossEntropyConfig {
         label_smoothing: 0.1,
         ..Default::default()
     };
-    let loss = cross_entropy(logits.as_tensor(), &targets, &o).unwrap();
-    assert!(loss.to_scalar::<f32>().unwrap().is_finite());
+    let loss = cross_entropy(logits.as_tensor(), &targets, &o)?;
+    assert!(loss.to_scalar::<f32>()?.is_finite());
     let g = grads_of(
         &loss,
-        &Tensor::new(1f32, &Device::Cpu).unwrap(),
+        &Tensor::new(1f32, &Device::Cpu)?,
         &[logits.as_tensor()],
-    )
-    .unwrap()[0]
+    )?[0]
         .clone()
         .unwrap();
     assert!(vals(&g).iter().all(|v| v.is_finite()));
+    Ok(())
 }
 
 #[test]
-fn scale_then_unscale_is_the_identity_and_state_round_trips() {
-    let w = Var::new(&[0.3f32, -1.5, 2.25, 1e-6], &Device::Cpu).unwrap();
-    let params = NamedVars::new([("w", w.clone())]).unwrap();
-    let mut scaler = LossScaler::new(LossScalerConfig::default()).unwrap();
+fn scale_then_unscale_is_the_identity_and_state_round_trips() -> TestResult {
+    let w = Var::new(&[0.3f32, -1.5, 2.25, 1e-6], &Device::Cpu)?;
+    let params = NamedVars::new([("w", w.clone())])?;
+    let mut scaler = LossScaler::new(LossScalerConfig::default())?;
     let plain = grads_of(
-        &w.sqr().unwrap().sum_all().unwrap(),
-        &Tensor::new(1f32, &Device::Cpu).unwrap(),
+        &w.sqr()?.sum_all()?,
+        &Tensor::new(1f32, &Device::Cpu)?,
         &[w.as_tensor()],
-    )
-    .unwrap()[0]
+    )?[0]
         .clone()
         .unwrap();
-    let store = scaler
-        .scale(&w.sqr().unwrap().sum_all().unwrap())
-        .unwrap()
-        .backward()
-        .unwrap();
-    let mut grads = params.grads(&store).unwrap();
-    assert!(!scaler.unscale(&mut grads).unwrap());
+    let store = scaler.scale(&w.sqr()?.sum_all()?)?.backward()?;
+    let mut grads = params.grads(&store)?;
+    assert!(!scaler.unscale(&mut grads)?);
     // Power-of-two scales make the round trip exact.
     assert_eq!(vals(grads.get("w").unwrap()), vals(&plain));
     scaler.update();
     let state = scaler.state();
-    let json = serde_json::to_string(&state).unwrap();
-    let back: LossScalerState = serde_json::from_str(&json).unwrap();
-    let mut other = LossScaler::new(LossScalerConfig::default()).unwrap();
-    other.load_state(back).unwrap();
+    let json = serde_json::to_string(&state)?;
+    let back: LossScalerState = serde_json::from_str(&json)?;
+    let mut other = LossScaler::new(LossScalerConfig::default())?;
+    other.load_state(back)?;
     assert_eq!(other.state(), state);
+    Ok(())
 }
 
 #[test]
-fn f16_gradients_underflow_without_scaling_and_survive_with_it() {
+fn f16_gradients_underflow_without_scaling_and_survive_with_it() -> TestResult {
     // 1e-5 * 1e-3 = 1e-8 is below f16's smallest subnormal (6e-8): unscaled it is zero.
-    let w = Var::from_tensor(
-        &Tensor::new(&[1e-3f32; 4], &Device::Cpu)
-            .unwrap()
-            .to_dtype(DType::F16)
-            .unwrap(),
-    )
-    .unwrap();
-    let loss = (w.as_tensor() * 1e-5)
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap();
+    let w = Var::from_tensor(&Tensor::new(&[1e-3f32; 4], &Device::Cpu)?.to_dtype(DType::F16)?)?;
+    let loss = (w.as_tensor() * 1e-5)?.sqr()?.sum_all()?;
     let g = loss.backward().unwrap().get(w.as_tensor()).unwrap().clone();
     assert!(vals(&g).iter().all(|v| *v == 0.0));
-    let params = NamedVars::new([("w", w.clone())]).unwrap();
+    let params = NamedVars::new([("w", w.clone())])?;
     let mut scaler = LossScaler::new(LossScalerConfig {
         init_scale: 65536.0 * 16.0,
         ..Default::default()
-    })
-    .unwrap();
-    let store = scaler.scale(&loss).unwrap().backward().unwrap();
-    let mut grads = params.grads(&store).unwrap();
-    scaler.unscale(&mut grads).unwrap();
+    })?;
+    let store = scaler.scale(&loss)?.backward()?;
+    let mut grads = params.grads(&store)?;
+    scaler.unscale(&mut grads)?;
     assert!(vals(grads.get("w").unwrap()).iter().all(|v| *v != 0.0));
+    Ok(())
 }
 
 #[test]
-fn bad_input_is_an_error() {
+fn bad_input_is_an_error() -> TestResult {
     let dev = Device::Cpu;
-    let logits = Tensor::zeros((3, 4), DType::F32, &dev).unwrap();
-    let t = Tensor::new(&[0i64, 4, 1], &dev).unwrap();
+    let logits = Tensor::zeros((3, 4), DType::F32, &dev)?;
+    let t = Tensor::new(&[0i64, 4, 1], &dev)?;
     assert!(matches!(
         cross_entropy(&logits, &t, &CrossEntropyConfig::default()),
         Err(Error::TargetOutOfRange {
@@ -319,9 +304,9 @@ fn bad_input_is_an_error() {
             classes: 4
         })
     ));
-    let t = Tensor::new(&[0i64, -1, 1], &dev).unwrap();
+    let t = Tensor::new(&[0i64, -1, 1], &dev)?;
     assert!(cross_entropy(&logits, &t, &CrossEntropyConfig::default()).is_err());
-    let ok = Tensor::new(&[0i64, 1, 2], &dev).unwrap();
+    let ok = Tensor::new(&[0i64, 1, 2], &dev)?;
     for eps in [-0.1, 1.5, f64::NAN] {
         let o = CrossEntropyConfig {
             label_smoothing: eps,
@@ -330,14 +315,14 @@ fn bad_input_is_an_error() {
         assert!(cross_entropy(&logits, &ok, &o).is_err(), "eps {eps}");
     }
     let o = CrossEntropyConfig {
-        weight: Some(Tensor::ones(3, DType::F32, &dev).unwrap()),
+        weight: Some(Tensor::ones(3, DType::F32, &dev)?),
         ..Default::default()
     };
     assert!(
         cross_entropy(&logits, &ok, &o).is_err(),
         "weight of length 3 for 4 classes"
     );
-    let soft = Tensor::zeros((3, 4), DType::F32, &dev).unwrap();
+    let soft = Tensor::zeros((3, 4), DType::F32, &dev)?;
     let o = CrossEntropyConfig {
         ignore_index: Some(0),
         ..Default::default()
@@ -349,7 +334,7 @@ fn bad_input_is_an_error() {
     assert!(
         cross_entropy(
             &logits,
-            &Tensor::new(&[0i64, 1], &dev).unwrap(),
+            &Tensor::new(&[0i64, 1], &dev)?,
             &CrossEntropyConfig::default()
         )
         .is_err()
@@ -382,59 +367,56 @@ fn bad_input_is_an_error() {
         })
         .is_err()
     );
+    Ok(())
 }
 
 /// Issue 15, problem 6: a second `backward()` of a graph holding the fused cross-entropy gives
 /// the same gradient again (the first one consumed what the forward saved).
 #[test]
-fn cross_entropy_backward_twice_gives_the_same_gradient() {
-    let logits = Var::new(&[[0.5f64, -1.0, 2.0], [1.0, 0.0, -3.0]], &Device::Cpu).unwrap();
-    let targets = Tensor::new(&[2i64, 0], &Device::Cpu).unwrap();
+fn cross_entropy_backward_twice_gives_the_same_gradient() -> TestResult {
+    let logits = Var::new(&[[0.5f64, -1.0, 2.0], [1.0, 0.0, -3.0]], &Device::Cpu)?;
+    let targets = Tensor::new(&[2i64, 0], &Device::Cpu)?;
     let options = CrossEntropyConfig {
         label_smoothing: 0.1,
         ..Default::default()
     };
-    let loss = cross_entropy(logits.as_tensor(), &targets, &options).unwrap();
-    let first = loss.backward().unwrap();
-    let second = loss.backward().unwrap();
+    let loss = cross_entropy(logits.as_tensor(), &targets, &options)?;
+    let first = loss.backward()?;
+    let second = loss.backward()?;
     let (a, b) = (
         vals(first.get(logits.as_tensor()).unwrap()),
         vals(second.get(logits.as_tensor()).unwrap()),
     );
     assert_eq!(a, b);
-    let composed = cross_entropy_composed(logits.as_tensor(), &targets, &options).unwrap();
-    let c = vals(
-        composed
-            .backward()
-            .unwrap()
-            .get(logits.as_tensor())
-            .unwrap(),
-    );
+    let composed = cross_entropy_composed(logits.as_tensor(), &targets, &options)?;
+    let c = vals(composed.backward()?.get(logits.as_tensor()).unwrap());
     for (x, y) in a.iter().zip(&c) {
         assert!((x - y).abs() < 1e-12, "{x} vs {y}");
     }
+    Ok(())
 }
 
 /// Issue 15, problem 1: a masked (-inf) logit with no label smoothing gives PyTorch's finite
 /// loss, 0.3133 for `[[0, -inf, 1]]` and target 2, on both paths; the masked class gets
 /// gradient 0.
 #[test]
-fn a_masked_logit_without_smoothing_gives_a_finite_loss() {
-    let logits = Var::new(&[[0f32, f32::NEG_INFINITY, 1.0]], &Device::Cpu).unwrap();
-    let targets = Tensor::new(&[2i64], &Device::Cpu).unwrap();
+fn a_masked_logit_without_smoothing_gives_a_finite_loss() -> TestResult {
+    let logits = Var::new(&[[0f32, f32::NEG_INFINITY, 1.0]], &Device::Cpu)?;
+    let targets = Tensor::new(&[2i64], &Device::Cpu)?;
     let options = CrossEntropyConfig::default();
     for f in [cross_entropy, cross_entropy_composed] {
-        let loss = f(logits.as_tensor(), &targets, &options).unwrap();
-        let l = loss.to_scalar::<f32>().unwrap();
+        let loss = f(logits.as_tensor(), &targets, &options)?;
+        let l = loss.to_scalar::<f32>()?;
         assert!((l - 0.313_261_7).abs() < 1e-6, "loss {l}");
         let g = vals(loss.backward().unwrap().get(logits.as_tensor()).unwrap());
         assert_eq!(g[1], 0.0);
         assert!(g.iter().all(|v| v.is_finite()), "{g:?}");
     }
+    Ok(())
 }
 
 #[test]
-fn loss_scaler_step_twice_before_update_is_an_error() -> Result<(), Box<dyn std::error::Error>> {
+fn loss_scaler_step_twice_before_update_is_an_error() -> TestResult {
     use candle_nn::{Optimizer, SGD};
     let w = Var::new(&[1f32], &Device::Cpu)?;
     let params = NamedVars::new([("w", w.clone())])?;
@@ -465,7 +447,7 @@ fn loss_scaler_step_twice_before_update_is_an_error() -> Result<(), Box<dyn std:
 }
 
 #[test]
-fn loss_scaler_rejects_scales_f32_cannot_hold_and_foreign_trackers() {
+fn loss_scaler_rejects_scales_f32_cannot_hold_and_foreign_trackers() -> TestResult {
     for init_scale in [1e-50, 1e39] {
         assert!(
             LossScaler::new(LossScalerConfig {
@@ -476,18 +458,18 @@ fn loss_scaler_rejects_scales_f32_cannot_hold_and_foreign_trackers() {
             "{init_scale}"
         );
     }
-    let mut scaler = LossScaler::new(LossScalerConfig::default()).unwrap();
+    let mut scaler = LossScaler::new(LossScalerConfig::default())?;
     let mut state = scaler.state();
     state.growth_tracker = u32::MAX;
     assert!(
         scaler.load_state(state).is_err(),
         "a tracker past growth_interval"
     );
+    Ok(())
 }
 
 #[test]
-fn cross_entropy_of_non_contiguous_targets_equals_contiguous()
--> Result<(), Box<dyn std::error::Error>> {
+fn cross_entropy_of_non_contiguous_targets_equals_contiguous() -> TestResult {
     let logits = Tensor::new(
         &[
             [0.5f32, -1.0, 2.0],
