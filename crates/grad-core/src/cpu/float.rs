@@ -328,13 +328,24 @@ pub fn exp_m1_f32(x: f32) -> f32 {
     if x.abs() <= 0.5 { small } else { large }
 }
 
-/// `tanh x` in f32 without a call: `-e / (2 + e)` with `e = expm1(-2|x|)` ([`exp_m1_f32`]), the
-/// sign restored; `|x|` is capped at 9, where tanh is 1 in f32. Relative error below 2e-6; NaN
-/// stays NaN.
+/// `tanh x` in f32 without a call: below `|x| = 0.9` an odd polynomial `x + x^3 P(x^2)` (degree
+/// 6 in `x^2`, fitted in f64 for relative error), beyond it `1 - 2 / (e^{2|x|} + 1)` with
+/// [`exp_f32`], the sign restored; `|x|` is capped at 10, where tanh is 1 in f32. Both are
+/// computed and one selected, so loops vectorise. Relative error below 1e-7 (absolute below
+/// 7e-8 on [-10, 10], twice PyTorch's correctly rounded f32 tanh; `1 - tanh^2` from it within
+/// 1.7x of PyTorch's tanh backward); NaN stays NaN.
 #[inline(always)]
 pub fn tanh_f32(x: f32) -> f32 {
-    let e = exp_m1_f32(-2.0 * x.abs().clamp(0.0, 9.0));
-    (-e / (2.0 + e)).copysign(x)
+    let a = x.abs().clamp(0.0, 10.0);
+    let z = x * x;
+    let p = -0.333_333_25
+        + z * (0.133_330_27
+            + z * (-0.053_933_67
+                + z * (0.021_681_074
+                    + z * (-0.008_299_722 + z * (0.002_617_103_5 + z * -0.000_468_554_12)))));
+    let small = x + x * z * p;
+    let large = (1.0 - 2.0 / (exp_f32(2.0 * a) + 1.0)).copysign(x);
+    if a < 0.9 { small } else { large }
 }
 
 /// The error function in f32 without a call: Eigen's and XLA's rational approximation
@@ -524,8 +535,9 @@ mod tests {
 
     #[test]
     fn tanh_f32_is_accurate_over_its_whole_range() {
-        let (rel, _) = worst(tanh_f32, f64::tanh, -12.0, 12.0);
-        assert!(rel < 2e-6, "worst relative error {rel}");
+        let (rel, abs) = worst(tanh_f32, f64::tanh, -12.0, 12.0);
+        assert!(rel < 1e-7, "worst relative error {rel}");
+        assert!(abs < 7e-8, "worst absolute error {abs}");
         for x in [1e-30f32, -1e-6, 2e-3] {
             let want = f64::from(x).tanh();
             assert!(
