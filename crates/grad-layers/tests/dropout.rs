@@ -9,6 +9,7 @@
 )]
 
 use candle_core::{DType, Device, ModuleT, Tensor, Var};
+use grad_core::device::{Path, with_path};
 use grad_core::{Philox, PhiloxState};
 use grad_layers::ops::{DropoutKind, dropout as dropout_op, dropout_composed};
 use grad_layers::{DropoutConfig, dropout};
@@ -61,11 +62,8 @@ fn channel_dropout_drops_whole_channels_only() -> TestResult {
     ] {
         let x = Philox::new(1).normal(dims.as_slice(), 3.0, 1.0, DType::F32, &Device::Cpu)?;
         let y = layer(0.5, kind, 9).forward_t(&x, true)?;
-        let plane: usize = if dims.len() == 3 && kind == DropoutKind::Channel2d {
-            30
-        } else {
-            dims[2..].iter().product()
-        };
+        // A rank-3 input to Channel2d is [N, C, L], as PyTorch 2.15 reads it.
+        let plane: usize = dims[2..].iter().product();
         let (xs, ys) = (vals(&x), vals(&y));
         let mut dropped = 0;
         for (xp, yp) in xs.chunks(plane).zip(ys.chunks(plane)) {
@@ -417,5 +415,33 @@ fn threads_sharing_a_layer_draw_disjoint_stretches_of_its_stream() -> TestResult
     distinct.sort_by(|a, b| a.partial_cmp(b).unwrap());
     distinct.dedup();
     assert_eq!(distinct.len(), 100, "no two forwards drew the same mask");
+    Ok(())
+}
+
+#[test]
+fn dropout2d_reads_a_rank_3_input_as_n_c_l_like_pytorch() -> TestResult {
+    // PyTorch 2.15: `F.dropout2d(torch.ones(16, 5, 6), 0.5)` drops whole rows of 6 (it warns
+    // that it reads [N, C, L]), so a [5, 6] block holds both dropped and kept rows.
+    let x = Tensor::ones((16, 5, 6), DType::F32, &Device::Cpu)?;
+    for path in [Path::Fused, Path::Composed] {
+        let y = with_path(path, || {
+            layer(0.5, DropoutKind::Channel2d, 3).forward_t(&x, true)
+        })?;
+        let ys = vals(&y);
+        let rows: Vec<bool> = ys.chunks(6).map(|r| r[0] == 0.0).collect();
+        for (r, row) in ys.chunks(6).enumerate() {
+            assert!(
+                row.iter().all(|v| (*v == 0.0) == rows[r]),
+                "{path:?}: partial row"
+            );
+        }
+        let mixed = rows
+            .chunks(5)
+            .any(|b| b.contains(&true) && b.contains(&false));
+        assert!(
+            mixed,
+            "{path:?}: whole [5, 6] blocks dropped: read as [C, H, W]"
+        );
+    }
     Ok(())
 }

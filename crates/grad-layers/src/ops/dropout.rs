@@ -31,7 +31,10 @@ pub enum DropoutKind {
     Element,
     /// `nn.Dropout1d`: whole channels of `[N, C, L]` (or unbatched `[C, L]`).
     Channel1d,
-    /// `nn.Dropout2d`: whole channels of `[N, C, H, W]` (or unbatched `[C, H, W]`).
+    /// `nn.Dropout2d`: whole channels of `[N, C, H, W]`. A rank-3 input is read as PyTorch 2.15
+    /// reads it, as `[N, C, L]` with whole rows of `L` dropped (PyTorch warns that this will
+    /// change to an unbatched `[C, H, W]`; use `Channel1d` for rows, or unsqueeze an unbatched
+    /// image to `[1, C, H, W]`).
     Channel2d,
     /// `nn.Dropout3d`: whole channels of `[N, C, D, H, W]` (or unbatched `[C, D, H, W]`).
     Channel3d,
@@ -46,11 +49,13 @@ impl DropoutKind {
     /// The number of random words (masked units) for `dims`, and the elements per unit.
     fn units(self, dims: &[usize]) -> Result<(usize, usize)> {
         let rank = dims.len();
-        let (batched, unbatched, expected) = match self {
+        // The ranks read as `[N, C, *]`, and the rank read as an unbatched `[C, *]`.
+        let (batched, unbatched, expected): (&[usize], Option<usize>, _) = match self {
             Self::Element | Self::Alpha => return Ok((dims.iter().product(), 1)),
-            Self::Channel1d => (3, 2, "2 or 3 ([C, L] or [N, C, L])"),
-            Self::Channel2d => (4, 3, "3 or 4 ([C, H, W] or [N, C, H, W])"),
-            Self::Channel3d => (5, 4, "4 or 5 ([C, D, H, W] or [N, C, D, H, W])"),
+            Self::Channel1d => (&[3], Some(2), "2 or 3 ([C, L] or [N, C, L])"),
+            // PyTorch 2.15's dropout2d reads a rank-3 input as batched [N, C, L].
+            Self::Channel2d => (&[3, 4], None, "3 or 4 ([N, C, L] or [N, C, H, W])"),
+            Self::Channel3d => (&[5], Some(4), "4 or 5 ([C, D, H, W] or [N, C, D, H, W])"),
             Self::FeatureAlpha if rank >= 2 => {
                 return Ok((dims[0] * dims[1], dims[2..].iter().product()));
             }
@@ -63,9 +68,9 @@ impl DropoutKind {
                 ));
             }
         };
-        if rank == batched {
+        if batched.contains(&rank) {
             Ok((dims[0] * dims[1], dims[2..].iter().product()))
-        } else if rank == unbatched {
+        } else if unbatched == Some(rank) {
             Ok((dims[0], dims[1..].iter().product()))
         } else {
             Err(Error::rank("dropout", "input", expected, rank))
