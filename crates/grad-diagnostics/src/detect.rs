@@ -55,7 +55,21 @@ const VANISHING: &[Remedy] = &[
 ];
 
 /// Detector thresholds; the defaults are documented in the module.
+///
+/// Read with serde, missing fields take their defaults and an unknown field is an error, so a
+/// JSON file can set only the thresholds it changes (`{"patience": 5}`); [`validate`](Self::validate)
+/// (which [`GradMonitor::new`](crate::GradMonitor::new) runs) checks the values.
+///
+/// ```
+/// use gradkit::diagnostics::DetectorConfig;
+/// let cfg: DetectorConfig = serde_json::from_str(r#"{"patience": 5}"#)?;
+/// assert_eq!(cfg.patience, 5);
+/// assert_eq!(cfg.growth_window, DetectorConfig::default().growth_window);
+/// assert!(serde_json::from_str::<DetectorConfig>(r#"{"patiense": 5}"#).is_err());
+/// # Ok::<(), serde_json::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct DetectorConfig {
     /// Absolute gradient-norm floor of a layer. Default: 1e-7.
     pub vanishing_norm: f64,

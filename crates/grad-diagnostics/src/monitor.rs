@@ -59,8 +59,10 @@ impl LayerGrouping {
     }
 }
 
-/// Settings of [`GradMonitor`].
+/// Settings of [`GradMonitor`]. Read with serde, missing fields take their defaults and an
+/// unknown field is an error; [`GradMonitor::new`] validates the values.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct MonitorConfig {
     /// Observe every `every`-th step (steps divisible by it). Default: 1.
     pub every: u64,

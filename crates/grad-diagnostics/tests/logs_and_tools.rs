@@ -118,11 +118,15 @@ fn plots_are_valid_svg_with_one_series_per_layer() -> TestResult {
     Ok(())
 }
 
+/// Runs the CLI; a run that does not end within two minutes fails the test (a hang).
 fn gradscope(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_gradscope"))
-        .args(args)
-        .output()
-        .unwrap();
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    let out = within(120, move || {
+        Command::new(env!("CARGO_BIN_EXE_gradscope"))
+            .args(args)
+            .output()
+            .unwrap()
+    });
     (
         out.status.code().unwrap(),
         String::from_utf8_lossy(&out.stdout).into_owned(),

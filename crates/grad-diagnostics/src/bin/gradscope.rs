@@ -22,7 +22,8 @@ use grad_diagnostics::{DetectorConfig, Error, RunReport, Severity, StepRecord, p
 struct Cli {
     #[command(subcommand)]
     command: Command,
-    /// Detector thresholds as JSON (fields of `DetectorConfig`); defaults otherwise.
+    /// Detector thresholds as a JSON object of `DetectorConfig` fields; missing fields take
+    /// their defaults, an unknown or invalid one is an error naming it.
     #[arg(long, global = true)]
     detectors: Option<PathBuf>,
 }
@@ -96,8 +97,30 @@ fn detectors(path: Option<&Path>) -> Result<DetectorConfig, String> {
         return Ok(DetectorConfig::default());
     };
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let cfg: DetectorConfig =
+    let value: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    if !value.is_object() {
+        // serde would read an array as the fields in order.
+        return Err(format!(
+            "{}: expected a JSON object of DetectorConfig fields",
+            path.display()
+        ));
+    }
+    let cfg = serde_json::from_value::<DetectorConfig>(value.clone()).map_err(|e| {
+        // serde names an unknown field but not a field whose value is wrong: find it.
+        let culprit = value.as_object().and_then(|fields| {
+            fields.iter().find_map(|(k, v)| {
+                let one = serde_json::Value::Object([(k.clone(), v.clone())].into_iter().collect());
+                serde_json::from_value::<DetectorConfig>(one)
+                    .is_err()
+                    .then_some(k)
+            })
+        });
+        match culprit {
+            Some(k) => format!("{}: field `{k}`: {e}", path.display()),
+            None => format!("{}: {e}", path.display()),
+        }
+    })?;
     cfg.validate()
         .map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(cfg)
