@@ -257,11 +257,14 @@ impl Philox {
     /// A tensor of samples from `U[lo, hi)`.
     ///
     /// f32, f16 and bf16 use 24 random bits per element (one word) computed in f32; f64 uses 53
-    /// bits (two words).
+    /// bits (two words). Every sample is a value of `dtype` in `[lo, hi)`: one that would round
+    /// up to `hi` (or below `lo`) in the output dtype is moved to the nearest value inside.
     ///
     /// # Errors
-    /// [`Error::InvalidHyperParameter`](crate::Error::InvalidHyperParameter) unless `lo < hi` are finite; [`Error::UnsupportedDType`](crate::Error::UnsupportedDType)
-    /// for a non-float dtype.
+    /// [`Error::InvalidHyperParameter`](crate::Error::InvalidHyperParameter) unless `lo < hi`
+    /// are finite, within `dtype`'s finite range, `hi - lo` is finite, and `dtype` has a value
+    /// in `[lo, hi)`; [`Error::UnsupportedDType`](crate::Error::UnsupportedDType) for a
+    /// non-float dtype.
     ///
     /// ```
     /// use candle_core::{DType, Device};
@@ -282,23 +285,32 @@ impl Philox {
         let shape = shape.into();
         ensure_float("uniform", "dtype", dtype)?;
         crate::validate::finite_ordered(("lo", lo), ("hi", hi))?;
+        let (first, last) = sample_bounds(lo, hi, dtype)?;
         let n = shape.elem_count();
         if dtype == DType::F64 {
             let at = self.reserve(2 * n as u64);
-            let data = par_generate(n, 2, at, |w| lo + (hi - lo) * unit_f64(w[0], w[1]));
+            let data = par_generate(n, 2, at, |w| {
+                (lo + (hi - lo) * unit_f64(w[0], w[1])).clamp(first, last)
+            });
             return Ok(Tensor::from_vec(data, shape, device)?);
         }
         let at = self.reserve(n as u64);
+        // `first` and `last` are values of `dtype`, so exact in f32, and rounding to f16/bf16
+        // is monotonic: the clamped samples stay inside after conversion.
         #[allow(clippy::cast_possible_truncation, reason = "f32 sampling is intended")]
-        let (lo32, span32) = (lo as f32, (hi - lo) as f32);
-        let data = par_generate(n, 1, at, |w| lo32 + span32 * unit_f32(w[0]));
+        let (lo32, span32, first32, last32) =
+            (lo as f32, (hi - lo) as f32, first as f32, last as f32);
+        let data = par_generate(n, 1, at, |w| {
+            (lo32 + span32 * unit_f32(w[0])).clamp(first32, last32)
+        });
         f32_tensor(data, shape, dtype, device)
     }
 
     /// A tensor of samples from `N(mean, std^2)` (Box–Muller, as PyTorch's CPU `normal_`).
     ///
     /// # Errors
-    /// [`Error::InvalidHyperParameter`](crate::Error::InvalidHyperParameter) unless `mean` is finite and `std >= 0` finite;
+    /// [`Error::InvalidHyperParameter`](crate::Error::InvalidHyperParameter) unless `mean` is finite and `std >= 0` finite,
+    /// both within `dtype`'s finite range;
     /// [`Error::UnsupportedDType`](crate::Error::UnsupportedDType) for a non-float dtype.
     pub fn normal(
         &mut self,
@@ -312,6 +324,13 @@ impl Philox {
         ensure_float("normal", "dtype", dtype)?;
         crate::validate::non_negative("std", std)?;
         crate::validate::finite("mean", mean)?;
+        let (max, range) = finite_range(dtype);
+        if mean.abs() > max {
+            return Err(crate::validate::invalid("mean", mean, range));
+        }
+        if std > max {
+            return Err(crate::validate::invalid("std", std, range));
+        }
         let n = shape.elem_count();
         let pairs = n.div_ceil(2);
         if dtype == DType::F64 {
@@ -482,6 +501,93 @@ fn par_generate_pairs<T: Send + Copy + Default>(
             }
         });
     out
+}
+
+/// The largest finite value of a float dtype, and the words that say so in an error.
+fn finite_range(dtype: DType) -> (f64, &'static str) {
+    match dtype {
+        DType::F16 => (
+            f16::MAX.to_f64(),
+            "within f16's finite range [-65504, 65504]",
+        ),
+        DType::BF16 => (
+            bf16::MAX.to_f64(),
+            "within bf16's finite range [-3.39e38, 3.39e38]",
+        ),
+        DType::F32 => (
+            f64::from(f32::MAX),
+            "within f32's finite range [-3.40e38, 3.40e38]",
+        ),
+        _ => (f64::MAX, "finite"),
+    }
+}
+
+/// `x` rounded to `dtype`, as f64.
+fn round_to(x: f64, dtype: DType) -> f64 {
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "rounding to f32 is the point"
+    )]
+    match dtype {
+        DType::F16 => f16::from_f64(x).to_f64(),
+        DType::BF16 => bf16::from_f64(x).to_f64(),
+        DType::F32 => f64::from(x as f32),
+        _ => x,
+    }
+}
+
+/// The next value of `dtype` after `x` (a value of `dtype`), up or down.
+fn step(x: f64, up: bool, dtype: DType) -> f64 {
+    // For 16-bit floats: adjacent values have adjacent bit patterns within a sign.
+    let half_step = |bits: u16| -> u16 {
+        let negative = bits & 0x8000 != 0;
+        match (bits & 0x7fff == 0, up == negative) {
+            (true, _) if up => 0x0001,
+            (true, _) => 0x8001,
+            (false, true) => bits - 1,
+            (false, false) => bits + 1,
+        }
+    };
+    #[allow(clippy::cast_possible_truncation, reason = "x is a value of dtype")]
+    match dtype {
+        DType::F16 => f16::from_bits(half_step(f16::from_f64(x).to_bits())).to_f64(),
+        DType::BF16 => bf16::from_bits(half_step(bf16::from_f64(x).to_bits())).to_f64(),
+        DType::F32 if up => f64::from((x as f32).next_up()),
+        DType::F32 => f64::from((x as f32).next_down()),
+        _ if up => x.next_up(),
+        _ => x.next_down(),
+    }
+}
+
+/// The smallest and the largest value of `dtype` in `[lo, hi)` (`lo < hi`, both finite).
+fn sample_bounds(lo: f64, hi: f64, dtype: DType) -> Result<(f64, f64)> {
+    use crate::validate::invalid;
+    let (max, range) = finite_range(dtype);
+    if lo < -max {
+        return Err(invalid("lo", lo, range));
+    }
+    if hi > max {
+        return Err(invalid("hi", hi, range));
+    }
+    if !(hi - lo).is_finite() {
+        return Err(invalid("hi", hi, "such that hi - lo is finite"));
+    }
+    let mut first = round_to(lo, dtype);
+    if first < lo {
+        first = step(first, true, dtype);
+    }
+    let mut last = round_to(hi, dtype);
+    if last >= hi {
+        last = step(last, false, dtype);
+    }
+    if first > last {
+        return Err(invalid(
+            "hi",
+            hi,
+            "above lo by at least one value of the dtype",
+        ));
+    }
+    Ok((first, last))
 }
 
 fn f32_tensor(data: Vec<f32>, shape: Shape, dtype: DType, device: &Device) -> Result<Tensor> {

@@ -139,3 +139,79 @@ fn bad_parameters_are_errors() -> TestResult {
     assert_eq!(rng.state().offset, 0);
     Ok(())
 }
+
+/// `U[lo, hi)` stays half-open after rounding to the output dtype: at 1e7 in f32 (ulp 1) and at
+/// 1000 in f16 (ulp 0.5), about half and a quarter of the raw samples round up to `hi`.
+#[test]
+fn uniform_never_returns_its_upper_bound_after_rounding() -> TestResult {
+    for (dtype, lo, hi) in [
+        (DType::F32, 1e7, 1e7 + 1.0),
+        (DType::F16, 1000.0, 1001.0),
+        (DType::BF16, 256.0, 258.0),
+        (DType::F32, 1.0, 2.0),
+        (DType::F64, 0.0, 1e-300),
+        (DType::F16, 0.1, 0.2),
+    ] {
+        let u = Philox::new(3).uniform(4096, lo, hi, dtype, &Device::Cpu)?;
+        let v = u.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        let (min, max) = v
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| {
+                (a.min(x), b.max(x))
+            });
+        assert!(
+            min >= lo && max < hi,
+            "{dtype:?} [{lo}, {hi}): [{min}, {max}]"
+        );
+    }
+    Ok(())
+}
+
+/// Ranges and scales the dtype cannot represent are errors naming the argument.
+#[test]
+fn generators_reject_what_the_dtype_cannot_represent() -> TestResult {
+    let mut rng = Philox::new(0);
+    let cases: [(&str, DType, f64, f64); 6] = [
+        ("hi", DType::F16, 0.0, 1e5),
+        ("lo", DType::F32, -1e39, 0.0),
+        ("hi", DType::BF16, 0.0, 1e39),
+        ("hi", DType::F64, -f64::MAX, f64::MAX),
+        ("hi", DType::F16, 1000.1, 1000.2),
+        ("hi", DType::F32, 1.0 + 1e-9, 1.0 + 2e-9),
+    ];
+    for (name, dtype, lo, hi) in cases {
+        let before = rng.state();
+        let e = rng
+            .uniform(8, lo, hi, dtype, &Device::Cpu)
+            .err()
+            .ok_or(format!("{dtype:?} [{lo}, {hi}) accepted"))?;
+        assert!(
+            matches!(e, grad_core::Error::InvalidHyperParameter { name: n, .. } if n == name),
+            "{dtype:?} [{lo}, {hi}): {e}"
+        );
+        assert_eq!(rng.state(), before, "a refused call draws nothing");
+    }
+    for (name, dtype, mean, std) in [
+        ("mean", DType::F16, 1e5, 1.0),
+        ("std", DType::F32, 0.0, 1e39),
+        ("mean", DType::BF16, -1e39, 1.0),
+    ] {
+        let e = rng
+            .normal(8, mean, std, dtype, &Device::Cpu)
+            .err()
+            .ok_or(format!("{dtype:?} N({mean}, {std}) accepted"))?;
+        assert!(
+            matches!(e, grad_core::Error::InvalidHyperParameter { name: n, .. } if n == name),
+            "{dtype:?}: {e}"
+        );
+    }
+    // At the edge of f16's range, still representable: accepted.
+    let t = rng.uniform(64, -65504.0, 65504.0, DType::F16, &Device::Cpu)?;
+    assert!(
+        t.to_dtype(DType::F32)?
+            .to_vec1::<f32>()?
+            .iter()
+            .all(|x| x.is_finite())
+    );
+    Ok(())
+}
