@@ -129,6 +129,7 @@ fn coefficients(kind: DropoutKind, p: f64) -> (f64, f64, f64) {
 /// # Ok::<(), gradkit::layers::Error>(())
 /// ```
 pub fn dropout(x: &Tensor, p: f64, kind: DropoutKind, rng: &mut Philox) -> Result<Tensor> {
+    let x = &grad_core::device::own_empty(x)?;
     let Some(plan) = plan(x, p, kind)? else {
         return Ok(x.clone());
     };
@@ -145,6 +146,7 @@ pub fn dropout(x: &Tensor, p: f64, kind: DropoutKind, rng: &mut Philox) -> Resul
 /// # Errors
 /// As [`dropout`].
 pub fn dropout_composed(x: &Tensor, p: f64, kind: DropoutKind, rng: &mut Philox) -> Result<Tensor> {
+    let x = &grad_core::device::own_empty(x)?;
     let Some(plan) = plan(x, p, kind)? else {
         return Ok(x.clone());
     };
@@ -260,7 +262,13 @@ mod tests {
             DropoutKind::Channel2d.units(&[2, 3, 4, 5]).unwrap(),
             (6, 20)
         );
-        assert_eq!(DropoutKind::Channel2d.units(&[3, 4, 5]).unwrap(), (3, 20));
+        // PyTorch 2.15 reads a rank-3 dropout2d input as [N, C, L].
+        assert_eq!(DropoutKind::Channel2d.units(&[3, 4, 5]).unwrap(), (12, 5));
+        assert_eq!(DropoutKind::Channel1d.units(&[4, 5]).unwrap(), (4, 5));
+        assert_eq!(
+            DropoutKind::Channel3d.units(&[2, 3, 4, 5]).unwrap(),
+            (2, 60)
+        );
         assert!(DropoutKind::Channel2d.units(&[3, 4]).is_err());
         assert_eq!(DropoutKind::FeatureAlpha.units(&[2, 3]).unwrap(), (6, 1));
         assert_eq!(DropoutKind::Element.units(&[2, 3]).unwrap(), (6, 1));
