@@ -149,6 +149,30 @@ pub fn scalar(value: f64, dtype: DType, device: &Device) -> Result<Tensor> {
     Ok(Tensor::ones((), dtype, device)?.affine(value, 0.0)?)
 }
 
+/// `x`, or, when it is a view with no elements that starts past its storage (a zero-size
+/// tensor narrowed at a nonzero start), a fresh empty tensor of the same shape, dtype and
+/// device: candle's CPU ops slice the storage at the view's offset and panic on such a view.
+/// Every op that takes a tensor passes its input through this first. Any other tensor comes
+/// back as is (a cheap clone, autograd intact).
+///
+/// # Errors
+/// A candle error from the allocation.
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// let empty = Tensor::zeros((0, 3), DType::F32, &Device::Cpu)?.narrow(1, 1, 2)?;
+/// let safe = gradkit::core::device::own_empty(&empty)?;
+/// assert_eq!(safe.dims(), [0, 2]);
+/// assert_eq!(safe.relu()?.dims(), [0, 2]); // `empty.relu()` panics inside candle
+/// # Ok::<(), gradkit::core::Error>(())
+/// ```
+pub fn own_empty(x: &Tensor) -> Result<Tensor> {
+    if x.elem_count() == 0 && x.layout().start_offset() > 0 {
+        return Ok(Tensor::zeros(x.shape(), x.dtype(), x.device())?);
+    }
+    Ok(x.clone())
+}
+
 thread_local! {
     static READ_BACKS: Cell<u64> = const { Cell::new(0) };
 }

@@ -109,6 +109,7 @@ pub fn cross_entropy(
     targets: &Tensor,
     config: &CrossEntropyConfig,
 ) -> Result<Tensor> {
+    let logits = &grad_core::device::own_empty(logits)?;
     let p = prepare(logits, targets, config)?;
     match Path::of(logits.device()) {
         Path::Fused => fused(&p, config),
@@ -126,6 +127,7 @@ pub fn cross_entropy_composed(
     targets: &Tensor,
     config: &CrossEntropyConfig,
 ) -> Result<Tensor> {
+    let logits = &grad_core::device::own_empty(logits)?;
     composed(&prepare(logits, targets, config)?, config)
 }
 

@@ -114,6 +114,7 @@ macro_rules! with_elementwise {
 /// # Ok::<(), gradkit::layers::Error>(())
 /// ```
 pub fn activation(x: &Tensor, act: Activation) -> Result<Tensor> {
+    let x = &grad_core::device::own_empty(x)?;
     validate(x, act)?;
     if Path::of(x.device()) == Path::Composed {
         return composed(x, act);
@@ -128,11 +129,18 @@ pub fn activation(x: &Tensor, act: Activation) -> Result<Tensor> {
 /// # Errors
 /// As [`activation`].
 pub fn activation_composed(x: &Tensor, act: Activation) -> Result<Tensor> {
+    let x = &grad_core::device::own_empty(x)?;
     validate(x, act)?;
     composed(x, act)
 }
 
 fn composed(x: &Tensor, act: Activation) -> Result<Tensor> {
+    // f16/bf16 compute in f32, as PyTorch's kernels and the fused path do (in bf16, mish's
+    // `1 + e^-5.5` rounds to 1 and the result to 0).
+    let compute = grad_core::device::compute_dtype(x.dtype());
+    if compute != x.dtype() {
+        return Ok(composed(&x.to_dtype(compute)?, act)?.to_dtype(x.dtype())?);
+    }
     let zeros = x.zeros_like()?;
     let positive = x.gt(&zeros)?;
     // PyTorch's `x <= 0 ? alpha (exp(x) - 1) : x`: a NaN takes the x branch (gradient 1). The

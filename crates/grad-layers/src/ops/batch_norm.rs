@@ -81,6 +81,7 @@ pub fn batch_norm(
     stats: BatchNormStats<'_>,
     eps: f64,
 ) -> Result<BatchNormOutput> {
+    let x = &grad_core::device::own_empty(x)?;
     let dims = validate(x, weight, bias, stats, eps)?;
     match Path::of(x.device()) {
         Path::Fused => fused(x, weight, bias, stats, eps, dims),
@@ -137,6 +138,7 @@ pub fn batch_norm_composed(
     stats: BatchNormStats<'_>,
     eps: f64,
 ) -> Result<BatchNormOutput> {
+    let x = &grad_core::device::own_empty(x)?;
     let dims = validate(x, weight, bias, stats, eps)?;
     composed(x, weight, bias, stats, eps, dims)
 }

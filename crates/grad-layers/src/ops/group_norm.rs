@@ -42,6 +42,7 @@ pub fn group_norm(
     bias: Option<&Tensor>,
     eps: f64,
 ) -> Result<Tensor> {
+    let x = &grad_core::device::own_empty(x)?;
     let (per_group, spatial) = validate(x, num_groups, weight, bias, eps)?;
     if Path::of(x.device()) == Path::Composed {
         return composed(x, num_groups, (per_group, spatial), weight, bias, eps);
@@ -77,6 +78,7 @@ pub fn group_norm_composed(
     bias: Option<&Tensor>,
     eps: f64,
 ) -> Result<Tensor> {
+    let x = &grad_core::device::own_empty(x)?;
     let dims = validate(x, num_groups, weight, bias, eps)?;
     composed(x, num_groups, dims, weight, bias, eps)
 }

@@ -41,6 +41,7 @@ pub fn layer_norm(
     bias: Option<&Tensor>,
     eps: f64,
 ) -> Result<Tensor> {
+    let x = &grad_core::device::own_empty(x)?;
     let row_len = validate(x, normalized_shape, weight, bias, eps)?;
     if Path::of(x.device()) == Path::Composed {
         return composed(x, row_len, weight, bias, eps);
@@ -71,6 +72,7 @@ pub fn layer_norm_composed(
     bias: Option<&Tensor>,
     eps: f64,
 ) -> Result<Tensor> {
+    let x = &grad_core::device::own_empty(x)?;
     let row_len = validate(x, normalized_shape, weight, bias, eps)?;
     composed(x, row_len, weight, bias, eps)
 }

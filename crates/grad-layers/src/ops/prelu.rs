@@ -31,6 +31,7 @@ use crate::{Error, Result};
 /// # Ok::<(), gradkit::layers::Error>(())
 /// ```
 pub fn prelu(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    let x = &grad_core::device::own_empty(x)?;
     let (channels, spatial) = validate_prelu(x, weight)?;
     // An empty input has nothing for the kernel to tile; the composed ops return it as it is.
     if Path::of(x.device()) == Path::Composed || x.elem_count() == 0 {
@@ -46,6 +47,7 @@ pub fn prelu(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
 /// # Errors
 /// As [`prelu`].
 pub fn prelu_composed(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    let x = &grad_core::device::own_empty(x)?;
     validate_prelu(x, weight)?;
     prelu_unchecked_composed(x, weight)
 }

@@ -50,6 +50,7 @@ pub fn rms_norm(
     weight: Option<&Tensor>,
     eps: Option<f64>,
 ) -> Result<Tensor> {
+    let x = &grad_core::device::own_empty(x)?;
     let eps = eps.unwrap_or_else(|| default_rms_eps(x.dtype()));
     let row_len = layer_norm::validate(x, normalized_shape, weight, None, eps)?;
     if Path::of(x.device()) == Path::Composed {
@@ -80,6 +81,7 @@ pub fn rms_norm_composed(
     weight: Option<&Tensor>,
     eps: Option<f64>,
 ) -> Result<Tensor> {
+    let x = &grad_core::device::own_empty(x)?;
     let eps = eps.unwrap_or_else(|| default_rms_eps(x.dtype()));
     let row_len = layer_norm::validate(x, normalized_shape, weight, None, eps)?;
     composed(x, row_len, weight, eps)
