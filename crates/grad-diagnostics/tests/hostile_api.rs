@@ -443,3 +443,38 @@ fn the_cli_with_stdout_closed_or_full_is_an_error_not_a_panic() -> TestResult {
     std::fs::remove_dir_all(dir)?;
     Ok(())
 }
+
+/// Sinks and readers on paths they cannot use: an error naming the path, never a panic.
+#[test]
+fn sinks_and_readers_on_unusable_paths_name_the_path() -> TestResult {
+    let dir = temp_dir("hostile-sinks");
+    let file = dir.join("a-file");
+    std::fs::write(&file, "x")?;
+    let inside_a_file = file.join("run.jsonl");
+    let missing = dir.join("missing").join("run.jsonl");
+    for path in [&dir, &inside_a_file] {
+        let e = JsonlSink::create(path)
+            .err()
+            .ok_or("created a sink on a directory")?;
+        assert!(e.to_string().contains(&*path.to_string_lossy()), "{e}");
+        let e = JsonlSink::append(path)
+            .err()
+            .ok_or("appended to a directory")?;
+        assert!(e.to_string().contains(&*path.to_string_lossy()), "{e}");
+    }
+    let e = grad_diagnostics::read_log(&missing)
+        .err()
+        .ok_or("read a missing log")?;
+    assert!(e.to_string().contains("missing"), "{e}");
+    let e = grad_diagnostics::read_log(&dir)
+        .err()
+        .ok_or("read a directory as a log")?;
+    assert!(e.to_string().contains(&*dir.to_string_lossy()), "{e}");
+    // A TensorBoard directory that is a file.
+    let e = grad_diagnostics::TensorBoardSink::create(&file)
+        .err()
+        .ok_or("a TensorBoard sink inside a file")?;
+    assert!(e.to_string().contains("a-file"), "{e}");
+    std::fs::remove_dir_all(dir)?;
+    Ok(())
+}

@@ -20,12 +20,14 @@
 //! summary.assert_all_passed();
 //! ```
 
+mod bounds;
 mod case;
 pub mod digits;
 mod error_kinds;
 mod runner;
 mod values;
 
+pub use bounds::judge_row;
 pub use case::{
     Case, ConformanceFile, Expected, LoadError, RawData, RawTensor, conformance_dir, load,
 };
