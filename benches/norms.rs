@@ -161,8 +161,7 @@ fn row_norm_benches(c: &mut Criterion) {
         group.finish();
     }
     {
-        let x = Var::from_tensor(&randn(&[32, 256, 28, 28], 5)).expect("x");
-        let up = randn(&[32, 256, 28, 28], 6);
+        let dims = [32, 256, 28, 28];
         let ours_map = VarMap::new();
         let ours = grad_layers::group_norm(
             32,
@@ -171,24 +170,28 @@ fn row_norm_benches(c: &mut Criterion) {
             VarBuilder::from_varmap(&ours_map, DType::F32, &dev),
         )
         .expect("gradkit group norm");
-        let theirs_map = VarMap::new();
-        let theirs = candle_nn::group_norm(
-            32,
-            256,
-            1e-5,
-            VarBuilder::from_varmap(&theirs_map, DType::F32, &dev),
+        grouped_norm_bench(c, "group_norm_train/32x256x28x28", &dims, 32, &|x| {
+            candle_core::Module::forward(&ours, x)
+        });
+    }
+    {
+        // Instance norm: group norm with one channel per group; candle users write candle-nn's
+        // GroupNorm with C groups.
+        let dims = [32, 64, 56, 56];
+        let ours_map = VarMap::new();
+        let cfg = grad_layers::InstanceNormConfig {
+            affine: true,
+            ..Default::default()
+        };
+        let ours = grad_layers::instance_norm(
+            64,
+            cfg,
+            VarBuilder::from_varmap(&ours_map, DType::F32, &dev),
         )
-        .expect("candle-nn group norm");
-        let mut group = c.benchmark_group("group_norm_train/32x256x28x28");
-        group.sample_size(10);
-        group.bench_function("gradkit", |bch| {
-            bch.iter(|| step(candle_core::Module::forward(&ours, x.as_tensor()), &up))
+        .expect("gradkit instance norm");
+        grouped_norm_bench(c, "instance_norm_train/32x64x56x56", &dims, 64, &|x| {
+            ours.forward_t(x, true)
         });
-        group.bench_function("candle", |bch| {
-            bch.iter(|| step(candle_core::Module::forward(&theirs, x.as_tensor()), &up))
-        });
-        group.bench_function("floor", |bch| bch.iter(|| floor(&x, &up)));
-        group.finish();
     }
     {
         let x = Var::from_tensor(&randn(&[4096, 4096], 7)).expect("x");
@@ -214,6 +217,35 @@ fn row_norm_benches(c: &mut Criterion) {
         group.bench_function("floor", |bch| bch.iter(|| floor(&x, &up)));
         group.finish();
     }
+}
+
+/// One training step of `ours` on `dims` against candle-nn's `GroupNorm` with `groups`, and the
+/// floor.
+fn grouped_norm_bench(
+    c: &mut Criterion,
+    name: &str,
+    dims: &[usize; 4],
+    groups: usize,
+    ours: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>,
+) {
+    let x = Var::from_tensor(&randn(dims, 5)).expect("x");
+    let up = randn(dims, 6);
+    let theirs_map = VarMap::new();
+    let theirs = candle_nn::group_norm(
+        groups,
+        dims[1],
+        1e-5,
+        VarBuilder::from_varmap(&theirs_map, DType::F32, &Device::Cpu),
+    )
+    .expect("candle-nn group norm");
+    let mut group = c.benchmark_group(name);
+    group.sample_size(10);
+    group.bench_function("gradkit", |bch| bch.iter(|| step(ours(x.as_tensor()), &up)));
+    group.bench_function("candle", |bch| {
+        bch.iter(|| step(candle_core::Module::forward(&theirs, x.as_tensor()), &up))
+    });
+    group.bench_function("floor", |bch| bch.iter(|| floor(&x, &up)));
+    group.finish();
 }
 
 criterion_group!(benches, batch_norm_benches, row_norm_benches);

@@ -13,8 +13,8 @@ use candle_core::{DType, Device, Module, ModuleT, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use gradkit::core::{NormType, Philox, device::Path, device::with_path};
 use gradkit::layers::{
-    Activation, BatchNormConfig, GroupNormConfig, LayerNormConfig, PReluConfig, RmsNormConfig,
-    batch_norm, group_norm, layer_norm, prelu, rms_norm,
+    Activation, BatchNormConfig, GroupNormConfig, InstanceNormConfig, LayerNormConfig, PReluConfig,
+    RmsNormConfig, batch_norm, group_norm, instance_norm, layer_norm, prelu, rms_norm,
 };
 use gradkit::regularize::{CrossEntropyConfig, cross_entropy};
 
@@ -127,7 +127,7 @@ fn shared_layers_and_ops_give_the_single_threaded_result_under_contention() -> T
 }
 
 #[test]
-fn batch_norm_training_forwards_from_several_threads_each_count_once() -> TestResult {
+fn batch_and_instance_norm_training_forwards_from_several_threads_each_count_once() -> TestResult {
     let dev = Device::Cpu;
     let map = VarMap::new();
     let bn = batch_norm(
@@ -146,6 +146,27 @@ fn batch_norm_training_forwards_from_several_threads_each_count_once() -> TestRe
         }
     });
     assert_eq!(bn.num_batches_tracked()?, Some((THREADS * CALLS) as i64));
+    let cfg = InstanceNormConfig {
+        track_running_stats: true,
+        dims: gradkit::layers::InstanceNormDims::One,
+        ..InstanceNormConfig::default()
+    };
+    let inorm = instance_norm(
+        3,
+        cfg,
+        VarBuilder::from_varmap(&map, DType::F32, &dev).pp("in"),
+    )?;
+    let x = x.reshape((4, 3, 4))?;
+    std::thread::scope(|s| {
+        for _ in 0..THREADS {
+            s.spawn(|| {
+                for _ in 0..CALLS {
+                    inorm.forward_t(&x, true).unwrap();
+                }
+            });
+        }
+    });
+    assert_eq!(inorm.num_batches_tracked()?, Some((THREADS * CALLS) as i64));
     Ok(())
 }
 

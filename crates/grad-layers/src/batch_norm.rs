@@ -7,17 +7,13 @@
 //! training forward. Evaluation normalises with the running statistics. Without running
 //! statistics (`track_running_stats = false`) batch statistics are used in both modes.
 
-use std::sync::{Arc, Mutex, PoisonError};
-
-use candle_core::{DType, ModuleT, Tensor, Var};
+use candle_core::{ModuleT, Tensor};
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::ops::{BatchMoments, BatchNormStats, batch_norm as batch_norm_fn};
+use crate::running::Running;
 use crate::{Error, Result};
-
-/// The buffer name PyTorch uses for the count of training batches.
-const NUM_BATCHES_TRACKED: &str = "num_batches_tracked";
 
 /// Configuration of [`BatchNorm`]: the arguments of PyTorch's `BatchNorm1d/2d/3d`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -56,16 +52,6 @@ impl BatchNormConfig {
         }
         Ok(())
     }
-}
-
-/// The running statistics and their batch counter.
-#[derive(Debug, Clone)]
-struct Running {
-    mean: Var,
-    var: Var,
-    num_batches_tracked: Var,
-    /// Held while the three are updated (shared by clones, which share the variables).
-    update: Arc<Mutex<()>>,
 }
 
 /// Batch normalisation over dim 1 of `[N, C]`, `[N, C, L]`, `[N, C, H, W]` or `[N, C, D, H, W]`
@@ -122,28 +108,10 @@ pub fn batch_norm(
     } else {
         (None, None)
     };
-    let running = if config.track_running_stats {
-        let mean = vb.get_with_hints(num_features, "running_mean", Init::Const(0.0))?;
-        let var = vb.get_with_hints(num_features, "running_var", Init::Const(1.0))?;
-        let nbt =
-            match vb.get_with_hints_dtype((), NUM_BATCHES_TRACKED, Init::Const(0.0), DType::I64) {
-                Ok(t) => t,
-                // A checkpoint from candle-nn has no counter: start at 0, as PyTorch does when it
-                // loads an old state dict.
-                Err(_) if !vb.contains_tensor(NUM_BATCHES_TRACKED) => {
-                    Tensor::zeros((), DType::I64, vb.device())?
-                }
-                Err(e) => return Err(e.into()),
-            };
-        Some(Running {
-            mean: Var::from_tensor(&mean)?,
-            var: Var::from_tensor(&var)?,
-            num_batches_tracked: Var::from_tensor(&nbt)?,
-            update: Arc::new(Mutex::new(())),
-        })
-    } else {
-        None
-    };
+    let running = config
+        .track_running_stats
+        .then(|| Running::new(num_features, &vb))
+        .transpose()?;
     Ok(BatchNorm {
         num_features,
         config,
@@ -177,8 +145,8 @@ impl BatchNorm {
         }
         let stats = match (&self.running, train) {
             (Some(r), false) => BatchNormStats::Running {
-                mean: r.mean.as_tensor(),
-                var: r.var.as_tensor(),
+                mean: r.mean(),
+                var: r.var(),
             },
             _ => BatchNormStats::Batch,
         };
@@ -186,7 +154,7 @@ impl BatchNorm {
             .weight
             .as_ref()
             .map(Tensor::dtype)
-            .or_else(|| self.running.as_ref().map(|r| r.mean.dtype()));
+            .or_else(|| self.running.as_ref().map(|r| r.mean().dtype()));
         crate::check::in_param_precision(x, param_dtype, |x| {
             let out = batch_norm_fn(
                 x,
@@ -205,35 +173,12 @@ impl BatchNorm {
     /// Blends the batch statistics into the running ones with tensor ops on their device (no
     /// read-back), under the layer's lock so that concurrent training forwards each count once.
     fn update_running(&self, running: &Running, batch: &BatchMoments) -> Result<()> {
-        let _guard = running
-            .update
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let counter = running.num_batches_tracked.as_tensor();
-        let tracked = counter.broadcast_add(&Tensor::ones((), DType::I64, counter.device())?)?;
-        running.num_batches_tracked.set(&tracked)?;
-        let wide = grad_core::device::wide_dtype(counter.device());
-        // f, the newest batch's weight: the momentum, or 1 / num_batches_tracked.
-        let f = match self.config.momentum {
-            Some(m) => grad_core::device::scalar(m, wide, counter.device())?,
-            None => tracked.to_dtype(wide)?.recip()?,
-        };
-        let keep = f.affine(-1.0, 1.0)?;
         #[allow(
             clippy::cast_precision_loss,
             reason = "element counts are far below 2^52"
         )]
         let unbias = batch.count as f64 / (batch.count as f64 - 1.0);
-        let blend = |var: &Var, batch: &Tensor, scale: f64| -> Result<()> {
-            let old = var.as_tensor().to_dtype(wide)?.broadcast_mul(&keep)?;
-            let new = batch
-                .to_dtype(wide)?
-                .affine(scale, 0.0)?
-                .broadcast_mul(&f)?;
-            Ok(var.set(&(old + new)?.to_dtype(var.dtype())?)?)
-        };
-        blend(&running.mean, &batch.mean, 1.0)?;
-        blend(&running.var, &batch.var, unbias)
+        running.update(self.config.momentum, &batch.mean, &batch.var, unbias)
     }
 
     /// The number of channels.
@@ -258,12 +203,12 @@ impl BatchNorm {
 
     /// The running mean, when tracked.
     pub fn running_mean(&self) -> Option<&Tensor> {
-        self.running.as_ref().map(|r| r.mean.as_tensor())
+        self.running.as_ref().map(Running::mean)
     }
 
     /// The running variance, when tracked.
     pub fn running_var(&self) -> Option<&Tensor> {
-        self.running.as_ref().map(|r| r.var.as_tensor())
+        self.running.as_ref().map(Running::var)
     }
 
     /// How many training batches updated the running statistics, when tracked.
@@ -273,7 +218,7 @@ impl BatchNorm {
     pub fn num_batches_tracked(&self) -> Result<Option<i64>> {
         self.running
             .as_ref()
-            .map(|r| Ok(r.num_batches_tracked.as_tensor().to_scalar::<i64>()?))
+            .map(Running::num_batches_tracked)
             .transpose()
     }
 }

@@ -10,7 +10,9 @@
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use grad_core::device::{Path, with_path};
-use grad_layers::{BatchNormConfig, batch_norm, ops};
+use grad_layers::{
+    BatchNormConfig, InstanceNormConfig, InstanceNormDims, batch_norm, instance_norm, ops,
+};
 use grad_testkit::{Case, CaseError, Outputs, Precision, grads_of, run, run_as};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -81,6 +83,44 @@ fn batch_norm_case(case: &Case, p: Precision) -> Result<Outputs, CaseError> {
         "num_batches_tracked".into(),
         Tensor::new(nbt, &Device::Cpu)?,
     );
+    Ok(out)
+}
+
+fn instance_norm_case(case: &Case, p: Precision) -> Result<Outputs, CaseError> {
+    let x = var(case, "x", p)?;
+    // The vectors' module follows the rank: InstanceNorm1d for [C, L] and [N, C, L], 2d for
+    // rank 4, 3d for rank 5.
+    let (dims, c) = match x.rank() {
+        2 => (InstanceNormDims::One, x.dim(0)?),
+        3 => (InstanceNormDims::One, x.dim(1)?),
+        4 => (InstanceNormDims::Two, x.dim(1)?),
+        _ => (InstanceNormDims::Three, x.dim(1)?),
+    };
+    let config = InstanceNormConfig {
+        dims,
+        eps: case.attr_f64("eps")?.ok_or("eps is null")?,
+        momentum: case.attr_f64("momentum")?,
+        affine: case.attr_bool("affine")?,
+        track_running_stats: case.attr_bool("track_running_stats")?,
+    };
+    let mut map = VarMap::new();
+    let vb = VarBuilder::from_varmap(&map, p.dtype(), &Device::Cpu);
+    let layer = instance_norm(c, config, vb)?;
+    for name in ["weight", "bias", "running_mean", "running_var"] {
+        if let Some(t) = case.input_opt(name) {
+            map.set_one(name, t.to_tensor(p.dtype())?)?;
+        }
+    }
+    let y = layer.try_forward(x.as_tensor(), case.attr_bool("training")?)?;
+    let mut wrt = vec![("x", x.as_tensor())];
+    if let (Some(w), Some(b)) = (layer.weight(), layer.bias()) {
+        wrt.extend([("weight", w), ("bias", b)]);
+    }
+    let mut out = with_grads(case, p, y, &wrt)?;
+    if let (Some(m), Some(v)) = (layer.running_mean(), layer.running_var()) {
+        out.insert("running_mean".into(), m.clone());
+        out.insert("running_var".into(), v.clone());
+    }
     Ok(out)
 }
 
@@ -297,6 +337,48 @@ fn rms_norm_composed_f32() -> TestResult {
             "rms_norm_composed",
             Precision::F32,
             rms_norm_case,
+        )
+    })
+    .assert_all_passed();
+    Ok(())
+}
+
+#[test]
+fn instance_norm_f64() -> TestResult {
+    run("instance_norm", Precision::F64, instance_norm_case).assert_all_passed();
+    Ok(())
+}
+
+/// The same vectors through the composed path (what CUDA and Metal tensors run), on the CPU.
+#[test]
+fn instance_norm_composed_f64() -> TestResult {
+    with_path(Path::Composed, || {
+        run_as(
+            "instance_norm",
+            "instance_norm_composed",
+            Precision::F64,
+            instance_norm_case,
+        )
+    })
+    .assert_all_passed();
+    Ok(())
+}
+
+#[test]
+fn instance_norm_f32() -> TestResult {
+    run("instance_norm", Precision::F32, instance_norm_case).assert_all_passed();
+    Ok(())
+}
+
+/// The same vectors through the composed path, in f32.
+#[test]
+fn instance_norm_composed_f32() -> TestResult {
+    with_path(Path::Composed, || {
+        run_as(
+            "instance_norm",
+            "instance_norm_composed",
+            Precision::F32,
+            instance_norm_case,
         )
     })
     .assert_all_passed();

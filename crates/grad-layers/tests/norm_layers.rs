@@ -13,8 +13,9 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Module, ModuleT, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use grad_layers::{
-    Affine, BatchNormConfig, Error, GroupNormConfig, LayerNormConfig, RmsNormConfig, batch_norm,
-    group_norm, layer_norm, ops, rms_norm,
+    Affine, BatchNormConfig, Error, GroupNormConfig, InstanceNormConfig, InstanceNormDims,
+    LayerNormConfig, RmsNormConfig, batch_norm, group_norm, instance_norm, layer_norm, ops,
+    rms_norm,
 };
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -439,5 +440,104 @@ fn half_inputs_with_f32_parameters_compute_in_f32() -> TestResult {
         .clone();
     assert_eq!(running.dtype(), DType::F32);
     assert!(vals(&running).iter().any(|&v| v != 0.0));
+    Ok(())
+}
+
+fn instance(cfg: InstanceNormConfig, map: &VarMap, dtype: DType) -> grad_layers::InstanceNorm {
+    let vb = VarBuilder::from_varmap(map, dtype, &Device::Cpu);
+    instance_norm(3, cfg, vb.pp("in")).unwrap()
+}
+
+#[test]
+fn instance_norm_cumulative_running_stats_average_every_batch() -> TestResult {
+    let map = VarMap::new();
+    let cfg = InstanceNormConfig {
+        dims: InstanceNormDims::One,
+        momentum: None,
+        track_running_stats: true,
+        ..InstanceNormConfig::default()
+    };
+    let layer = instance(cfg, &map, DType::F64);
+    let mut rng = grad_core::Philox::new(8);
+    let batches: Vec<Tensor> = (0..3)
+        .map(|k| {
+            rng.normal(
+                (2, 3, 7),
+                f64::from(k),
+                1.0 + f64::from(k),
+                DType::F64,
+                &Device::Cpu,
+            )
+        })
+        .collect::<Result<_, _>>()?;
+    for x in &batches {
+        layer.try_forward(x, true)?;
+    }
+    // Each batch's statistic: the mean over N of the per-instance mean / unbiased variance.
+    let stat = |x: &Tensor, f: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>| -> Vec<f64> {
+        f(x).unwrap().mean(0).unwrap().to_vec1::<f64>().unwrap()
+    };
+    let mut want_mean = [0.0f64; 3];
+    let mut want_var = [0.0f64; 3];
+    for x in &batches {
+        let m = stat(x, &|x| x.mean(2));
+        let v = stat(x, &|x| {
+            x.broadcast_sub(&x.mean_keepdim(2)?)?.sqr()?.sum(2)? / 6.0
+        });
+        for c in 0..3 {
+            want_mean[c] += m[c] / 3.0;
+            want_var[c] += v[c] / 3.0;
+        }
+    }
+    let got_mean = layer.running_mean().unwrap().to_vec1::<f64>()?;
+    let got_var = layer.running_var().unwrap().to_vec1::<f64>()?;
+    for c in 0..3 {
+        assert!(
+            (got_mean[c] - want_mean[c]).abs() < 1e-12,
+            "{got_mean:?} {want_mean:?}"
+        );
+        assert!(
+            (got_var[c] - want_var[c]).abs() < 1e-12,
+            "{got_var:?} {want_var:?}"
+        );
+    }
+    assert_eq!(layer.num_batches_tracked()?, Some(3));
+    Ok(())
+}
+
+#[test]
+fn instance_norm_reads_ranks_as_pytorch_and_computes_half_in_f32() -> TestResult {
+    let map = VarMap::new();
+    let cfg = InstanceNormConfig {
+        affine: true,
+        ..InstanceNormConfig::default()
+    };
+    let layer = instance(cfg, &map, DType::F32);
+    let x = grad_core::Philox::new(2).normal((3, 4, 5), 1.0, 2.0, DType::F32, &Device::Cpu)?;
+    // Unbatched [C, H, W] equals the batch of one.
+    let unbatched = layer.try_forward(&x, true)?;
+    let batched = layer.try_forward(&x.unsqueeze(0)?, true)?.squeeze(0)?;
+    assert_eq!(
+        unbatched.flatten_all()?.to_vec1::<f32>()?,
+        batched.flatten_all()?.to_vec1::<f32>()?
+    );
+    // f16 input, f32 parameters: the output is f16, close to the f32 result.
+    let half = layer.try_forward(&x.to_dtype(DType::F16)?, true)?;
+    assert_eq!(half.dtype(), DType::F16);
+    let diff = (half.to_dtype(DType::F32)? - &unbatched)?
+        .abs()?
+        .max_all()?;
+    assert!(diff.to_scalar::<f32>()? < 1e-2);
+    // Ranks of the other two kinds, and a lone spatial element, are errors.
+    for bad in [vec![3usize, 5], vec![1, 3, 2, 2, 2]] {
+        let x = Tensor::zeros(bad.as_slice(), DType::F32, &Device::Cpu)?;
+        assert!(layer.try_forward(&x, true).is_err(), "{bad:?}");
+    }
+    let lone = Tensor::zeros((2, 3, 1, 1), DType::F32, &Device::Cpu)?;
+    let e = layer
+        .try_forward(&lone, true)
+        .err()
+        .ok_or("one spatial element accepted")?;
+    assert!(matches!(e, Error::TooFewValuesPerChannel { .. }), "{e}");
     Ok(())
 }
