@@ -37,8 +37,14 @@ pub enum VarOrder {
 }
 
 /// PyTorch's buffer names: the last component of a variable's name that marks it as state, not
-/// a parameter (`bn1.running_mean`).
-pub const BUFFER_NAMES: [&str; 3] = ["running_mean", "running_var", "num_batches_tracked"];
+/// a parameter (`bn1.running_mean`; spectral normalisation's power-iteration vector
+/// `fc.weight_u`).
+pub const BUFFER_NAMES: [&str; 4] = [
+    "running_mean",
+    "running_var",
+    "num_batches_tracked",
+    "weight_u",
+];
 
 /// Whether `name` names a buffer: its last dot-separated component is one of [`BUFFER_NAMES`].
 ///
@@ -49,6 +55,16 @@ pub const BUFFER_NAMES: [&str; 3] = ["running_mean", "running_var", "num_batches
 pub fn is_buffer_name(name: &str) -> bool {
     let last = name.rsplit('.').next().unwrap_or(name);
     BUFFER_NAMES.contains(&last)
+}
+
+/// Whether `name` is a buffer among the variables `all`: [`is_buffer_name`], or spectral
+/// normalisation's `X.weight_v` beside an `X.weight_orig` (weight normalisation's `weight_v`,
+/// beside a `weight_g`, is a parameter: PyTorch uses the one name for both).
+fn is_buffer_among(name: &str, all: &std::collections::HashSet<&str>) -> bool {
+    is_buffer_name(name)
+        || name
+            .strip_suffix("weight_v")
+            .is_some_and(|prefix| all.contains(format!("{prefix}weight_orig").as_str()))
 }
 
 /// The variable's creation index: candle numbers every tensor from one global counter
@@ -120,25 +136,30 @@ impl NamedVars {
     /// # Ok::<(), gradkit::core::Error>(())
     /// ```
     pub fn from_var_map(map: &VarMap) -> Self {
-        Self::of_var_map(map, |name, var| {
-            var.dtype().is_float() && !is_buffer_name(name)
+        Self::of_var_map(map, |name, var, all| {
+            var.dtype().is_float() && !is_buffer_among(name, all)
         })
     }
 
     /// The buffers of a [`VarMap`] (variables named as buffers, see [`is_buffer_name`], of any
     /// dtype), in creation order: what [`from_var_map`](Self::from_var_map) leaves out.
     pub fn buffers_of(map: &VarMap) -> Self {
-        Self::of_var_map(map, |name, _| is_buffer_name(name))
+        Self::of_var_map(map, |name, _, all| is_buffer_among(name, all))
     }
 
-    fn of_var_map(map: &VarMap, keep: impl Fn(&str, &Var) -> bool) -> Self {
+    fn of_var_map(
+        map: &VarMap,
+        keep: impl Fn(&str, &Var, &std::collections::HashSet<&str>) -> bool,
+    ) -> Self {
         // A poisoned lock only means another thread panicked while holding it; the map itself
         // is still a valid set of variables.
         let data = map
             .data()
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut entries: Vec<(&String, &Var)> = data.iter().filter(|(n, v)| keep(n, v)).collect();
+        let all: std::collections::HashSet<&str> = data.keys().map(String::as_str).collect();
+        let mut entries: Vec<(&String, &Var)> =
+            data.iter().filter(|(n, v)| keep(n, v, &all)).collect();
         let ids: Option<Vec<usize>> = entries.iter().map(|(_, v)| creation_index(v)).collect();
         let order = match ids {
             Some(ids) => {

@@ -423,6 +423,21 @@ impl Philox {
     }
 }
 
+/// A seed from a name (a layer's `VarBuilder` prefix): 64-bit FNV-1a of its bytes, the same on
+/// every platform and run. Layers that draw random numbers without a given seed take theirs
+/// from their name, so two layers differ and a rebuilt model draws the same numbers.
+///
+/// ```
+/// use gradkit::core::rng::seed_of_name;
+/// assert_eq!(seed_of_name("drop1"), seed_of_name("drop1"));
+/// assert_ne!(seed_of_name("drop1"), seed_of_name("drop2"));
+/// ```
+pub fn seed_of_name(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 /// `p * 2^32` rounded, as a `u64` so that `p = 1` passes every word.
 ///
 /// # Errors

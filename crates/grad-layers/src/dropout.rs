@@ -75,17 +75,12 @@ pub struct Dropout {
 /// ```
 pub fn dropout(config: DropoutConfig, vb: VarBuilder) -> Result<Dropout> {
     grad_core::validate::unit_interval("p", config.p)?;
-    let seed = config.seed.unwrap_or_else(|| seed_of_name(&vb.prefix()));
+    let seed = config
+        .seed
+        .unwrap_or_else(|| grad_core::rng::seed_of_name(&vb.prefix()));
     Ok(Dropout {
         rng: Mutex::new(Philox::new(seed)),
         config,
-    })
-}
-
-/// A seed from a layer's name: 64-bit FNV-1a of its bytes, the same on every platform and run.
-fn seed_of_name(name: &str) -> u64 {
-    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     })
 }
 

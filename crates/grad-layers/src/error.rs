@@ -32,6 +32,17 @@ pub enum Error {
         groups: usize,
     },
 
+    /// A `dim` argument outside the tensor's rank (negative dims count from the end).
+    #[error("{op}: dim {dim} is out of range for a tensor of rank {rank}")]
+    DimOutOfRange {
+        /// The operation.
+        op: &'static str,
+        /// The dim asked for.
+        dim: isize,
+        /// The tensor's rank.
+        rank: usize,
+    },
+
     /// A nonlinearity name `calculate_gain` does not know.
     #[error(
         "unknown nonlinearity {0:?} (expected linear, conv1d, conv2d, conv3d, conv_transpose1d, conv_transpose2d, conv_transpose3d, sigmoid, tanh, relu, leaky_relu or selu)"

@@ -42,8 +42,11 @@ mod layer_norm;
 pub mod lsuv;
 pub mod ops;
 mod prelu;
+mod reweight;
 mod rms_norm;
 mod running;
+mod spectral_norm;
+mod weight_norm;
 
 pub use activation::{Activation, GeluApproximation, SELU_ALPHA, SELU_SCALE};
 pub use batch_norm::{BatchNorm, BatchNormConfig, batch_norm};
@@ -53,7 +56,12 @@ pub use group_norm::{GroupNorm, GroupNormConfig, group_norm};
 pub use instance_norm::{InstanceNorm, InstanceNormConfig, InstanceNormDims, instance_norm};
 pub use layer_norm::{Affine, LayerNorm, LayerNormConfig, layer_norm};
 pub use prelu::{PRelu, PReluConfig, prelu};
+pub use reweight::Reweight;
 pub use rms_norm::{RmsNorm, RmsNormConfig, rms_norm};
+pub use spectral_norm::{
+    SpectralNorm, SpectralNormConfig, spectral_norm_conv2d, spectral_norm_linear,
+};
+pub use weight_norm::{WeightNorm, WeightNormConfig, weight_norm_conv2d, weight_norm_linear};
 
 #[cfg(test)]
 mod autotraits {

@@ -8,6 +8,7 @@ mod dropout;
 mod group_norm;
 mod layer_norm;
 mod prelu;
+mod reparam;
 mod rms_norm;
 mod rows;
 
@@ -19,4 +20,8 @@ pub use dropout::{DropoutKind, dropout, dropout_composed, dropout_words};
 pub use group_norm::{group_norm, group_norm_composed};
 pub use layer_norm::{layer_norm, layer_norm_composed};
 pub use prelu::{prelu, prelu_composed};
+pub use reparam::{
+    SpectralNormOutput, SpectralNormStep, norm_except_dim, power_vector_lengths, spectral_norm,
+    weight_norm,
+};
 pub use rms_norm::{default_rms_eps, rms_norm, rms_norm_composed};
