@@ -142,6 +142,17 @@ fn update_one(tensor: &mut Tensor, update: &Update, path: Path) -> Result<Option
             }
             tensor.clamp(*lo, *hi)?
         }
+        Update::CenterRows(rows) => {
+            let compute = crate::device::compute_dtype(tensor.dtype());
+            let mean = tensor
+                .to_dtype(compute)?
+                .reshape((*rows, ()))?
+                .mean_keepdim(1)?
+                .to_dtype(tensor.dtype())?;
+            let mut shape = vec![1; tensor.rank()];
+            shape[0] = *rows;
+            tensor.broadcast_sub(&mean.reshape(shape)?)?
+        }
         Update::ScaleRows(factors) => {
             let mut shape = vec![1; tensor.rank().max(1)];
             shape[0] = factors.len();
@@ -188,6 +199,35 @@ pub fn unscale_all_in_place(tensors: &mut [Tensor], factor: f64) -> Result<bool>
 /// ```
 pub fn clamp_in_place(tensor: &mut Tensor, min: f64, max: f64) -> Result<bool> {
     clamp_all_in_place(std::slice::from_mut(tensor), min, max)
+}
+
+/// Subtracts from each dim-0 slice ("row": one output neuron or filter of a weight's
+/// gradient) its own mean, in place on the CPU: gradient centralisation's update (Yong et al.
+/// 2020). The mean is taken in f64 over the row, read and written in one pass over memory. A
+/// rank-0 or rank-1 tensor is left as it is (the paper centralises weights of rank ≥ 2 only).
+/// A NaN in a row makes the whole row NaN (never hidden).
+///
+/// # Errors
+/// [`Error::UnsupportedDType`] for an integer tensor.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let mut g = Tensor::new(&[[1f32, 3.0], [2.0, 6.0]], &Device::Cpu)?;
+/// gradkit::core::center_rows_in_place(&mut g)?;
+/// assert_eq!(g.to_vec2::<f32>()?, [[-1.0, 1.0], [-2.0, 2.0]]);
+/// # Ok::<(), gradkit::core::Error>(())
+/// ```
+pub fn center_rows_in_place(tensor: &mut Tensor) -> Result<()> {
+    ensure_float("center_rows_in_place", "tensor", tensor.dtype())?;
+    if tensor.rank() < 2 {
+        return Ok(());
+    }
+    let path = Path::of(tensor.device());
+    if path == Path::Fused && !tensor.is_contiguous() {
+        // Rows are contiguous runs only in a contiguous layout.
+        *tensor = tensor.contiguous()?;
+    }
+    update_one(tensor, &Update::CenterRows(tensor.dims()[0]), path).map(|_| ())
 }
 
 /// Multiplies each dim-0 slice ("row", a unit of a weight: one output neuron or filter) of a
@@ -320,6 +360,8 @@ enum Update {
     /// Bounds, and whether the fused kernel changed an element.
     Clamp(f64, f64, Arc<AtomicBool>),
     ScaleRows(Vec<f64>),
+    /// Subtract each of this many rows' mean (a contiguous layout).
+    CenterRows(usize),
 }
 
 impl InPlace for Update {
@@ -329,6 +371,19 @@ impl InPlace for Update {
             Self::ScaleRows(ref factors) => {
                 let row = (layout.shape().elem_count() / factors.len().max(1)).max(1);
                 for_each_mut(data, layout, move |i, x: T| scale(x, factors[i / row]));
+            }
+            Self::CenterRows(rows) => {
+                if let Some((start, end)) = layout.contiguous_offsets() {
+                    let len = ((end - start) / rows.max(1)).max(1);
+                    #[allow(clippy::cast_precision_loss, reason = "rows are far below 2^52")]
+                    let n = len as f64;
+                    data[start..end].par_chunks_mut(len).for_each(|row| {
+                        let mean = crate::cpu::sum_by(row, |v| v) / n;
+                        for x in row.iter_mut() {
+                            *x = T::cast_f64(x.as_f64() - mean);
+                        }
+                    });
+                }
             }
             Self::Clamp(lo, hi, ref changed) => {
                 let (lo, hi) = (T::cast_f64(lo), T::cast_f64(hi));
@@ -454,6 +509,7 @@ impl InplaceOp1 for Update {
             Self::Scale(_) => "gradkit-scale-in-place",
             Self::Clamp(..) => "gradkit-clamp-in-place",
             Self::ScaleRows(_) => "gradkit-scale-rows-in-place",
+            Self::CenterRows(_) => "gradkit-center-rows-in-place",
         }
     }
 

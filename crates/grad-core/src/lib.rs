@@ -55,8 +55,8 @@ pub mod validate;
 pub use error::{Error, Result, downcast, to_candle};
 pub use gradcheck::{GradcheckConfig, GradcheckReport, InputReport, WorstElement, gradcheck};
 pub use inplace::{
-    clamp_all_in_place, clamp_in_place, scale_all_in_place, scale_in_place, scale_rows_in_place,
-    unit_count, unscale_all_in_place, unscale_in_place,
+    center_rows_in_place, clamp_all_in_place, clamp_in_place, scale_all_in_place, scale_in_place,
+    scale_rows_in_place, unit_count, unscale_all_in_place, unscale_in_place,
 };
 pub use norm::{
     MultiNorm, NormType, TensorNorm, ensure_same_device, global_norm, multi_norm, unit_norm_tensor,

@@ -29,6 +29,11 @@ pub struct ClippedConfig {
     /// How many consecutive steps may be skipped before [`Clipped::try_step`] fails (a run that
     /// keeps producing NaN is broken, not unlucky). `None` never fails. Default: `Some(10)`.
     pub max_consecutive_skips: Option<usize>,
+    /// Centralise the gradients (of rank ≥ 2) before clipping them
+    /// ([`centralize_gradients`](crate::centralize_gradients)): the order is centralise, then
+    /// clip, then step. Default: false.
+    #[serde(default)]
+    pub centralize: bool,
 }
 
 impl ClippedConfig {
@@ -38,6 +43,7 @@ impl ClippedConfig {
             policy,
             skip_non_finite: true,
             max_consecutive_skips: Some(10),
+            centralize: false,
         }
     }
 }
@@ -45,7 +51,8 @@ impl ClippedConfig {
 /// What one step did.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepReport {
-    /// The global L2 norm of the gradients before clipping (NaN or inf if one is non-finite).
+    /// The global L2 norm of the gradients as the backward left them, before centralising and
+    /// clipping (NaN or inf if one is non-finite).
     pub total_norm: f64,
     /// NaN and infinite gradient elements.
     pub non_finite: u64,
@@ -208,6 +215,13 @@ impl<O: Optimizer> Clipped<O> {
             return Ok(report);
         }
         self.counters.consecutive_skips = 0;
+        // Centralising changes the norms: the policy then measures them again.
+        let norms = if self.config.centralize {
+            crate::centralize_gradients(&mut named)?;
+            None
+        } else {
+            norms
+        };
         report.groups = self.config.policy.apply(&mut named, norms.as_ref())?;
         report.clipped = report.groups.iter().any(|g| g.clipped);
         // The clipped gradients, keyed by variable, for the inner optimizer.

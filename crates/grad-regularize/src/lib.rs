@@ -30,6 +30,7 @@
 //! ```
 
 mod agc;
+mod centralize;
 mod clip;
 mod clipped;
 mod cross_entropy;
@@ -39,6 +40,7 @@ mod loss_scaler;
 mod policy;
 
 pub use agc::{AgcConfig, adaptive_clip};
+pub use centralize::centralize_gradients;
 pub use clip::{
     ClipOutcome, NonFiniteNorm, clip_grad_norm, clip_grad_value, clip_grads_with_norm,
     get_total_norm,

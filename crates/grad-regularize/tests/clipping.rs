@@ -299,3 +299,81 @@ fn bad_input_is_an_error() -> TestResult {
     assert!(clip_grad_norm(&mut ints, 1.0, NormType::L2, NonFiniteNorm::Scale).is_err());
     Ok(())
 }
+
+fn centred(t: &Tensor) -> Vec<f64> {
+    let mut g = t.copy().unwrap();
+    grad_core::center_rows_in_place(&mut g).unwrap();
+    grad_testkit::values(&g).unwrap()
+}
+
+proptest! {
+    /// The in-place centring equals the composed one, and every row then sums to ~0.
+    #[test]
+    fn centring_rows_fused_equals_composed(
+        t in tensor(TensorSpec { values: Values::Finite { lo: -5.0, hi: 5.0 }, ..TensorSpec::default() }),
+    ) {
+        let fused = centred(&t);
+        let composed = grad_core::device::with_path(grad_core::device::Path::Composed, || centred(&t));
+        let tol = if t.dtype() == DType::F64 { 1e-12 } else { 2e-2 };
+        for (a, b) in fused.iter().zip(&composed) {
+            prop_assert!((a - b).abs() <= tol * (1.0 + b.abs()), "{a} vs {b}");
+        }
+        if t.rank() >= 2 {
+            let rows = t.dim(0)?;
+            let len = fused.len() / rows;
+            for r in fused.chunks(len.max(1)) {
+                let s: f64 = r.iter().sum();
+                prop_assert!(s.abs() <= 1e-6 + tol * len as f64 * 5.0, "row sums to {s}");
+            }
+        } else {
+            prop_assert_eq!(fused, grad_testkit::values(&t)?);
+        }
+    }
+}
+
+#[test]
+fn centring_keeps_a_nan_row_nan_and_rejects_integers() -> TestResult {
+    let g = Tensor::new(&[[1f32, f32::NAN], [2.0, 4.0]], &Device::Cpu)?;
+    let v = centred(&g);
+    assert!(v[0].is_nan() && v[1].is_nan());
+    assert_eq!(v[2..], [-1.0, 1.0]);
+    let mut ints = Tensor::new(&[[1u32, 2], [3, 4]], &Device::Cpu)?;
+    assert!(grad_core::center_rows_in_place(&mut ints).is_err());
+    Ok(())
+}
+
+#[test]
+fn clipped_centralises_then_clips_then_steps() -> TestResult {
+    let w = Var::new(&[[1f64, 2.0, 6.0], [0.0, 3.0, -3.0]], &Device::Cpu)?;
+    let params = NamedVars::new([("fc.weight", w.clone())])?;
+    let config = ClippedConfig {
+        centralize: true,
+        ..ClippedConfig::new(ClipPolicy::single(ClipRule::max_norm(1.0))?)
+    };
+    let mut opt = Clipped::<SGD>::new(params, 1.0, config)?;
+    let before = w.as_tensor().to_vec2::<f64>()?;
+    // d/dw of sum(w^2 / 2) is w itself.
+    let loss = (w.as_tensor().sqr()?.sum_all()? * 0.5)?;
+    let report = opt.try_backward_step(&loss)?;
+    assert!(report.clipped);
+    // Expected: g = w; centred per row; then scaled to norm 1 (PyTorch's 1e-6 guard aside).
+    let centred: Vec<Vec<f64>> = before
+        .iter()
+        .map(|r| {
+            let m = r.iter().sum::<f64>() / 3.0;
+            r.iter().map(|x| x - m).collect()
+        })
+        .collect();
+    let norm = centred.iter().flatten().map(|x| x * x).sum::<f64>().sqrt();
+    let after = w.as_tensor().to_vec2::<f64>()?;
+    for ((a, b), c) in after
+        .iter()
+        .flatten()
+        .zip(before.iter().flatten())
+        .zip(centred.iter().flatten())
+    {
+        let want = b - c / (norm + 1e-6);
+        assert!((a - want).abs() < 1e-12, "{a} vs {want}");
+    }
+    Ok(())
+}
