@@ -434,6 +434,113 @@ pub fn reinit(
     Ok(done)
 }
 
+/// A [`reinit`] rule zeroing the `weight` (and `bias`) of the last layer of each residual
+/// branch, so every residual block starts as the identity: torchvision's `zero_init_residual`
+/// (Goyal et al. 2017; it names each block's last batch norm, `layer1.0.bn3`). Other
+/// parameters get `None`: chain with another rule by `or_else`.
+///
+/// ```
+/// use candle_core::{DType, Device};
+/// use candle_nn::{VarBuilder, VarMap};
+/// use gradkit::core::Philox;
+/// use gradkit::layers::init::{reinit, zero_init_residual};
+/// let map = VarMap::new();
+/// let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+/// candle_nn::linear(4, 4, vb.pp("block1.fc1"))?;
+/// candle_nn::linear(4, 4, vb.pp("block1.fc2"))?;
+/// let last = ["block1.fc2"];
+/// let done = reinit(&map, &mut Philox::new(0), zero_init_residual(&last))?;
+/// assert_eq!(done, ["block1.fc2.bias", "block1.fc2.weight"]);
+/// # Ok::<(), gradkit::layers::Error>(())
+/// ```
+pub fn zero_init_residual<'a>(
+    last_layers: &'a [&'a str],
+) -> impl Fn(&str, &[usize]) -> Option<Initializer> + 'a {
+    move |name, _| {
+        let (layer, param) = name.rsplit_once('.')?;
+        (last_layers.contains(&layer) && matches!(param, "weight" | "bias"))
+            .then_some(Initializer::Zeros)
+    }
+}
+
+/// Sets the forget-gate bias of every candle-nn LSTM layer under `prefix` to `value`
+/// (Jozefowicz et al. 2015: 1, so the cell remembers by default and gradients flow back
+/// through time): in candle-nn's (and PyTorch's) layout the gates of `bias_ih_l{k}` and
+/// `bias_hh_l{k}` (and their `_reverse`) are `[input, forget, cell, output]`, each of the
+/// hidden size; the forget slice of `bias_ih` becomes `value` and that of `bias_hh` 0, so
+/// their sum is `value`. Returns the names written.
+///
+/// # Errors
+/// [`Error::Core`] for `value` not finite or a bias whose length is not a multiple of 4;
+/// [`Error::Core`] ([`grad_core::Error::UnknownName`]) when `prefix` holds no LSTM bias.
+///
+/// ```
+/// use candle_core::{DType, Device};
+/// use candle_nn::{VarBuilder, VarMap};
+/// let map = VarMap::new();
+/// let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+/// candle_nn::lstm(3, 2, Default::default(), vb.pp("rnn"))?;
+/// gradkit::layers::init::lstm_forget_gate_bias(&map, "rnn", 1.0)?;
+/// let b = map.data().lock().unwrap()["rnn.bias_ih_l0"].to_vec1::<f32>()?;
+/// assert_eq!(b[2..4], [1.0, 1.0]);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn lstm_forget_gate_bias(map: &VarMap, prefix: &str, value: f64) -> Result<Vec<String>> {
+    grad_core::validate::finite("value", value)?;
+    let data = map
+        .data()
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let is_bias = |rest: &str, kind: &str| {
+        rest.strip_prefix(kind).is_some_and(|layer| {
+            let layer = layer.strip_suffix("_reverse").unwrap_or(layer);
+            !layer.is_empty() && layer.bytes().all(|b| b.is_ascii_digit())
+        })
+    };
+    let mut names: Vec<&String> = data
+        .keys()
+        .filter(|n| {
+            n.strip_prefix(prefix)
+                .and_then(|r| r.strip_prefix('.'))
+                .is_some_and(|r| is_bias(r, "bias_ih_l") || is_bias(r, "bias_hh_l"))
+        })
+        .collect();
+    names.sort();
+    if names.is_empty() {
+        return Err(Error::Core(grad_core::Error::UnknownName {
+            name: format!("{prefix}.bias_ih_l0 (no LSTM bias under {prefix:?})"),
+        }));
+    }
+    for name in &names {
+        let var = &data[*name];
+        let n = var.elem_count();
+        if !n.is_multiple_of(4) || var.rank() != 1 {
+            return Err(Error::Core(grad_core::Error::shape_mismatch(
+                "lstm_forget_gate_bias",
+                "bias",
+                "[4 * hidden]".to_owned(),
+                var.dims(),
+            )));
+        }
+        let h = n / 4;
+        let fill = if name.contains("bias_ih_l") {
+            value
+        } else {
+            0.0
+        };
+        let gates = Tensor::cat(
+            &[
+                var.narrow(0, 0, h)?,
+                Tensor::full(fill, h, var.device())?.to_dtype(var.dtype())?,
+                var.narrow(0, 2 * h, 2 * h)?,
+            ],
+            0,
+        )?;
+        var.set(&gates)?;
+    }
+    Ok(names.into_iter().cloned().collect())
+}
+
 /// PyTorch's `orthogonal_`: QR of a Gaussian `[rows, prod(rest)]` matrix (transposed when wider
 /// than tall), columns sign-corrected by `diag(R)`, times `gain`.
 fn orthogonal(

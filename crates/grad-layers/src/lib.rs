@@ -42,6 +42,7 @@ mod layer_norm;
 pub mod lsuv;
 pub mod ops;
 mod prelu;
+mod residual;
 mod reweight;
 mod rms_norm;
 mod running;
@@ -56,6 +57,7 @@ pub use group_norm::{GroupNorm, GroupNormConfig, group_norm};
 pub use instance_norm::{InstanceNorm, InstanceNormConfig, InstanceNormDims, instance_norm};
 pub use layer_norm::{Affine, LayerNorm, LayerNormConfig, layer_norm};
 pub use prelu::{PRelu, PReluConfig, prelu};
+pub use residual::{ChannelAxis, LayerScale, LayerScaleConfig, ResidualScale, layer_scale, rezero};
 pub use reweight::Reweight;
 pub use rms_norm::{RmsNorm, RmsNormConfig, rms_norm};
 pub use spectral_norm::{
