@@ -103,9 +103,11 @@ fn bench(c: &mut Criterion) {
     group.bench_function("bandwidth", |b| b.iter(|| bandwidth(&mut out, &host)));
     group.finish();
 
-    // The activations that need a transcendental function, forward alone.
+    // Every other activation, forward alone, against the candle composition a user writes.
     type CandleFn = Box<dyn Fn(&Tensor) -> candle_core::Result<Tensor>>;
-    let transcendental: [(&str, Activation, CandleFn); 6] = [
+    let softplus = |x: &Tensor| (x.exp()? + 1.0)?.log();
+    let relu6_of = |x: &Tensor| x.clamp(0f32, 6f32);
+    let forwards: [(&str, Activation, CandleFn); 16] = [
         (
             "elu/16M",
             Activation::Elu { alpha: 1.0 },
@@ -130,8 +132,56 @@ fn bench(c: &mut Criterion) {
             Box::new(candle_nn::ops::sigmoid),
         ),
         ("tanh/16M", Activation::Tanh, Box::new(Tensor::tanh)),
+        ("relu6/16M", Activation::Relu6, Box::new(relu6_of)),
+        ("silu/16M", Activation::Silu, Box::new(Tensor::silu)),
+        (
+            "mish/16M",
+            Activation::Mish,
+            Box::new(move |x| x * softplus(x)?.tanh()?),
+        ),
+        (
+            "softplus/16M",
+            Activation::Softplus {
+                beta: 1.0,
+                threshold: 20.0,
+            },
+            Box::new(softplus),
+        ),
+        (
+            "hardswish/16M",
+            Activation::Hardswish,
+            Box::new(move |x| x * (relu6_of(&(x + 3.0)?)? / 6.0)?),
+        ),
+        (
+            "hardsigmoid/16M",
+            Activation::Hardsigmoid,
+            Box::new(move |x| relu6_of(&(x + 3.0)?)? / 6.0),
+        ),
+        (
+            "hardtanh/16M",
+            Activation::Hardtanh {
+                min_val: -1.0,
+                max_val: 1.0,
+            },
+            Box::new(|x| x.clamp(-1f32, 1f32)),
+        ),
+        (
+            "celu/16M",
+            Activation::Celu { alpha: 1.0 },
+            Box::new(|x| x.elu(1.0)),
+        ),
+        (
+            "softsign/16M",
+            Activation::Softsign,
+            Box::new(|x| x / (x.abs()? + 1.0)?),
+        ),
+        (
+            "log_sigmoid/16M",
+            Activation::LogSigmoid,
+            Box::new(|x| candle_nn::ops::sigmoid(x)?.log()),
+        ),
     ];
-    for (name, act, candle) in &transcendental {
+    for (name, act, candle) in &forwards {
         let mut group = c.benchmark_group(*name);
         group.sample_size(10);
         group.bench_function("gradkit", |b| {

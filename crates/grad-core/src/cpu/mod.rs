@@ -2,7 +2,7 @@
 //! to write a kernel for it.
 //!
 //! - the float element types and their arithmetic ([`Float`], [`Real`]): half precision
-//!   computes in f32, and the f32 `exp`, `exp_m1`, `tanh` and `erf` are branch-free polynomials
+//!   computes in f32, and the f32 `exp`, `exp_m1`, `ln_1p`, `tanh` and `erf` are branch-free polynomials
 //!   ([`exp_f32`] and friends) so element-wise kernels vectorise; [`dispatch`] runs a
 //!   [`FloatFn`] for a tensor's dtype ([`dispatch_op`] for a custom op's storage), and
 //!   [`with_avx2`] compiles a closure for AVX2 where the CPU has it;
@@ -31,8 +31,8 @@ mod reduce;
 
 pub use fill::{Slots, fill, fill_with, par_map, par_zip_map};
 pub use float::{
-    Float, FloatFn, Real, dispatch, dispatch_op, dtype_of, erf_f32, exp_f32, exp_m1_f32, tanh_f32,
-    with_avx2,
+    Float, FloatFn, Real, dispatch, dispatch_op, dtype_of, erf_f32, exp_f32, exp_m1_f32, ln_1p_f32,
+    tanh_f32, with_avx2,
 };
 pub use fused::{Fused, Grad, Kernel};
 pub use host::{
