@@ -48,6 +48,7 @@ mod rms_norm;
 mod running;
 mod spectral_norm;
 mod weight_norm;
+mod weight_standardization;
 
 pub use activation::{Activation, GeluApproximation, SELU_ALPHA, SELU_SCALE};
 pub use batch_norm::{BatchNorm, BatchNormConfig, batch_norm};
@@ -64,6 +65,7 @@ pub use spectral_norm::{
     SpectralNorm, SpectralNormConfig, spectral_norm_conv2d, spectral_norm_linear,
 };
 pub use weight_norm::{WeightNorm, WeightNormConfig, weight_norm_conv2d, weight_norm_linear};
+pub use weight_standardization::{WeightStandardizationConfig, WeightStandardized, std_conv2d};
 
 #[cfg(test)]
 mod autotraits {

@@ -277,3 +277,48 @@ fn a_spectral_norm_layer_shared_by_threads_trains() -> TestResult {
     assert!((norm - 1.0).abs() < 1e-4, "{norm}");
     Ok(())
 }
+
+#[test]
+fn weight_standardisation_matches_timm_and_gradchecks() -> TestResult {
+    // timm's StdConv2d: F.batch_norm over weight.reshape(1, out, -1), biased variance, eps 1e-6.
+    let mut rng = Philox::new(9);
+    let w = rng.normal((4, 3, 3, 3), 0.2, 0.05, DType::F64, &Device::Cpu)?;
+    let s = ops::standardize_weight(&w, 1e-6)?.reshape((4, 27))?;
+    let means = s.mean(1)?.to_vec1::<f64>()?;
+    let vars = s.sqr()?.mean(1)?.to_vec1::<f64>()?;
+    for (m, v) in means.iter().zip(&vars) {
+        assert!(m.abs() < 1e-12, "{m}");
+        // var / (var + eps) with var = 0.05^2.
+        assert!((v - 0.0025 / (0.0025 + 1e-6)).abs() < 2e-2, "{v}");
+    }
+    let report = gradcheck(
+        |t: &[Tensor]| ops::standardize_weight(&t[0], 1e-6),
+        std::slice::from_ref(&w),
+        &GradcheckConfig::default(),
+    )?;
+    assert!(report.passed(), "{report:?}");
+    let map = VarMap::new();
+    let vb = VarBuilder::from_varmap(&map, DType::F64, &Device::Cpu);
+    let conv = grad_layers::std_conv2d(
+        3,
+        4,
+        3,
+        Conv2dConfig::default(),
+        Default::default(),
+        vb.pp("c"),
+    )?;
+    assert_eq!(names(&map).0, ["c.weight", "c.bias"]);
+    let y = conv.forward(&Tensor::ones((1, 3, 5, 5), DType::F64, &Device::Cpu)?)?;
+    let grads = y.sum_all()?.backward()?;
+    assert!(grads.get(conv.raw_weight()).is_some());
+    let bad = grad_layers::WeightStandardizationConfig {
+        eps: 0.0,
+        bias: true,
+    };
+    let e = grad_layers::std_conv2d(3, 4, 3, Conv2dConfig::default(), bad, vb.pp("d"))
+        .err()
+        .ok_or("eps 0 accepted")?;
+    assert!(e.to_string().contains("eps"), "{e}");
+    assert!(ops::standardize_weight(&Tensor::ones(3, DType::F32, &Device::Cpu)?, 1e-6).is_err());
+    Ok(())
+}

@@ -22,6 +22,6 @@ pub use layer_norm::{layer_norm, layer_norm_composed};
 pub use prelu::{prelu, prelu_composed};
 pub use reparam::{
     SpectralNormOutput, SpectralNormStep, norm_except_dim, power_vector_lengths, spectral_norm,
-    weight_norm,
+    standardize_weight, weight_norm,
 };
 pub use rms_norm::{default_rms_eps, rms_norm, rms_norm_composed};

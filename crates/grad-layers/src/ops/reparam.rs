@@ -1,6 +1,7 @@
 //! Weight reparameterisations as functions of their parameters: weight normalisation (Salimans
-//! & Kingma 2016, PyTorch's `torch._weight_norm`) and spectral normalisation (Miyato et al.
-//! 2018, PyTorch's `parametrizations.spectral_norm`). Both work on weights, not activations, so
+//! & Kingma 2016, PyTorch's `torch._weight_norm`), spectral normalisation (Miyato et al.
+//! 2018, PyTorch's `parametrizations.spectral_norm`) and weight standardisation (Qiao et al.
+//! 2019, timm's `StdConv2d`). Both work on weights, not activations, so
 //! they are candle ops on any device (no fused kernel: a weight is read once per forward).
 
 use candle_core::{D, Tensor};
@@ -206,4 +207,41 @@ pub fn spectral_norm(
         u,
         v,
     })
+}
+
+/// Weight standardisation: each output unit's weight (each dim-0 slice) minus its mean, divided
+/// by `sqrt(var + eps)` with the biased variance, as timm's `StdConv2d` computes it (through
+/// `batch_norm` over the flattened weight). Gradients reach the weight through autograd.
+///
+/// # Shapes
+/// `weight`: rank ≥ 2 (`[out, *]`); the result has its shape.
+///
+/// # Errors
+/// [`Error::Core`] for `eps` not positive and finite or a weight of rank below 2.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let w = Tensor::new(&[[1f64, 3.0], [0.0, 0.0]], &Device::Cpu)?;
+/// let s = gradkit::layers::ops::standardize_weight(&w, 1e-12)?.to_vec2::<f64>()?;
+/// assert!((s[0][0] + 1.0).abs() < 1e-9 && (s[0][1] - 1.0).abs() < 1e-9);
+/// assert_eq!(s[1], [0.0, 0.0]);
+/// # Ok::<(), gradkit::layers::Error>(())
+/// ```
+pub fn standardize_weight(weight: &Tensor, eps: f64) -> Result<Tensor> {
+    grad_core::validate::positive("eps", eps)?;
+    if weight.rank() < 2 {
+        return Err(Error::rank(
+            "standardize_weight",
+            "weight",
+            "at least 2 ([out, *])",
+            weight.rank(),
+        ));
+    }
+    let rows = weight.dim(0)?;
+    let flat = weight.reshape((rows, ()))?;
+    let centred = flat.broadcast_sub(&flat.mean_keepdim(1)?)?;
+    let var = centred.sqr()?.mean_keepdim(1)?;
+    Ok(centred
+        .broadcast_div(&(var + eps)?.sqrt()?)?
+        .reshape(weight.shape())?)
 }
