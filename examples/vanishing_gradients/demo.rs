@@ -8,7 +8,11 @@
 //!    "standard" init Glorot & Bengio (2010) showed makes deep sigmoid nets' gradients vanish;
 //! 2. Kaiming init (He et al. 2015) with Leaky ReLU;
 //! 3. the same with batch norm after every hidden linear layer (Ioffe & Szegedy 2015);
-//! 4. the same with dropout before the classifier and global-norm gradient clipping.
+//! 4. the same with dropout before the classifier and global-norm gradient clipping;
+//! 5. set-up 1 again (sigmoid, default init, no normalisation), each hidden layer made a
+//!    residual block `h + alpha sigmoid(W h + b)` with ReZero's `alpha` starting at 0
+//!    (Bachlechner et al. 2020): the network starts as the identity, so the gradient reaches
+//!    the first layer whole.
 //!
 //! A `GradMonitor` watches every run; three `Probe`s watch the first, middle and last hidden
 //! activations.
@@ -25,7 +29,8 @@ use grad_diagnostics::{
 };
 use grad_layers::init::{FanMode, Initializer, Nonlinearity, reinit};
 use grad_layers::{
-    Activation, BatchNorm, BatchNormConfig, Dropout, DropoutConfig, batch_norm, dropout,
+    Activation, BatchNorm, BatchNormConfig, Dropout, DropoutConfig, ResidualScale, batch_norm,
+    dropout, rezero,
 };
 use grad_regularize::{CrossEntropyConfig, cross_entropy};
 use serde::Serialize;
@@ -112,15 +117,18 @@ pub enum Setup {
     BatchNorm,
     /// + dropout and global-norm clipping.
     AllRemedies,
+    /// Set-up 1 with residual blocks scaled by ReZero's `alpha`.
+    ReZero,
 }
 
 impl Setup {
-    /// The four, in the order they are run.
-    pub const ALL: [Self; 4] = [
+    /// The five, in the order they are run.
+    pub const ALL: [Self; 5] = [
         Self::NaiveSigmoid,
         Self::KaimingLeaky,
         Self::BatchNorm,
         Self::AllRemedies,
+        Self::ReZero,
     ];
 
     /// The folder name of the set-up's outputs.
@@ -130,6 +138,7 @@ impl Setup {
             Self::KaimingLeaky => "2-kaiming-leaky-relu",
             Self::BatchNorm => "3-batch-norm",
             Self::AllRemedies => "4-all-remedies",
+            Self::ReZero => "5-sigmoid-rezero",
         }
     }
 
@@ -140,12 +149,13 @@ impl Setup {
             Self::KaimingLeaky => "(2) Kaiming + Leaky ReLU",
             Self::BatchNorm => "(3) + BatchNorm",
             Self::AllRemedies => "(4) + dropout + clipping",
+            Self::ReZero => "(5) (1) as residual blocks with ReZero",
         }
     }
 
     fn activation(self) -> Activation {
         match self {
-            Self::NaiveSigmoid => Activation::Sigmoid,
+            Self::NaiveSigmoid | Self::ReZero => Activation::Sigmoid,
             _ => Activation::LeakyRelu {
                 negative_slope: LEAKY_SLOPE,
             },
@@ -155,7 +165,7 @@ impl Setup {
     /// The weight init: PyTorch's `nn.Linear` default for set-up 1, Kaiming otherwise.
     fn weight_init(self, fan_in: usize) -> Initializer {
         match self {
-            Self::NaiveSigmoid => {
+            Self::NaiveSigmoid | Self::ReZero => {
                 #[allow(clippy::cast_precision_loss, reason = "a layer width")]
                 let bound = 1.0 / (fan_in as f64).sqrt();
                 Initializer::Uniform {
@@ -200,9 +210,11 @@ pub struct Outcome {
     pub records: Vec<StepRecord>,
 }
 
-/// A hidden layer: linear, optional batch norm, activation, optional dropout, optional probe.
+/// A hidden layer: linear, optional batch norm, activation, optional dropout, optional probe;
+/// with `rezero`, a residual block `h + alpha f(h)`.
 struct Hidden {
     linear: Linear,
+    rezero: Option<ResidualScale>,
     norm: Option<BatchNorm>,
     activation: Activation,
     dropout: Option<Dropout>,
@@ -222,6 +234,8 @@ impl Mlp {
         let vb = VarBuilder::from_varmap(map, DType::F32, &Device::Cpu);
         let (depth, width) = (options.depth, options.width);
         let probed = [0, depth / 2, depth - 1];
+        // Set-up 5's probes see the residual stream `h + alpha sigmoid(..)`, not a sigmoid's
+        // output.
         let kind = match setup {
             Setup::NaiveSigmoid => ProbeKind::Sigmoid,
             _ => ProbeKind::Linear,
@@ -247,8 +261,15 @@ impl Mlp {
                 )?),
                 _ => None,
             };
+            // A residual block needs its input's width: the first layer (64 inputs) is one only
+            // when the width is 64.
+            let in_width = if i == 0 { 64 } else { width };
+            let rezero = (setup == Setup::ReZero && in_width == width)
+                .then(|| rezero(0.0, vb.clone()))
+                .transpose()?;
             hidden.push(Hidden {
                 linear,
+                rezero,
                 norm,
                 activation: setup.activation(),
                 dropout,
@@ -264,7 +285,9 @@ impl Mlp {
                 None
             } else if name.ends_with(".weight") {
                 Some(setup.weight_init(shape.get(1).copied().unwrap_or(1)))
-            } else if setup == Setup::NaiveSigmoid {
+            } else if name.ends_with(".alpha") {
+                None
+            } else if matches!(setup, Setup::NaiveSigmoid | Setup::ReZero) {
                 // PyTorch draws a bias like its weight: the bound is the layer's fan-in.
                 let first = name.starts_with("layer.0.");
                 Some(setup.weight_init(if first { 64 } else { width }))
@@ -278,11 +301,15 @@ impl Mlp {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let mut h = x.clone();
         for layer in &self.hidden {
+            let input = h.clone();
             h = layer.linear.forward(&h)?;
             if let Some(norm) = &layer.norm {
                 h = norm.try_forward(&h, train)?;
             }
             h = layer.activation.try_forward(&h)?;
+            if let Some(alpha) = &layer.rezero {
+                h = (input + alpha.forward(&h)?)?;
+            }
             if let Some(d) = &layer.dropout {
                 h = d.forward_t(&h, train)?;
             }
