@@ -10,6 +10,7 @@
 
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
+use grad_core::device::{Path, with_path};
 use grad_core::strategies::{LayoutKind, Values, build_tensor, values};
 use grad_core::{GradcheckConfig, Philox, gradcheck};
 use grad_layers::{Activation, GeluApproximation, PReluConfig, ops, prelu};
@@ -18,7 +19,27 @@ use proptest::prelude::*;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
-const ALL: [Activation; 9] = [
+const ALL: [Activation; 20] = [
+    Activation::Relu6,
+    Activation::Silu,
+    Activation::Mish,
+    Activation::Softplus {
+        beta: 1.0,
+        threshold: 20.0,
+    },
+    Activation::Softplus {
+        beta: 2.0,
+        threshold: 5.0,
+    },
+    Activation::Hardswish,
+    Activation::Hardsigmoid,
+    Activation::Hardtanh {
+        min_val: -1.0,
+        max_val: 1.5,
+    },
+    Activation::Celu { alpha: 0.5 },
+    Activation::Softsign,
+    Activation::LogSigmoid,
     Activation::Relu,
     Activation::LeakyRelu {
         negative_slope: 0.2,
@@ -147,8 +168,31 @@ fn prelu_fused_equals_composed_with_weight_gradient() -> TestResult {
 
 #[test]
 fn extreme_inputs_saturate_without_nan() -> TestResult {
+    // ±800 overflows exp in f64 too: no activation may turn that into a NaN or an inf.
+    let f64s = Var::from_tensor(&Tensor::new(
+        &[-800f64, -710.0, 710.0, 800.0],
+        &Device::Cpu,
+    )?)?;
+    for act in ALL {
+        for path in [Path::Fused, Path::Composed] {
+            let y = with_path(path, || ops::activation(f64s.as_tensor(), act))?;
+            let g = grads_of(&y, &f64s.ones_like()?, &[f64s.as_tensor()])?[0]
+                .clone()
+                .unwrap();
+            for v in vals(&y).iter().chain(vals(&g).iter()) {
+                assert!(
+                    v.is_finite(),
+                    "{act:?} {path:?}: {:?} / {:?}",
+                    vals(&y),
+                    vals(&g)
+                );
+            }
+        }
+    }
     let x = Var::from_tensor(&Tensor::new(
-        &[-1e30f32, -1e4, -100.0, 0.0, -0.0, 100.0, 1e4, 1e30],
+        &[
+            -1e30f32, -1e4, -800.0, -100.0, 0.0, -0.0, 100.0, 800.0, 1e4, 1e30,
+        ],
         &Device::Cpu,
     )?)?;
     let ones = x.ones_like()?;
