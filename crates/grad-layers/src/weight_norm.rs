@@ -100,9 +100,13 @@ impl<L: Reweight> WeightNorm<L> {
     fn around(layer: L, config: WeightNormConfig, vb: &VarBuilder) -> Result<Self> {
         let norm = norm_except_dim(layer.weight(), config.dim)?.detach();
         let fresh = !vb.contains_tensor("weight_g");
-        let g = vb.get_with_hints(norm.shape(), "weight_g", Init::Const(1.0))?;
+        let mut g = vb.get_with_hints(norm.shape(), "weight_g", Init::Const(1.0))?;
         if fresh {
-            Var::from_tensor(&g)?.set(&norm.to_dtype(g.dtype())?)?;
+            // A VarMap's tensor is its variable, which this writes in place; keep the
+            // variable's tensor whatever the backend.
+            let var = Var::from_tensor(&g)?;
+            var.set(&norm.to_dtype(g.dtype())?)?;
+            g = var.as_tensor().clone();
         }
         Ok(Self {
             layer,
