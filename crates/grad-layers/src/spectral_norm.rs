@@ -88,10 +88,23 @@ pub fn spectral_norm_linear(
     SpectralNorm::around(layer, config, &vb)
 }
 
-/// A spectrally normalised `candle_nn::Conv2d`, as [`spectral_norm_linear`].
+/// A spectrally normalised `candle_nn::Conv2d`, as [`spectral_norm_linear`] (`weight_v` has
+/// `in / groups * k * k` elements).
 ///
 /// # Errors
 /// As [`spectral_norm_linear`].
+///
+/// ```
+/// use candle_core::{DType, Device, ModuleT, Tensor};
+/// use candle_nn::{VarBuilder, VarMap};
+/// let map = VarMap::new();
+/// let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+/// let conv = gradkit::layers::spectral_norm_conv2d(3, 8, 3, Default::default(), Default::default(), vb.pp("c"))?;
+/// assert_eq!(conv.weight_v().dims(), [27]);
+/// let y = conv.forward_t(&Tensor::ones((1, 3, 5, 5), DType::F32, &Device::Cpu)?, true)?;
+/// assert_eq!(y.dims(), [1, 8, 3, 3]);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn spectral_norm_conv2d(
     in_channels: usize,
     out_channels: usize,

@@ -70,10 +70,22 @@ pub fn weight_norm_linear(
     WeightNorm::around(layer, config, &vb)
 }
 
-/// A weight-normalised `candle_nn::Conv2d`, as [`weight_norm_linear`].
+/// A weight-normalised `candle_nn::Conv2d`, as [`weight_norm_linear`] (`weight_g` is
+/// `[out, 1, 1, 1]` with the default `dim`).
 ///
 /// # Errors
 /// As [`weight_norm_linear`].
+///
+/// ```
+/// use candle_core::{DType, Device, Module, Tensor};
+/// use candle_nn::{VarBuilder, VarMap};
+/// let map = VarMap::new();
+/// let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+/// let conv = gradkit::layers::weight_norm_conv2d(3, 8, 3, Default::default(), Default::default(), vb.pp("c"))?;
+/// assert_eq!(conv.weight_g().dims(), [8, 1, 1, 1]);
+/// assert_eq!(conv.forward(&Tensor::ones((1, 3, 5, 5), DType::F32, &Device::Cpu)?)?.dims(), [1, 8, 3, 3]);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn weight_norm_conv2d(
     in_channels: usize,
     out_channels: usize,

@@ -334,6 +334,13 @@ pub fn exp_m1_f32(x: f32) -> f32 {
 /// (so tiny `x` gives `x`). Branch-free, so loops vectorise (libm's `log1pf` is a call per
 /// element, about 20x slower in a kernel). Relative error below 3e-7; -1 gives -inf, below -1
 /// or NaN gives NaN, inf gives inf.
+///
+/// ```
+/// use gradkit::core::cpu::ln_1p_f32;
+/// assert!((ln_1p_f32(1.0) - std::f32::consts::LN_2).abs() < 1e-7);
+/// assert_eq!(ln_1p_f32(1e-30), 1e-30);
+/// assert_eq!(ln_1p_f32(-1.0), f32::NEG_INFINITY);
+/// ```
 #[inline(always)]
 pub fn ln_1p_f32(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_145_75;

@@ -24,6 +24,15 @@ fn resolve_dim(dim: isize, rank: usize, op: &'static str) -> Result<usize> {
 ///
 /// # Errors
 /// [`Error::DimOutOfRange`] for a `dim` outside `v`'s rank; candle's errors.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use gradkit::layers::ops::norm_except_dim;
+/// let v = Tensor::new(&[[3f64, 4.0], [0.0, 1.0]], &Device::Cpu)?;
+/// assert_eq!(norm_except_dim(&v, Some(0))?.to_vec2::<f64>()?, [[5.0], [1.0]]);
+/// assert_eq!(norm_except_dim(&v, Some(-1))?.to_scalar::<f64>()?, 26f64.sqrt()); // PyTorch's -1
+/// # Ok::<(), gradkit::layers::Error>(())
+/// ```
 pub fn norm_except_dim(v: &Tensor, dim: Option<isize>) -> Result<Tensor> {
     let Some(dim) = dim.filter(|&d| d != -1) else {
         return Ok(v.sqr()?.sum_all()?.sqrt()?);
