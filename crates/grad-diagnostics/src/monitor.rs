@@ -161,9 +161,17 @@ impl GradMonitor {
     /// order the model created them).
     ///
     /// # Errors
-    /// [`Error::Core`] for `every` or `history` of 0, invalid detector thresholds, or a
-    /// `layer_order` entry that names no layer ([`grad_core::Error::UnknownName`]).
+    /// [`Error::Core`] for no parameters at all ([`grad_core::Error::EmptyInput`]: usually a
+    /// monitor built before the model created its variables), `every` or `history` of 0,
+    /// invalid detector thresholds, or a `layer_order` entry that names no layer
+    /// ([`grad_core::Error::UnknownName`]).
     pub fn new(params: NamedVars, config: MonitorConfig) -> Result<Self> {
+        if params.is_empty() {
+            return Err(Error::Core(grad_core::Error::EmptyInput {
+                op: "GradMonitor",
+                what: "the parameter list",
+            }));
+        }
         grad_core::validate::at_least_one(
             "every",
             usize::try_from(config.every).unwrap_or(usize::MAX),

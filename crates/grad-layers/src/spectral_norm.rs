@@ -72,7 +72,7 @@ pub struct SpectralNorm<L> {
 /// let fc = spectral_norm_linear(8, 4, Default::default(), vb.pp("fc"))?;
 /// let y = fc.forward_t(&Tensor::ones((2, 8), DType::F32, &Device::Cpu)?, true)?;
 /// assert_eq!(y.dims(), [2, 4]);
-/// // The normalised weight's largest singular value is 1 (after enough iterations).
+/// // sigma, the estimate of weight_orig's largest singular value, divides the weight.
 /// assert!(fc.sigma(false)?.to_scalar::<f32>()? > 0.0);
 /// let params = gradkit::core::NamedVars::from_var_map(&map);
 /// assert_eq!(params.names().collect::<Vec<_>>(), ["fc.weight_orig", "fc.bias"]);

@@ -7,14 +7,17 @@ use std::path::{Path, PathBuf};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
-/// The `crate::X` heads named by the code (not the comments) of the `.rs` files in `dir`.
+/// The `crate::X` heads named by the code (not the comments) of the `.rs` files in `dir`; it
+/// fails when `dir` holds fewer than 5 of them (a moved folder must not pass vacuously).
 fn crate_paths(dir: &Path) -> Result<Vec<(PathBuf, String)>, std::io::Error> {
     let mut found = Vec::new();
+    let mut files = 0;
     for entry in fs::read_dir(dir)? {
         let path = entry?.path();
         if path.extension().is_none_or(|e| e != "rs") {
             continue;
         }
+        files += 1;
         for line in fs::read_to_string(&path)?.lines() {
             let code = line.split("//").next().unwrap_or_default();
             for (at, _) in code.match_indices("crate::") {
@@ -40,6 +43,7 @@ fn crate_paths(dir: &Path) -> Result<Vec<(PathBuf, String)>, std::io::Error> {
             }
         }
     }
+    assert!(files >= 5, "only {files} source files in {}", dir.display());
     Ok(found)
 }
 
