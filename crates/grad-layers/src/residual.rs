@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::{Error, Result};
 
 /// A residual branch's learnable scalar gain; a candle [`Module`] that multiplies its input
-/// (the branch's output) by `alpha`.
+/// (the branch's output) by `alpha`, fused on the CPU ([`crate::ops::channel_scale`]).
 #[derive(Debug, Clone)]
 pub struct ResidualScale {
     alpha: Tensor,
@@ -54,7 +54,12 @@ impl Module for ResidualScale {
     /// # Shapes
     /// Any; the output has the input's shape.
     fn forward(&self, branch: &Tensor) -> candle_core::Result<Tensor> {
-        branch.broadcast_mul(&self.alpha.to_dtype(branch.dtype())?)
+        let alpha = self.alpha.to_dtype(branch.dtype())?;
+        Ok(crate::ops::channel_scale(
+            branch,
+            &alpha,
+            ChannelAxis::Last,
+        )?)
     }
 }
 
@@ -87,7 +92,8 @@ impl Default for LayerScaleConfig {
 }
 
 /// LayerScale: a learnable factor per channel (parameter `gamma`, timm's name) multiplying a
-/// residual branch's output; a candle [`Module`].
+/// residual branch's output; a candle [`Module`], fused on the CPU
+/// ([`crate::ops::channel_scale`]).
 #[derive(Debug, Clone)]
 pub struct LayerScale {
     gamma: Tensor,
@@ -136,13 +142,9 @@ impl LayerScale {
     /// [`Error::Core`] when the channel dim is not the layer's.
     pub fn try_forward(&self, x: &Tensor) -> Result<Tensor> {
         let c = self.gamma.dim(0)?;
-        let (dim, shape) = match self.axis {
-            ChannelAxis::Last => (x.rank().checked_sub(1), vec![c]),
-            ChannelAxis::First => {
-                let mut s = vec![1; x.rank().max(2)];
-                s[1] = c;
-                ((x.rank() >= 2).then_some(1), s[1..].to_vec())
-            }
+        let dim = match self.axis {
+            ChannelAxis::Last => x.rank().checked_sub(1),
+            ChannelAxis::First => (x.rank() >= 2).then_some(1),
         };
         if dim.and_then(|d| x.dims().get(d)) != Some(&c) {
             return Err(Error::Core(grad_core::Error::shape_mismatch(
@@ -152,8 +154,8 @@ impl LayerScale {
                 x.dims(),
             )));
         }
-        let gamma = self.gamma.to_dtype(x.dtype())?.reshape(shape)?;
-        Ok(x.broadcast_mul(&gamma)?)
+        let gamma = self.gamma.to_dtype(x.dtype())?;
+        crate::ops::channel_scale(x, &gamma, self.axis)
     }
 
     /// The per-channel factors `gamma`.

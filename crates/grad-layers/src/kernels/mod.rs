@@ -3,7 +3,7 @@
 
 pub(crate) mod activation;
 pub(crate) mod batch_norm;
+pub(crate) mod channel;
 pub(crate) mod dropout;
 pub(crate) mod elementwise;
-pub(crate) mod prelu;
 pub(crate) mod row_norm;

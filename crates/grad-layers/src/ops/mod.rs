@@ -11,12 +11,14 @@ mod prelu;
 mod reparam;
 mod rms_norm;
 mod rows;
+mod scale;
 
 pub use activation::{activation, activation_composed};
 pub use batch_norm::{
     BatchMoments, BatchNormOutput, BatchNormStats, batch_norm, batch_norm_composed,
 };
 pub use dropout::{DropoutKind, dropout, dropout_composed, dropout_words};
+pub(crate) use group_norm::group_norm_with_moments;
 pub use group_norm::{group_norm, group_norm_composed};
 pub use layer_norm::{layer_norm, layer_norm_composed};
 pub use prelu::{prelu, prelu_composed};
@@ -25,3 +27,4 @@ pub use reparam::{
     standardize_weight, weight_norm,
 };
 pub use rms_norm::{default_rms_eps, rms_norm, rms_norm_composed};
+pub use scale::{channel_scale, channel_scale_composed};

@@ -6,7 +6,7 @@ use grad_core::device::Path;
 
 use grad_core::cpu::Fused;
 
-use crate::kernels::prelu::PReluOp;
+use crate::kernels::channel::{ChannelLayout, ChannelOp, PRelu};
 use crate::{Error, Result};
 
 /// PReLU: `x` for `x > 0`, else `weight[c] * x`, with one slope shared (`weight: [1]`) or one per
@@ -37,7 +37,10 @@ pub fn prelu(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
     if Path::of(x.device()) == Path::Composed || x.elem_count() == 0 {
         return prelu_unchecked_composed(x, weight);
     }
-    let op = PReluOp { channels, spatial };
+    let op = ChannelOp {
+        f: PRelu,
+        layout: ChannelLayout::First { channels, spatial },
+    };
     Ok(x.contiguous()?
         .apply_op2(&weight.contiguous()?, Fused(op))?)
 }
