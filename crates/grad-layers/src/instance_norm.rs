@@ -6,13 +6,14 @@
 //! `track_running_stats`, training also updates running statistics with the batch mean of the
 //! per-instance means and of the per-instance **unbiased** variances (as PyTorch does), and
 //! evaluation normalises with them (batch norm's evaluation kernel); without, instance
-//! statistics are used in both modes.
+//! statistics are used in both modes. On the CPU the running update takes the per-instance
+//! statistics the fused kernel computed; other devices compute them again with candle ops.
 
 use candle_core::{ModuleT, Tensor};
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use crate::ops::{BatchNormStats, batch_norm as batch_norm_fn, group_norm as group_norm_fn};
+use crate::ops::{BatchNormStats, batch_norm as batch_norm_fn, group_norm_with_moments};
 use crate::running::Running;
 use crate::{Error, Result};
 
@@ -182,9 +183,13 @@ impl InstanceNorm {
                     Ok(batch_norm_fn(xb, w, b, stats, self.config.eps)?.y)
                 }
                 (running, _) => {
-                    let y = group_norm_fn(xb, channels, w, b, self.config.eps)?;
+                    let (y, moments) =
+                        group_norm_with_moments(xb, channels, w, b, self.config.eps)?;
                     if let (true, Some(r)) = (train, running) {
-                        self.update_running(r, xb, spatial)?;
+                        match moments {
+                            Some(m) => self.update_running_from(r, &m, channels, spatial)?,
+                            None => self.update_running(r, xb, spatial)?,
+                        }
                     }
                     Ok(y)
                 }
@@ -197,8 +202,33 @@ impl InstanceNorm {
         })
     }
 
+    /// Blends the batch mean of the fused kernel's per-instance `(mean, biased variance)` rows
+    /// (`[N, C]` in row order) into `running`: no second pass over the input.
+    fn update_running_from(
+        &self,
+        running: &Running,
+        moments: &[(f64, f64)],
+        channels: usize,
+        spatial: usize,
+    ) -> Result<()> {
+        let (mut mean, mut var) = (vec![0.0; channels], vec![0.0; channels]);
+        for (i, (m, v)) in moments.iter().enumerate() {
+            mean[i % channels] += m;
+            var[i % channels] += v;
+        }
+        #[allow(
+            clippy::cast_precision_loss,
+            reason = "element counts are far below 2^52"
+        )]
+        let (n, s) = ((moments.len() / channels) as f64, spatial as f64);
+        let device = running.mean().device();
+        let mean = Tensor::from_vec(mean, channels, device)?.affine(1.0 / n, 0.0)?;
+        let var = Tensor::from_vec(var, channels, device)?;
+        running.update(self.config.momentum, &mean, &var, s / (n * (s - 1.0)))
+    }
+
     /// Blends the batch mean of the per-instance means and unbiased variances into `running`
-    /// (candle ops on the input's device, no read-back).
+    /// (candle ops on the input's device, no read-back): the composed path's update.
     fn update_running(&self, running: &Running, x: &Tensor, spatial: usize) -> Result<()> {
         let compute = grad_core::device::compute_dtype(x.dtype());
         let rows = x.detach().to_dtype(compute)?.flatten_from(2)?;

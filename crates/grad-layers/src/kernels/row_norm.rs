@@ -14,9 +14,10 @@
 //! `a = sum g w` and `c = sum g w x_hat`, then
 //! `grad_x = invstd (g w - a/D - x_hat c/D)` (`a` dropped for RMS). Weight and bias gradients
 //! are summed per block of rows in f64 and the blocks combined in order, so results do not
-//! depend on the thread count.
+//! depend on the thread count. The rows' means and biased variances stay readable through
+//! [`RowNorm::moments`] (instance norm's running statistics, without a second pass).
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use grad_core::cpu::{CHUNK, Float, Grad, Kernel, Real, Slots, fill, with_avx2};
 use grad_core::cpu::{Moments, sum_by, sum_by2, sum_by3};
@@ -39,7 +40,20 @@ pub(crate) enum AffineIndex {
 #[derive(Debug, Clone, Copy, Default)]
 struct RowStat {
     mean: f64,
+    /// The biased variance (the mean square for RMS norm).
+    var: f64,
     invstd: f64,
+}
+
+/// The forward's per-row statistics, shared with the op that computed them.
+#[derive(Debug, Clone)]
+pub(crate) struct RowMoments(Arc<OnceLock<Vec<RowStat>>>);
+
+impl RowMoments {
+    /// Each row's `(mean, biased variance)`, once the forward has run.
+    pub(crate) fn get(&self) -> Option<impl Iterator<Item = (f64, f64)> + '_> {
+        self.0.get().map(|v| v.iter().map(|s| (s.mean, s.var)))
+    }
 }
 
 /// What a row is normalised by.
@@ -73,7 +87,7 @@ pub(crate) struct RowNormSpec {
 pub(crate) struct RowNorm {
     spec: RowNormSpec,
     /// Each row's statistics, kept by the forward for the backward.
-    stats: OnceLock<Vec<RowStat>>,
+    stats: Arc<OnceLock<Vec<RowStat>>>,
 }
 
 impl RowNorm {
@@ -81,8 +95,13 @@ impl RowNorm {
     pub(crate) fn new(spec: RowNormSpec) -> Self {
         Self {
             spec,
-            stats: OnceLock::new(),
+            stats: Arc::default(),
         }
+    }
+
+    /// A handle on the rows' statistics, filled by the forward.
+    pub(crate) fn moments(&self) -> RowMoments {
+        RowMoments(Arc::clone(&self.stats))
     }
 
     fn center(&self) -> bool {
@@ -133,7 +152,7 @@ impl RowNorm {
                 }
             }
         }
-        RowStat { mean, invstd }
+        RowStat { mean, var, invstd }
     }
 
     /// Writes the row's input gradient and adds its weight/bias gradients into `gw`/`gb`.
@@ -154,7 +173,7 @@ impl RowNorm {
         gb: &mut [f64],
     ) {
         let n = x.len() as f64;
-        let RowStat { mean, invstd } = st;
+        let RowStat { mean, invstd, .. } = st;
         let (m, s) = (T::Acc::of(mean), T::Acc::of(invstd));
         match self.spec.index {
             AffineIndex::Element => {

@@ -42,10 +42,26 @@ pub fn group_norm(
     bias: Option<&Tensor>,
     eps: f64,
 ) -> Result<Tensor> {
+    Ok(group_norm_with_moments(x, num_groups, weight, bias, eps)?.0)
+}
+
+/// Each `(sample, group)` row's mean and biased variance, in row order; `None` where the
+/// composed path ran.
+pub(crate) type GroupMoments = Option<Vec<(f64, f64)>>;
+
+/// [`group_norm`], and on the fused path its rows' [`GroupMoments`].
+pub(crate) fn group_norm_with_moments(
+    x: &Tensor,
+    num_groups: usize,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f64,
+) -> Result<(Tensor, GroupMoments)> {
     let x = &grad_core::device::own_empty(x)?;
     let (per_group, spatial) = validate(x, num_groups, weight, bias, eps)?;
     if Path::of(x.device()) == Path::Composed {
-        return composed(x, num_groups, (per_group, spatial), weight, bias, eps);
+        let y = composed(x, num_groups, (per_group, spatial), weight, bias, eps)?;
+        return Ok((y, None));
     }
     let x = x.contiguous()?;
     let c = x.dim(1)?;
@@ -62,9 +78,11 @@ pub fn group_norm(
         weight_is_param: weight.is_some(),
         bias_is_param: bias.is_some(),
     });
+    let moments = op.moments();
     let w = check::or_const(weight, 1.0, &[c], &x)?;
     let b = check::or_const(bias, 0.0, &[c], &x)?;
-    Ok(x.apply_op3(&w, &b, Fused(op))?)
+    let y = x.apply_op3(&w, &b, Fused(op))?;
+    Ok((y, moments.get().map(Iterator::collect)))
 }
 
 /// [`group_norm`] written with candle ops: the test oracle and the path for other devices.
