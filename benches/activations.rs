@@ -2,7 +2,8 @@
 //! forward + backward (`(y * upstream).sum_all()`), and the activations built on `exp`, `tanh`
 //! or `erf` (ELU, SELU, GELU, sigmoid, tanh) forward alone, against what a candle user writes
 //! today (`candle_nn::ops::dropout`, `candle_nn::ops::leaky_relu`, `Tensor::gelu_erf`,
-//! `Tensor::elu`, `candle_nn::ops::sigmoid`, ...).
+//! `Tensor::elu`, `candle_nn::ops::sigmoid`, ...), and the residual-branch scales (LayerScale,
+//! ReZero) against `broadcast_mul`.
 //!
 //! `bandwidth` is the forward's unavoidable traffic (read `x`, write `y`) as one parallel pass
 //! over reused buffers; `floor` is candle's autograd cost for the loss alone (see norms.rs).
@@ -17,10 +18,10 @@ mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
 use common::step::{floor, step};
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::{Criterion, criterion_group};
 use grad_core::Philox;
 use grad_layers::ops::{self, DropoutKind};
-use grad_layers::{Activation, GeluApproximation};
+use grad_layers::{Activation, ChannelAxis, GeluApproximation};
 use rayon::prelude::*;
 
 const N: usize = 16 * 1024 * 1024;
@@ -223,8 +224,65 @@ fn bench(c: &mut Criterion) {
     group.bench_function("candle", |b| b.iter(|| step(x.as_tensor().gelu_erf(), &up)));
     group.bench_function("floor", |b| b.iter(|| floor(&x, &up)));
     group.finish();
+
+    residual_scales(c, &x, &host, &mut out);
     std::hint::black_box(Tensor::new(0f32, &dev).expect("keep"));
 }
 
+/// LayerScale (`[.., C]`, one factor per channel) and ReZero (one scalar) on a ViT-S block's
+/// tokens, `[32, 196, 384]`: the forward on 16M values against the bandwidth bound, and the
+/// training step against candle's `broadcast_mul`, whose backward takes a full-size product
+/// for the factor's gradient before summing it.
+fn residual_scales(c: &mut Criterion, x16m: &Var, host: &[f32], out: &mut [f32]) {
+    let dev = Device::Cpu;
+    let gamma = Var::from_tensor(&Tensor::full(1e-5f32, 1024, &dev).expect("gamma")).expect("var");
+    let alpha = Var::from_tensor(&Tensor::new(0.5f32, &dev).expect("alpha")).expect("var");
+    let rows = x16m.as_tensor().reshape((N / 1024, 1024)).expect("rows");
+    let mut group = c.benchmark_group("layer_scale/16M");
+    group.sample_size(10);
+    group.bench_function("gradkit", |b| {
+        b.iter(|| ops::channel_scale(&rows, gamma.as_tensor(), ChannelAxis::Last).expect("scale"))
+    });
+    group.bench_function("candle", |b| {
+        b.iter(|| rows.broadcast_mul(gamma.as_tensor()).expect("scale"))
+    });
+    group.bench_function("bandwidth", |b| b.iter(|| bandwidth(out, host)));
+    group.finish();
+
+    let shape = (32, 196, 384);
+    let x = Var::from_tensor(
+        &Philox::new(4)
+            .normal(shape, 0.0, 1.0, DType::F32, &dev)
+            .expect("x"),
+    )
+    .expect("var");
+    let up = Philox::new(5)
+        .normal(shape, 0.0, 1.0, DType::F32, &dev)
+        .expect("upstream");
+    let gamma = Var::from_tensor(&Tensor::full(1e-5f32, 384, &dev).expect("gamma")).expect("var");
+    let scales: [(&str, &Var, ChannelAxis); 2] = [
+        ("layer_scale_fwdbwd/32x196x384", &gamma, ChannelAxis::Last),
+        ("rezero_fwdbwd/32x196x384", &alpha, ChannelAxis::Last),
+    ];
+    for (name, scale, axis) in scales {
+        let mut group = c.benchmark_group(name);
+        group.sample_size(20);
+        group.bench_function("gradkit", |b| {
+            b.iter(|| {
+                step(
+                    ops::channel_scale(x.as_tensor(), scale.as_tensor(), axis)
+                        .map_err(candle_core::Error::wrap),
+                    &up,
+                )
+            })
+        });
+        group.bench_function("candle", |b| {
+            b.iter(|| step(x.as_tensor().broadcast_mul(scale.as_tensor()), &up))
+        });
+        group.bench_function("floor", |b| b.iter(|| floor(&x, &up)));
+        group.finish();
+    }
+}
+
 criterion_group!(benches, bench);
-criterion_main!(benches);
+tuned_main!(benches);

@@ -10,7 +10,7 @@
 mod common;
 
 use common::mlp::Mlp;
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::{Criterion, criterion_group};
 
 fn bench(c: &mut Criterion) {
     let mut net = Mlp::new();
@@ -22,4 +22,4 @@ fn bench(c: &mut Criterion) {
 }
 
 criterion_group!(benches, bench);
-criterion_main!(benches);
+tuned_main!(benches);

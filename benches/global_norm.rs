@@ -7,7 +7,7 @@
 mod common;
 
 use candle_core::Tensor;
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::{Criterion, criterion_group};
 use grad_core::{NormType, global_norm};
 use rayon::prelude::*;
 
@@ -60,4 +60,4 @@ fn bench(c: &mut Criterion) {
 }
 
 criterion_group!(benches, bench);
-criterion_main!(benches);
+tuned_main!(benches);

@@ -24,7 +24,7 @@ mod common;
 use candle_core::{DType, Device, ModuleT, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use common::step::{floor, step};
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::{Criterion, criterion_group};
 use grad_core::device::{Path, with_path};
 use grad_layers::{BatchNormConfig, ops};
 use rayon::prelude::*;
@@ -192,6 +192,28 @@ fn row_norm_benches(c: &mut Criterion) {
         grouped_norm_bench(c, "instance_norm_train/32x64x56x56", &dims, 64, &|x| {
             ours.forward_t(x, true)
         });
+        // With running statistics (candle-nn has none): the fused kernel hands its moments to
+        // the update, so tracking should cost about nothing over the step above.
+        let tracked_map = VarMap::new();
+        let tracked = grad_layers::instance_norm(
+            64,
+            grad_layers::InstanceNormConfig {
+                affine: true,
+                track_running_stats: true,
+                ..Default::default()
+            },
+            VarBuilder::from_varmap(&tracked_map, DType::F32, &dev),
+        )
+        .expect("gradkit tracked instance norm");
+        let x = Var::from_tensor(&randn(&dims, 5)).expect("x");
+        let up = randn(&dims, 6);
+        let mut group = c.benchmark_group("instance_norm_train_tracked/32x64x56x56");
+        group.sample_size(10);
+        group.bench_function("gradkit", |bch| {
+            bch.iter(|| step(tracked.forward_t(x.as_tensor(), true), &up))
+        });
+        group.bench_function("floor", |bch| bch.iter(|| floor(&x, &up)));
+        group.finish();
     }
     {
         let x = Var::from_tensor(&randn(&[4096, 4096], 7)).expect("x");
@@ -249,4 +271,4 @@ fn grouped_norm_bench(
 }
 
 criterion_group!(benches, batch_norm_benches, row_norm_benches);
-criterion_main!(benches);
+tuned_main!(benches);

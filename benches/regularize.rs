@@ -17,7 +17,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
-use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+use criterion::{BatchSize, Criterion, criterion_group};
 use grad_core::device::{Path, with_path};
 use grad_core::{NormType, Philox};
 use grad_regularize::{
@@ -152,4 +152,4 @@ fn cross_entropy_bench(c: &mut Criterion) {
 }
 
 criterion_group!(benches, clip_bench, cross_entropy_bench);
-criterion_main!(benches);
+tuned_main!(benches);

@@ -5,6 +5,22 @@
 pub mod mlp;
 pub mod step;
 
+/// criterion's `criterion_main!` with [`grad_core::tune_allocator`] called first, as a
+/// training binary does. To time glibc's defaults instead, set one of its variables, e.g.
+/// `MALLOC_MMAP_MAX_=65536` (its default): the environment then stands.
+#[macro_export]
+macro_rules! tuned_main {
+    ($($group:path),+ $(,)?) => {
+        fn main() {
+            grad_core::tune_allocator();
+            $($group();)+
+            criterion::Criterion::default()
+                .configure_from_args()
+                .final_summary();
+        }
+    };
+}
+
 use candle_core::{DType, Device, Tensor};
 
 /// The 161 parameter shapes of ResNet-50 (torchvision layout), from `data/resnet50_shapes.json`.

@@ -59,6 +59,8 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    // Keep freed step buffers for reuse (glibc): see README, "Training speed on the CPU".
+    gradkit::core::tune_allocator();
     match run(&Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => support::fail(&e),

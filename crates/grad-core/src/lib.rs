@@ -38,6 +38,7 @@
 //! # Ok::<(), gradkit::core::Error>(())
 //! ```
 
+mod alloc;
 pub mod cpu;
 pub mod device;
 mod error;
@@ -52,6 +53,7 @@ pub mod step;
 pub mod strategies;
 pub mod validate;
 
+pub use alloc::{AllocatorTuning, tune_allocator};
 pub use error::{Error, Result, downcast, to_candle};
 pub use gradcheck::{GradcheckConfig, GradcheckReport, InputReport, WorstElement, gradcheck};
 pub use inplace::{
