@@ -158,6 +158,9 @@ pub enum FindingKind {
     Saturation,
     /// Updates far too small or too large for the weights.
     UpdateRatio,
+    /// The loss's top Hessian eigenvalue is above the learning rate's limit `2 / lr`
+    /// ([`sharpness`](crate::sharpness)).
+    CurvatureLimit,
 }
 
 /// A detector's verdict.

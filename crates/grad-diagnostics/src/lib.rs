@@ -10,6 +10,7 @@
 //!   units) and the gradient arriving at that point — candle has no hooks;
 //! - detectors ([`detect`]) for vanishing and exploding gradients, NaN/Inf, dead and saturated
 //!   units and update ratios, each naming the layers and a remedy in gradkit's API;
+//! - [`sharpness`]: the top Hessian eigenvalue against the learning rate's limit `2 / lr`;
 //! - [`RunReport`] with a plain-text summary, a JSON Lines log ([`JsonlSink`], [`read_log`]),
 //!   SVG plots ([`plot`]) and the `gradscope` command-line tool (feature `cli`).
 //!
@@ -47,6 +48,7 @@ mod probe;
 mod record;
 mod remedy;
 mod report;
+mod sharpness;
 mod stats;
 mod tensorboard;
 
@@ -59,6 +61,7 @@ pub use probe::Probe;
 pub use record::{ClipRecord, LayerStats, ParamStats, ProbeKind, ProbeStats, StepRecord};
 pub use remedy::Remedy;
 pub use report::{LayerSummary, RunReport};
+pub use sharpness::{Sharpness, SharpnessConfig, sharpness};
 pub use tensorboard::TensorBoardSink;
 
 #[cfg(test)]

@@ -38,11 +38,13 @@ pub enum Remedy {
     LowerLearningRate,
     /// Raise the learning rate.
     RaiseLearningRate,
+    /// Start from a small learning rate and raise it over the first steps (Goyal et al. 2017).
+    Warmup,
 }
 
 impl Remedy {
     /// Every remedy, in declaration order.
-    pub const ALL: [Self; 13] = [
+    pub const ALL: [Self; 14] = [
         Self::BatchNorm,
         Self::LayerNorm,
         Self::LeakyReluWithKaiming,
@@ -56,6 +58,7 @@ impl Remedy {
         Self::GradientKeepingOps,
         Self::LowerLearningRate,
         Self::RaiseLearningRate,
+        Self::Warmup,
     ];
 
     /// What to do, in words.
@@ -83,6 +86,9 @@ impl Remedy {
             Self::LowerLearningRate => "lower the learning rate",
             Self::RaiseLearningRate => {
                 "raise the learning rate (or the layer's: its updates barely move it); about 1e-3 of the weights per step is typical"
+            }
+            Self::Warmup => {
+                "warm the learning rate up, from about a tenth of it over the first few hundred steps (candle's Optimizer::set_learning_rate each step)"
             }
         }
     }
@@ -119,7 +125,7 @@ impl Remedy {
                 "gradkit::layers::ops::layer_norm",
                 "candle_nn::ops::softmax",
             ],
-            Self::LowerLearningRate | Self::RaiseLearningRate => &[],
+            Self::LowerLearningRate | Self::RaiseLearningRate | Self::Warmup => &[],
         }
     }
 

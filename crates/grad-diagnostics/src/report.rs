@@ -80,6 +80,7 @@ fn kind_word(kind: FindingKind) -> &'static str {
         FindingKind::DeadUnits => "dead units",
         FindingKind::Saturation => "saturation",
         FindingKind::UpdateRatio => "update ratio",
+        FindingKind::CurvatureLimit => "curvature limit",
     }
 }
 
