@@ -8,17 +8,24 @@
 //! `sharpness/demo_mlp16x64`: [`sharpness`] with 10 power iterations on the vanishing demo's
 //! network (16 sigmoid layers of width 64 on a digits batch of 32, f32); `floor` is one
 //! forward and backward of the same loss, so the ratio is the cost in training steps.
+//!
+//! `gradient_noise/resnet50_k4`: `GradMonitor::gradient_noise` over 4 micro-batch gradient
+//! stores of ResNet-50's shapes (4 × 25.6M f32 values in 161 tensors each); `candle` is the
+//! same statistics as candle ops (each gradient's squared sum and the squared sum of their
+//! total, per parameter, read back once); `bandwidth` is one plain read of the same bytes
+//! (target: at most 1.3x it).
 
 #![allow(clippy::expect_used, reason = "a bench with broken data should stop")]
 
 mod common;
 
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use common::mlp::Mlp;
 use criterion::{Criterion, criterion_group};
 use grad_core::NamedVars;
-use grad_diagnostics::{SharpnessConfig, sharpness};
+use grad_diagnostics::{GradMonitor, MonitorConfig, SharpnessConfig, sharpness};
 
 /// The demo's set-up (1): 16 sigmoid layers of width 64 and a 10-way head, with a digits batch
 /// of 32 and its cross-entropy.
@@ -84,6 +91,78 @@ fn bench(c: &mut Criterion) {
         b.iter(|| demo.loss().and_then(|l| l.backward()).expect("step"))
     });
     group.finish();
+
+    let base = common::resnet50_grads(1e-2);
+    let vars: Vec<Var> = base
+        .iter()
+        .map(|g| Var::zeros(g.shape(), DType::F32, &Device::Cpu).expect("var"))
+        .collect();
+    let monitor = GradMonitor::new(
+        NamedVars::new(
+            vars.iter()
+                .enumerate()
+                .map(|(i, v)| (format!("layer.{i}.weight"), v.clone())),
+        )
+        .expect("names"),
+        MonitorConfig::default(),
+    )
+    .expect("monitor");
+    let micro: Vec<Vec<Tensor>> = (0..4)
+        .map(|i| {
+            base.iter()
+                .map(|g| {
+                    g.affine(1.0 + 0.1 * f64::from(i), 1e-3 * f64::from(i))
+                        .expect("grad")
+                })
+                .collect()
+        })
+        .collect();
+    let stores: Vec<GradStore> = micro
+        .iter()
+        .map(|gs| {
+            let mut store = GradStore::default();
+            for (v, g) in vars.iter().zip(gs) {
+                store.insert(v.as_tensor(), g.clone());
+            }
+            store
+        })
+        .collect();
+    let host: Vec<Vec<f32>> = micro
+        .iter()
+        .flatten()
+        .map(|g| {
+            g.flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
+                .expect("f32 data")
+        })
+        .collect();
+    let mut group = c.benchmark_group("gradient_noise/resnet50_k4");
+    group.sample_size(20);
+    group.bench_function("gradkit", |b| {
+        b.iter(|| monitor.gradient_noise(&stores, 32).expect("noise"))
+    });
+    group.bench_function("candle", |b| {
+        b.iter(|| candle_noise_sums(&vars, &stores).expect("sums"))
+    });
+    group.bench_function("bandwidth", |b| b.iter(|| common::plain_sum(&host)));
+    group.finish();
+}
+
+/// Per parameter, each micro-batch gradient's squared sum and the squared sum of their total,
+/// as a candle user writes it, read back as one tensor.
+fn candle_noise_sums(vars: &[Var], stores: &[GradStore]) -> candle_core::Result<Vec<f32>> {
+    let mut parts = Vec::new();
+    for v in vars {
+        let gs: Vec<&Tensor> = stores.iter().filter_map(|s| s.get(v.as_tensor())).collect();
+        let mut total = gs[0].clone();
+        for g in &gs[1..] {
+            total = (total + *g)?;
+            parts.push(g.sqr()?.sum_all()?);
+        }
+        parts.push(gs[0].sqr()?.sum_all()?);
+        parts.push(total.sqr()?.sum_all()?);
+    }
+    Tensor::stack(&parts, 0)?.to_vec1()
 }
 
 criterion_group!(benches, bench);

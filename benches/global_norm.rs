@@ -9,7 +9,6 @@ mod common;
 use candle_core::Tensor;
 use criterion::{Criterion, criterion_group};
 use grad_core::{NormType, global_norm};
-use rayon::prelude::*;
 
 fn candle_global_norm(grads: &[Tensor]) -> candle_core::Result<f32> {
     let mut total = 0f32;
@@ -17,23 +16,6 @@ fn candle_global_norm(grads: &[Tensor]) -> candle_core::Result<f32> {
         total += g.sqr()?.sum_all()?.to_scalar::<f32>()?;
     }
     Ok(total.sqrt())
-}
-
-/// Sixteen f32 lanes so the compiler vectorises; parallel across 32 Ki-element chunks.
-fn plain_sum(data: &[Vec<f32>]) -> f32 {
-    data.par_iter()
-        .flat_map(|v| v.par_chunks(32 * 1024))
-        .map(|chunk| {
-            let mut lanes = [0f32; 16];
-            let mut blocks = chunk.chunks_exact(16);
-            for b in &mut blocks {
-                for (l, x) in lanes.iter_mut().zip(b) {
-                    *l += x;
-                }
-            }
-            lanes.iter().sum::<f32>() + blocks.remainder().iter().sum::<f32>()
-        })
-        .sum()
 }
 
 fn bench(c: &mut Criterion) {
@@ -55,7 +37,7 @@ fn bench(c: &mut Criterion) {
     group.bench_function("candle", |b| {
         b.iter(|| candle_global_norm(&grads).expect("norm"))
     });
-    group.bench_function("bandwidth", |b| b.iter(|| plain_sum(&host)));
+    group.bench_function("bandwidth", |b| b.iter(|| common::plain_sum(&host)));
     group.finish();
 }
 

@@ -214,6 +214,7 @@ fn the_record_says_what_the_clipper_did() -> TestResult {
     let grads = fc.forward(&x())?.sum_all()?.backward()?;
     let not_scalar = fc.forward(&x())?;
     let ctx = gradkit::diagnostics::StepContext {
+        noise: None,
         loss: Some(&not_scalar),
         learning_rate: None,
     };
@@ -278,6 +279,7 @@ fn record(step: u64, g: f64) -> StepRecord {
             update_histogram: None,
         }],
         probes: Vec::new(),
+        noise: None,
     }
 }
 
@@ -380,6 +382,7 @@ fn a_nan_learning_rate_is_recorded_as_it_was() -> TestResult {
     let loss = fc.forward(&x())?.sqr()?.mean_all()?;
     let grads = loss.backward()?;
     let ctx = gradkit::diagnostics::StepContext {
+        noise: None,
         loss: Some(&loss),
         learning_rate: Some(f64::NAN),
     };

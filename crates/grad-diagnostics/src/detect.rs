@@ -36,6 +36,7 @@ use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
+use crate::noise::NoiseFindings;
 use crate::record::{ProbeKind, StepRecord};
 use crate::{Remedy, Result};
 
@@ -90,6 +91,13 @@ pub struct DetectorConfig {
     pub saturation_fraction: f64,
     /// Healthy range of a layer's update-to-weight ratio. Default: `[1e-5, 1e-1]`.
     pub update_ratio_band: [f64; 2],
+    /// How far the run's simple noise scale (the mean `tr(Σ)` over the mean `|G|²`, after at
+    /// least `patience` noise observations) must exceed the batch size (`k·b`) to be flagged;
+    /// above 1. Default: 10.
+    pub noise_scale_ratio: f64,
+    /// The gradient signal-to-noise ratio below which a layer is flagged when most of at least
+    /// `patience` noise observations fall below it; positive. Default: 0.1.
+    pub low_snr: f64,
 }
 
 impl Default for DetectorConfig {
@@ -104,6 +112,8 @@ impl Default for DetectorConfig {
             dead_fraction: 0.95,
             saturation_fraction: 0.5,
             update_ratio_band: [1e-5, 1e-1],
+            noise_scale_ratio: 10.0,
+            low_snr: 0.1,
         }
     }
 }
@@ -126,6 +136,8 @@ impl DetectorConfig {
         let [lo, hi] = self.update_ratio_band;
         positive("update_ratio_band", lo)?;
         grad_core::validate::finite_ordered(("update_ratio_band", lo), ("update_ratio_band", hi))?;
+        greater_than_one("noise_scale_ratio", self.noise_scale_ratio)?;
+        positive("low_snr", self.low_snr)?;
         Ok(())
     }
 }
@@ -161,6 +173,10 @@ pub enum FindingKind {
     /// The loss's top Hessian eigenvalue is above the learning rate's limit `2 / lr`
     /// ([`sharpness`](crate::sharpness)).
     CurvatureLimit,
+    /// The batch is far below the simple noise scale: larger batches would help.
+    NoiseScale,
+    /// Layers whose gradient signal-to-noise ratio stays far below 1.
+    LowSignalToNoise,
 }
 
 /// A detector's verdict.
@@ -195,7 +211,11 @@ impl std::fmt::Display for Finding {
             "[{:?}] {:?} in {} (steps {}-{}): {}. Remedy: {}",
             self.severity,
             self.kind,
-            self.layers.join(", "),
+            if self.layers.is_empty() {
+                "the whole model".to_owned()
+            } else {
+                self.layers.join(", ")
+            },
             self.steps[0],
             self.steps[1],
             self.evidence,
@@ -232,6 +252,7 @@ pub struct Detectors {
     vanishing: Vanishing,
     probes: Vec<ProbeEpisode>,
     ratios: UpdateRatios,
+    noise: NoiseFindings,
 }
 
 impl Detectors {
@@ -246,6 +267,7 @@ impl Detectors {
             vanishing: Vanishing::default(),
             probes: Vec::new(),
             ratios: UpdateRatios::default(),
+            noise: NoiseFindings::default(),
         }
     }
 
@@ -307,6 +329,9 @@ impl Detectors {
             }
         }
         self.ratios.observe(r, &self.config);
+        if let Some(noise) = &r.noise {
+            self.noise.observe(r.step, noise, &self.config);
+        }
     }
 
     /// What the detectors found so far.
@@ -369,6 +394,7 @@ impl Detectors {
             });
         }
         self.ratios.finding(&self.config, &mut out);
+        self.noise.finding(&self.config, &mut out);
         out
     }
 

@@ -10,6 +10,8 @@
 //!   units) and the gradient arriving at that point — candle has no hooks;
 //! - detectors ([`detect`]) for vanishing and exploding gradients, NaN/Inf, dead and saturated
 //!   units and update ratios, each naming the layers and a remedy in gradkit's API;
+//! - [`GradMonitor::gradient_noise`]: the simple noise scale and each layer's gradient
+//!   signal-to-noise ratio from the micro-batch gradients of one step;
 //! - [`sharpness`]: the top Hessian eigenvalue against the learning rate's limit `2 / lr`;
 //! - [`RunReport`] with a plain-text summary, a JSON Lines log ([`JsonlSink`], [`read_log`]),
 //!   SVG plots ([`plot`]) and the `gradscope` command-line tool (feature `cli`).
@@ -43,6 +45,7 @@ mod error;
 mod histogram;
 mod jsonl;
 mod monitor;
+mod noise;
 pub mod plot;
 mod probe;
 mod record;
@@ -58,7 +61,9 @@ pub use histogram::{BINS, FIRST_EXPONENT, Histogram};
 pub use jsonl::{BadLine, JsonlSink, LogContents, read_log};
 pub use monitor::{GradMonitor, LayerGrouping, MonitorConfig, StepContext};
 pub use probe::Probe;
-pub use record::{ClipRecord, LayerStats, ParamStats, ProbeKind, ProbeStats, StepRecord};
+pub use record::{
+    ClipRecord, LayerNoise, LayerStats, NoiseRecord, ParamStats, ProbeKind, ProbeStats, StepRecord,
+};
 pub use remedy::Remedy;
 pub use report::{LayerSummary, RunReport};
 pub use sharpness::{Sharpness, SharpnessConfig, sharpness};

@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use crate::detect::{DetectorConfig, Detectors, Finding};
 use crate::histogram::Histogram;
 use crate::probe::Probe;
-use crate::record::{LayerStats, ParamStats, StepRecord};
+use crate::record::{LayerStats, NoiseRecord, ParamStats, StepRecord};
 use crate::report::RunReport;
 use crate::stats::{self, gather, gather_on_device};
 use crate::stats::{Observation, Wanted};
@@ -154,6 +154,8 @@ pub struct StepContext<'a> {
     pub loss: Option<&'a Tensor>,
     /// The learning rate in force.
     pub learning_rate: Option<f64>,
+    /// The step's gradient noise ([`GradMonitor::gradient_noise`]), kept in the record.
+    pub noise: Option<&'a NoiseRecord>,
 }
 
 impl GradMonitor {
@@ -324,7 +326,7 @@ impl GradMonitor {
     /// let mut monitor = GradMonitor::from_var_map(&map)?;
     /// let loss = fc.forward(&Tensor::ones((8, 4), DType::F32, &Device::Cpu)?)?.sqr()?.mean_all()?;
     /// let grads = loss.backward()?;
-    /// let ctx = StepContext { loss: Some(&loss), learning_rate: Some(0.1) };
+    /// let ctx = StepContext { loss: Some(&loss), learning_rate: Some(0.1), ..Default::default() };
     /// let record = monitor.observe_with(0, &grads, ctx)?.unwrap();
     /// assert_eq!(record.learning_rate, Some(0.1));
     /// assert_eq!(record.loss, Some(f64::from(loss.to_scalar::<f32>()?)));
@@ -377,6 +379,7 @@ impl GradMonitor {
         let record = StepRecord {
             loss: loss_value,
             learning_rate: context.learning_rate,
+            noise: context.noise.cloned(),
             ..record
         };
         self.detectors.observe(&record);
@@ -592,6 +595,7 @@ impl GradMonitor {
             params: records,
             layers: layer_stats,
             probes: self.probes.iter().map(Probe::stats).collect(),
+            noise: None,
         })
     }
 
@@ -642,6 +646,7 @@ impl GradMonitor {
             let context = StepContext {
                 loss: Some(loss),
                 learning_rate: Some(optimizer.learning_rate()),
+                noise: None,
             };
             self.observe_with(step, &grads, context)?;
         }
@@ -653,6 +658,81 @@ impl GradMonitor {
             self.annotate(outcome);
         }
         Ok(if observed { self.history.back() } else { None })
+    }
+
+    /// The gradient noise of one step from the gradient stores of its `k ≥ 2` micro-batches
+    /// of `micro_batch_size` samples each (gradient accumulation; no per-sample gradients).
+    /// Pass the record to [`observe_with`](Self::observe_with) in [`StepContext::noise`] to
+    /// keep it, plot it and let the detectors read it. Reads every micro-batch gradient once
+    /// and writes nothing (fused on the CPU; candle reductions read back as one tensor
+    /// elsewhere). Holding `k` stores costs `k` times the gradients' memory.
+    ///
+    /// # Errors
+    /// Fewer than 2 stores, a `micro_batch_size` of 0, and a monitored parameter whose
+    /// gradient is missing from some stores only, or differs from its variable in shape or
+    /// dtype: the crate's [`Error`], naming the parameter and the micro-batch.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Module, Tensor};
+    /// use candle_nn::{Optimizer, SGD, VarBuilder, VarMap};
+    /// use gradkit::diagnostics::{GradMonitor, StepContext};
+    ///
+    /// let map = VarMap::new();
+    /// let fc = candle_nn::linear(8, 1, VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu))?;
+    /// let mut sgd = SGD::new(map.all_vars(), 0.01)?;
+    /// let mut monitor = GradMonitor::from_var_map(&map)?;
+    /// let (x, y) = (Tensor::randn(0f32, 1.0, (64, 8), &Device::Cpu)?, Tensor::randn(0f32, 1.0, (64, 1), &Device::Cpu)?);
+    /// let stores = (0..4)
+    ///     .map(|i| {
+    ///         let (xb, yb) = (x.narrow(0, 16 * i, 16)?, y.narrow(0, 16 * i, 16)?);
+    ///         (fc.forward(&xb)? - yb)?.sqr()?.mean_all()?.backward()
+    ///     })
+    ///     .collect::<candle_core::Result<Vec<_>>>()?;
+    /// let noise = monitor.gradient_noise(&stores, 16)?;
+    /// println!("B_simple = {:.1} against a batch of 64", noise.simple_noise_scale);
+    /// let grads = monitor.mean_gradients(&stores)?; // the step's gradient over all 64 rows
+    /// monitor.observe_with(0, &grads, StepContext { noise: Some(&noise), ..Default::default() })?;
+    /// sgd.step(&grads)?;
+    /// assert_eq!(monitor.last().unwrap().noise.as_ref(), Some(&noise));
+    /// # Ok::<(), gradkit::diagnostics::Error>(())
+    /// ```
+    pub fn gradient_noise(
+        &self,
+        stores: &[GradStore],
+        micro_batch_size: usize,
+    ) -> Result<NoiseRecord> {
+        if micro_batch_size == 0 {
+            return Err(Error::Core(grad_core::Error::InvalidHyperParameter {
+                name: "micro_batch_size",
+                value: 0.0,
+                allowed: "at least 1",
+            }));
+        }
+        let sums = crate::noise::sums(&self.micro_batch_gradients(stores)?)?;
+        let layer_of: Vec<usize> = self.tracked.iter().map(|t| t.layer).collect();
+        Ok(crate::noise::record(
+            &sums,
+            &layer_of,
+            &self.layers,
+            stores.len(),
+            micro_batch_size,
+        ))
+    }
+
+    /// The mean of the monitored parameters' gradients over the micro-batch stores, as one
+    /// store for the optimizer's step and [`observe_with`](Self::observe_with): the gradient
+    /// one backward over all the micro-batches' samples would give (for a loss that is a mean
+    /// over samples). See [`gradient_noise`](Self::gradient_noise) for an example.
+    ///
+    /// # Errors
+    /// As [`gradient_noise`](Self::gradient_noise), but for the micro-batch size.
+    pub fn mean_gradients(&self, stores: &[GradStore]) -> Result<GradStore> {
+        crate::noise::mean(&self.micro_batch_gradients(stores)?, self.params.vars())
+    }
+
+    fn micro_batch_gradients(&self, stores: &[GradStore]) -> Result<crate::noise::Gathered> {
+        let names: Vec<&str> = self.params.names().collect();
+        crate::noise::gather(&names, self.params.vars(), stores)
     }
 
     /// The kept observations, oldest first (at most `history` of them).

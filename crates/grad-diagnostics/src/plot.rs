@@ -6,6 +6,9 @@
 //!   was set — exploding gradients spike;
 //! - [`update_ratio`]: each layer's update-to-weight ratio over steps (log scale);
 //! - [`probe_fractions`]: each probe's dead (ReLU) or saturated (sigmoid/tanh) fraction over steps;
+//! - [`noise_scale`]: the simple noise scale over steps against the batch size, and
+//!   [`signal_to_noise`]: each layer's gradient signal-to-noise ratio (from the records'
+//!   [`NoiseRecord`](crate::NoiseRecord)s);
 //! - [`gradient_histograms`]: per layer, the distribution of `|g|` over steps (TensorBoard's
 //!   "distributions" view): a column per step, a row per factor-of-two bin, shaded by the share
 //!   of that step's elements in the bin.
@@ -77,8 +80,8 @@ struct Chart<'a> {
     x_label: &'a str,
     y_label: &'a str,
     series: Vec<(String, Vec<(f64, f64)>)>,
-    /// A horizontal line (the clipping threshold).
-    threshold: Option<f64>,
+    /// A labelled horizontal line (the clipping threshold, the batch size).
+    threshold: Option<(&'a str, f64)>,
     log_y: bool,
 }
 
@@ -94,7 +97,9 @@ impl Chart<'_> {
         } else {
             (0.0, 1.0)
         };
-        let ys = points().map(|(_, y)| *y).chain(self.threshold);
+        let ys = points()
+            .map(|(_, y)| *y)
+            .chain(self.threshold.map(|(_, t)| t));
         let root = SVGBackend::new(path, SIZE).into_drawing_area();
         root.fill(&WHITE).map_err(|e| err(&e))?;
         let mut builder = ChartBuilder::on(&root);
@@ -130,7 +135,7 @@ impl Chart<'_> {
                         PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2))
                     });
             }
-            if let Some(t) = self.threshold {
+            if let Some((label, t)) = self.threshold {
                 chart
                     .draw_series(DashedLineSeries::new(
                         vec![(x0, t), (x1, t)],
@@ -139,7 +144,7 @@ impl Chart<'_> {
                         BLACK.stroke_width(1),
                     ))
                     .map_err(|e| err(&e))?
-                    .label(format!("clip threshold {t:.3e}"))
+                    .label(format!("{label} {t:.3e}"))
                     .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLACK));
             }
             chart
@@ -285,7 +290,11 @@ pub fn global_norm_history(records: &[StepRecord], path: &Path) -> Result<PathBu
                 .map(|r| (step_x(r), r.global_grad_norm))
                 .collect(),
         )],
-        threshold: records.iter().rev().find_map(|r| r.clip_threshold),
+        threshold: records
+            .iter()
+            .rev()
+            .find_map(|r| r.clip_threshold)
+            .map(|t| ("clip threshold", t)),
         log_y: true,
     }
     .draw(path)
@@ -443,9 +452,75 @@ pub fn gradient_histograms(records: &[StepRecord], path: &Path) -> Result<PathBu
     Ok(path.to_path_buf())
 }
 
+/// The simple noise scale `B_simple` over the steps that estimated it, with the batch size
+/// (`k·b`) as a dashed line: well above the line, larger batches would help.
+///
+/// # Errors
+/// [`Error::Plot`] when the file cannot be drawn.
+pub fn noise_scale(records: &[StepRecord], path: &Path) -> Result<PathBuf> {
+    let batch = records
+        .iter()
+        .rev()
+        .find_map(|r| r.noise.as_ref())
+        .map(|n| ("batch size", (n.micro_batches * n.micro_batch_size) as f64));
+    Chart {
+        title: "simple noise scale B_simple",
+        x_label: "step",
+        y_label: "tr(Σ) / |G|²",
+        series: vec![(
+            "B_simple".into(),
+            records
+                .iter()
+                .filter_map(|r| r.noise.as_ref().map(|n| (step_x(r), n.simple_noise_scale)))
+                .collect(),
+        )],
+        threshold: batch,
+        log_y: true,
+    }
+    .draw(path)
+}
+
+/// Each layer's gradient signal-to-noise ratio over the steps that estimated it, with 1 as a
+/// dashed line.
+///
+/// # Errors
+/// [`Error::Plot`] when the file cannot be drawn.
+pub fn signal_to_noise(records: &[StepRecord], path: &Path) -> Result<PathBuf> {
+    let names = records
+        .iter()
+        .rev()
+        .find_map(|r| r.noise.as_ref())
+        .map(|n| n.layers.iter().map(|l| l.name.clone()).collect::<Vec<_>>())
+        .unwrap_or_default();
+    let series = names
+        .into_iter()
+        .map(|name| {
+            let pts = records
+                .iter()
+                .filter_map(|r| {
+                    let n = r.noise.as_ref()?;
+                    let l = n.layers.iter().find(|l| l.name == name)?;
+                    Some((step_x(r), l.snr))
+                })
+                .collect();
+            (name, pts)
+        })
+        .collect();
+    Chart {
+        title: "gradient signal-to-noise ratio per layer",
+        x_label: "step",
+        y_label: "|G|² / (tr(Σ) / b)",
+        series,
+        threshold: Some(("signal = noise", 1.0)),
+        log_y: true,
+    }
+    .draw(path)
+}
+
 /// Draws all the plots into `dir` (created if missing) as `gradient_flow.svg`,
-/// `global_norm.svg`, `update_ratio.svg`, `gradient_histograms.svg` and `probes.svg` (the last
-/// only when there are probes).
+/// `global_norm.svg`, `update_ratio.svg`, `gradient_histograms.svg`, `probes.svg` (only when
+/// there are probes) and `noise_scale.svg` with `signal_to_noise.svg` (only when records carry
+/// gradient noise).
 ///
 /// # Errors
 /// [`Error::Io`] when the folder cannot be created, [`Error::Plot`] when a plot fails.
@@ -459,6 +534,10 @@ pub fn plot_all(records: &[StepRecord], dir: &Path) -> Result<Vec<PathBuf>> {
     ];
     if records.last().is_some_and(|r| !r.probes.is_empty()) {
         out.push(probe_fractions(records, &dir.join("probes.svg"))?);
+    }
+    if records.iter().any(|r| r.noise.is_some()) {
+        out.push(noise_scale(records, &dir.join("noise_scale.svg"))?);
+        out.push(signal_to_noise(records, &dir.join("signal_to_noise.svg"))?);
     }
     Ok(out)
 }

@@ -238,6 +238,53 @@ pub struct StepRecord {
     pub layers: Vec<LayerStats>,
     /// Per probe, in the order they were added.
     pub probes: Vec<ProbeStats>,
+    /// The gradient noise of this step, when it was estimated from micro-batch gradients
+    /// ([`GradMonitor::gradient_noise`](crate::GradMonitor::gradient_noise)).
+    #[serde(default)]
+    pub noise: Option<NoiseRecord>,
+}
+
+/// A step's gradient noise, estimated from the gradients of `k` micro-batches of `b` samples
+/// each (McCandlish et al. 2018, Appendix A). `gradient_sq` and `trace` are unbiased; their
+/// ratio is not, so average them over steps before dividing when a steadier number is wanted
+/// (the detectors do).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NoiseRecord {
+    /// `k`, the micro-batches (at least 2).
+    pub micro_batches: usize,
+    /// `b`, the samples in each micro-batch.
+    pub micro_batch_size: usize,
+    /// The estimate of `|G|²`, the squared norm of the expected gradient (can come out
+    /// negative when the noise dominates).
+    #[serde(with = "float")]
+    pub gradient_sq: f64,
+    /// The estimate of `tr(Σ)`, the trace of the per-sample gradients' covariance.
+    #[serde(with = "float")]
+    pub trace: f64,
+    /// `B_simple = tr(Σ) / |G|²`: about the batch size beyond which larger batches stop
+    /// paying (infinite when the estimate of `|G|²` is not positive).
+    #[serde(with = "float")]
+    pub simple_noise_scale: f64,
+    /// Per layer that received gradients, in network order.
+    pub layers: Vec<LayerNoise>,
+}
+
+/// One layer's share of a [`NoiseRecord`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerNoise {
+    /// The layer.
+    pub name: String,
+    /// The estimate of the layer's `|G|²`.
+    #[serde(with = "float")]
+    pub gradient_sq: f64,
+    /// The estimate of the layer's `tr(Σ)`.
+    #[serde(with = "float")]
+    pub trace: f64,
+    /// The gradient signal-to-noise ratio: `max(|G|², 0)` over a micro-batch gradient's noise
+    /// `tr(Σ) / b` (the mean² over the variance across micro-batches, summed over the layer's
+    /// elements, with the mean²'s bias removed): 0 when the noise explains all of it.
+    #[serde(with = "float")]
+    pub snr: f64,
 }
 
 impl StepRecord {

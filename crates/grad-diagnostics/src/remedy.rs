@@ -40,11 +40,13 @@ pub enum Remedy {
     RaiseLearningRate,
     /// Start from a small learning rate and raise it over the first steps (Goyal et al. 2017).
     Warmup,
+    /// Larger batches, up to about the simple noise scale (McCandlish et al. 2018).
+    LargerBatch,
 }
 
 impl Remedy {
     /// Every remedy, in declaration order.
-    pub const ALL: [Self; 14] = [
+    pub const ALL: [Self; 15] = [
         Self::BatchNorm,
         Self::LayerNorm,
         Self::LeakyReluWithKaiming,
@@ -59,6 +61,7 @@ impl Remedy {
         Self::LowerLearningRate,
         Self::RaiseLearningRate,
         Self::Warmup,
+        Self::LargerBatch,
     ];
 
     /// What to do, in words.
@@ -86,6 +89,9 @@ impl Remedy {
             Self::LowerLearningRate => "lower the learning rate",
             Self::RaiseLearningRate => {
                 "raise the learning rate (or the layer's: its updates barely move it); about 1e-3 of the weights per step is typical"
+            }
+            Self::LargerBatch => {
+                "use larger batches (or accumulate gradients over more micro-batches), up to about the noise scale B_simple, raising the learning rate with the batch"
             }
             Self::Warmup => {
                 "warm the learning rate up, from about a tenth of it over the first few hundred steps (candle's Optimizer::set_learning_rate each step)"
@@ -125,7 +131,10 @@ impl Remedy {
                 "gradkit::layers::ops::layer_norm",
                 "candle_nn::ops::softmax",
             ],
-            Self::LowerLearningRate | Self::RaiseLearningRate | Self::Warmup => &[],
+            Self::LowerLearningRate
+            | Self::RaiseLearningRate
+            | Self::Warmup
+            | Self::LargerBatch => &[],
         }
     }
 

@@ -81,6 +81,8 @@ fn kind_word(kind: FindingKind) -> &'static str {
         FindingKind::Saturation => "saturation",
         FindingKind::UpdateRatio => "update ratio",
         FindingKind::CurvatureLimit => "curvature limit",
+        FindingKind::NoiseScale => "noise scale",
+        FindingKind::LowSignalToNoise => "low signal-to-noise",
     }
 }
 

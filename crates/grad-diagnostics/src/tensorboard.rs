@@ -28,6 +28,7 @@
 //! | `grad_norm/<layer>`, `update_ratio/<layer>` | per layer, in network order |
 //! | `grad_non_finite/<layer>` | NaN and infinite gradient elements, when any |
 //! | `clip/total_norm`, `clip/clipped`, `clip/skipped` | when a clipping optimizer ran (0/1 flags) |
+//! | `noise/simple_noise_scale`, `noise/batch_size`, `noise/snr/<layer>` | when the record carries gradient noise ([`GradMonitor::gradient_noise`](crate::GradMonitor::gradient_noise)) |
 //! | `grad_abs/<layer>` | histogram of `\|g\|` |
 //! | `update_ratio_elements/<layer>` | histogram of the element-wise update ratios |
 //!
@@ -207,6 +208,17 @@ impl TensorBoardSink {
             scalar("clip/total_norm".into(), c.total_norm);
             scalar("clip/clipped".into(), f64::from(u8::from(c.clipped)));
             scalar("clip/skipped".into(), f64::from(u8::from(c.skipped)));
+        }
+        if let Some(n) = &record.noise {
+            scalar("noise/simple_noise_scale".into(), n.simple_noise_scale);
+            #[allow(clippy::cast_precision_loss, reason = "a batch size")]
+            scalar(
+                "noise/batch_size".into(),
+                (n.micro_batches * n.micro_batch_size) as f64,
+            );
+            for l in &n.layers {
+                scalar(format!("noise/snr/{}", l.name), l.snr);
+            }
         }
         for l in &record.layers {
             values.push(Value {
