@@ -15,10 +15,10 @@
 //! writes nothing; other devices compute `A` and `C` with candle reductions and read them back
 //! as one tensor.
 
+use candle_core::Tensor;
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor};
 use grad_core::cpu::{
-    CHUNK, Float, INLINE_MAX, LANES, Real, chunk_ranges, storage_slice, with_avx2,
+    Float, FloatFn, INLINE_MAX, LANES, Real, chunk_ranges, dispatch, storage_slice, with_avx2,
 };
 use grad_core::device::{Path, read_back, wide_dtype};
 use rayon::prelude::*;
@@ -100,35 +100,6 @@ pub(crate) fn sums(gathered: &Gathered) -> Result<Vec<Option<(f64, f64)>>> {
         .collect())
 }
 
-/// One parameter's micro-batch gradients as host slices of one element type.
-enum Slices<'a> {
-    F16(Vec<&'a [half::f16]>),
-    BF16(Vec<&'a [half::bf16]>),
-    F32(Vec<&'a [f32]>),
-    F64(Vec<&'a [f64]>),
-}
-
-impl Slices<'_> {
-    fn len(&self) -> usize {
-        match self {
-            Self::F16(s) => s.first().map_or(0, |x| x.len()),
-            Self::BF16(s) => s.first().map_or(0, |x| x.len()),
-            Self::F32(s) => s.first().map_or(0, |x| x.len()),
-            Self::F64(s) => s.first().map_or(0, |x| x.len()),
-        }
-    }
-
-    #[inline(always)]
-    fn run(&self, start: usize, end: usize) -> (f64, f64) {
-        match self {
-            Self::F16(s) => lockstep(s, start, end),
-            Self::BF16(s) => lockstep(s, start, end),
-            Self::F32(s) => lockstep(s, start, end),
-            Self::F64(s) => lockstep(s, start, end),
-        }
-    }
-}
-
 /// `(Σ_i Σ_j x_ij², Σ_j (Σ_i x_ij)²)` over elements `start..end` of the slices: each slice
 /// read once, 16 elements of every slice at a time, their sum kept in registers. The sums of
 /// squares run in the element's accumulator type (f32 for f32) over blocks of 512 elements (at
@@ -173,64 +144,52 @@ fn lockstep<T: Float>(slices: &[&[T]], start: usize, end: usize) -> (f64, f64) {
     (sq, ss.iter().sum())
 }
 
-fn fused(gathered: &Gathered) -> Result<Vec<(f64, f64)>> {
-    let guards: Vec<Vec<_>> = gathered
-        .iter()
-        .map(|gs| gs.iter().map(Tensor::storage_and_layout).collect())
-        .collect();
-    let slices = guards
-        .iter()
-        .zip(gathered)
-        .map(|(gs, ts)| {
-            let dtype = ts.first().map_or(DType::F32, Tensor::dtype);
-            macro_rules! typed {
-                ($v:ident, $t:ty) => {
-                    Slices::$v(
-                        gs.iter()
-                            .map(|(s, l)| storage_slice::<$t>(s, l))
-                            .collect::<grad_core::Result<Vec<_>>>()?,
-                    )
-                };
-            }
-            Ok(match dtype {
-                DType::F16 => typed!(F16, half::f16),
-                DType::BF16 => typed!(BF16, half::bf16),
-                DType::F32 => typed!(F32, f32),
-                DType::F64 => typed!(F64, f64),
-                other => {
-                    return Err(Error::Core(grad_core::Error::UnsupportedDType {
-                        op: "gradient_noise",
-                        arg: "gradients",
-                        dtype: other,
-                        expected: "a float dtype",
-                    }));
-                }
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let items: Vec<(usize, usize, usize)> = slices
-        .iter()
-        .enumerate()
-        .flat_map(|(p, s)| chunk_ranges(s.len()).map(move |(a, b)| (p, a, b)))
-        .collect();
-    let k = gathered.iter().map(Vec::len).max().unwrap_or(0);
-    let run = |&(p, a, b): &(usize, usize, usize)| {
-        with_avx2(
-            #[inline(always)]
-            || slices[p].run(a, b),
-        )
-    };
-    let results: Vec<(f64, f64)> = if items.len() * CHUNK * k <= INLINE_MAX {
-        items.iter().map(run).collect()
-    } else {
-        items.par_iter().map(run).collect()
-    };
-    let mut out = vec![(0.0, 0.0); gathered.len()];
-    for (&(p, _, _), (sq, ss)) in items.iter().zip(results) {
-        out[p].0 += sq;
-        out[p].1 += ss;
+/// One parameter's micro-batch gradients, typed by [`dispatch`]: its chunks in parallel when
+/// it is large, summed in chunk order.
+struct Lockstep<'a>(&'a [Tensor]);
+
+impl FloatFn for Lockstep<'_> {
+    type Output = (f64, f64);
+
+    fn call<T: Float>(self) -> grad_core::Result<(f64, f64)> {
+        let guards: Vec<_> = self.0.iter().map(Tensor::storage_and_layout).collect();
+        let slices = guards
+            .iter()
+            .map(|(s, l)| storage_slice::<T>(s, l))
+            .collect::<grad_core::Result<Vec<_>>>()?;
+        let len = slices.first().map_or(0, |s| s.len());
+        let ranges: Vec<(usize, usize)> = chunk_ranges(len).collect();
+        let run = |&(a, b): &(usize, usize)| {
+            with_avx2(
+                #[inline(always)]
+                || lockstep(&slices, a, b),
+            )
+        };
+        let parts: Vec<(f64, f64)> = if len * slices.len() <= INLINE_MAX {
+            ranges.iter().map(run).collect()
+        } else {
+            ranges.par_iter().map(run).collect()
+        };
+        Ok(parts
+            .into_iter()
+            .fold((0.0, 0.0), |(x, y), (a, b)| (x + a, y + b)))
     }
-    Ok(out)
+}
+
+fn fused(gathered: &Gathered) -> Result<Vec<(f64, f64)>> {
+    let one = |gs: &Vec<Tensor>| match gs.first() {
+        Some(g) => dispatch("gradient_noise", g.dtype(), Lockstep(gs)),
+        None => Ok((0.0, 0.0)),
+    };
+    let total: usize = gathered.iter().flatten().map(Tensor::elem_count).sum();
+    Ok(if total <= INLINE_MAX {
+        gathered.iter().map(one).collect::<grad_core::Result<_>>()?
+    } else {
+        gathered
+            .par_iter()
+            .map(one)
+            .collect::<grad_core::Result<_>>()?
+    })
 }
 
 fn composed(gathered: &Gathered) -> Result<Vec<(f64, f64)>> {
@@ -260,9 +219,12 @@ fn composed(gathered: &Gathered) -> Result<Vec<(f64, f64)>> {
     let mut values = values.chunks_exact(2);
     Ok(gathered
         .iter()
-        .map(|gs| match gs.is_empty() {
-            true => (0.0, 0.0),
-            false => values.next().map_or((0.0, 0.0), |v| (v[0], v[1])),
+        .map(|gs| {
+            if gs.is_empty() {
+                (0.0, 0.0)
+            } else {
+                values.next().map_or((0.0, 0.0), |v| (v[0], v[1]))
+            }
         })
         .collect())
 }
