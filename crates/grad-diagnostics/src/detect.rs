@@ -49,11 +49,28 @@ const EXPLODING: &[Remedy] = &[
 ];
 
 /// What vanishing gradients call for.
-const VANISHING: &[Remedy] = &[
+pub(crate) const VANISHING: &[Remedy] = &[
     Remedy::BatchNorm,
     Remedy::LeakyReluWithKaiming,
     Remedy::Lsuv,
 ];
+
+/// What a signal growing with depth at initialisation calls for: an initialisation of the
+/// right scale, or normalisation that resets it.
+pub(crate) const EXPLODING_AT_INIT: &[Remedy] =
+    &[Remedy::Lsuv, Remedy::XavierWithGain, Remedy::BatchNorm];
+
+/// What dead ReLU units call for.
+pub(crate) const DEAD_UNITS: &[Remedy] = &[
+    Remedy::LeakyReluWithKaiming,
+    Remedy::Prelu,
+    Remedy::LowerLearningRate,
+    Remedy::Reinit,
+];
+
+/// What saturated sigmoid/tanh units call for.
+pub(crate) const SATURATION: &[Remedy] =
+    &[Remedy::BatchNorm, Remedy::LayerNorm, Remedy::XavierWithGain];
 
 /// Detector thresholds; the defaults are documented in the module.
 ///
@@ -366,12 +383,7 @@ impl Detectors {
                         e.peak * 100.0,
                         e.detail
                     ),
-                    &[
-                        Remedy::LeakyReluWithKaiming,
-                        Remedy::Prelu,
-                        Remedy::LowerLearningRate,
-                        Remedy::Reinit,
-                    ][..],
+                    DEAD_UNITS,
                 ),
                 _ => (
                     format!(
@@ -379,7 +391,7 @@ impl Detectors {
                         e.peak * 100.0,
                         e.detail
                     ),
-                    &[Remedy::BatchNorm, Remedy::LayerNorm, Remedy::XavierWithGain][..],
+                    SATURATION,
                 ),
             };
             out.push(Finding {

@@ -10,6 +10,9 @@
 //!   units) and the gradient arriving at that point — candle has no hooks;
 //! - detectors ([`detect`]) for vanishing and exploding gradients, NaN/Inf, dead and saturated
 //!   units and update ratios, each naming the layers and a remedy in gradkit's API;
+//! - [`GradMonitor::preflight`]: one forward and backward at initialisation, before any step,
+//!   predicting from the depth profile whether the signal vanishes or explodes, with dead and
+//!   saturated units, the layers named and the remedy;
 //! - [`GradMonitor::gradient_noise`]: the simple noise scale and each layer's gradient
 //!   signal-to-noise ratio from the micro-batch gradients of one step;
 //! - [`sharpness`]: the top Hessian eigenvalue against the learning rate's limit `2 / lr`;
@@ -47,6 +50,7 @@ mod jsonl;
 mod monitor;
 mod noise;
 pub mod plot;
+mod preflight;
 mod probe;
 mod record;
 mod remedy;
@@ -60,6 +64,7 @@ pub use error::{Error, Result};
 pub use histogram::{BINS, FIRST_EXPONENT, Histogram};
 pub use jsonl::{BadLine, JsonlSink, LogContents, read_log};
 pub use monitor::{GradMonitor, LayerGrouping, MonitorConfig, StepContext};
+pub use preflight::{ActivationProfile, LayerProfile, Preflight, PreflightConfig, Verdict};
 pub use probe::Probe;
 pub use record::{
     ClipRecord, LayerNoise, LayerStats, NoiseRecord, ParamStats, ProbeKind, ProbeStats, StepRecord,

@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::detect::{DetectorConfig, Detectors, Finding};
 use crate::histogram::Histogram;
+use crate::preflight::{Preflight, PreflightConfig};
 use crate::probe::Probe;
 use crate::record::{LayerStats, NoiseRecord, ParamStats, StepRecord};
 use crate::report::RunReport;
@@ -341,21 +342,27 @@ impl GradMonitor {
         if !self.should_observe(step) {
             return Ok(None);
         }
-        let loss = match context.loss {
-            Some(l) => {
-                grad_core::validate::ensure_float("GradMonitor", "loss", l.dtype())?;
-                if l.elem_count() != 1 {
-                    return Err(Error::Core(grad_core::Error::shape_mismatch(
-                        "GradMonitor",
-                        "loss",
-                        "a scalar (one element)",
-                        l.dims(),
-                    )));
-                }
-                Some(l.flatten_all()?.reshape(())?)
-            }
-            None => None,
-        };
+        let record = self.measure(step, grads, context)?;
+        self.detectors.observe(&record);
+        if self.history.len() == self.config.history {
+            self.history.pop_front();
+        }
+        self.history.push_back(record);
+        Ok(self.history.back())
+    }
+
+    /// The record of `grads` at `step`, without keeping it (the update-ratio baseline moves on
+    /// to the weights as they are now).
+    fn measure(
+        &mut self,
+        step: u64,
+        grads: &GradStore,
+        context: StepContext<'_>,
+    ) -> Result<StepRecord> {
+        let loss = context
+            .loss
+            .map(|l| scalar_loss("GradMonitor", l))
+            .transpose()?;
         let named = self.params.grads(grads)?;
         let weights: Vec<Tensor> = self
             .params
@@ -382,12 +389,63 @@ impl GradMonitor {
             noise: context.noise.cloned(),
             ..record
         };
-        self.detectors.observe(&record);
-        if self.history.len() == self.config.history {
-            self.history.pop_front();
+        Ok(record)
+    }
+
+    /// Preflight: one forward and backward at initialisation, before the first optimizer step.
+    /// `forward` runs the model on a real batch and returns the loss (a scalar); the monitor
+    /// takes the backward, reads every layer's gradient norm and every added probe's
+    /// activation statistics (probes are enabled for the pass and then left as they were), and
+    /// [`Preflight::from_record`] says whether the signal vanishes or explodes with depth, which
+    /// layers are affected, which units are dead or saturated, and what to do. The history, the
+    /// detectors and the update-ratio baseline stay as they were; the forward itself runs as
+    /// written (a batch norm in training mode updates its running statistics once, a dropout
+    /// stream advances).
+    ///
+    /// # Errors
+    /// An invalid `config`; the closure's error; a loss that is not a one-element float
+    /// tensor, or is NaN or infinite (nothing can be read from the gradients of a non-finite
+    /// loss): the crate's [`Error`]. The monitor is unchanged after an error.
+    ///
+    /// See [`Preflight`] for an example.
+    pub fn preflight<F>(&mut self, forward: F, config: &PreflightConfig) -> Result<Preflight>
+    where
+        F: FnOnce() -> candle_core::Result<Tensor>,
+    {
+        config.validate()?;
+        let enabled: Vec<bool> = self.probes.iter().map(Probe::is_enabled).collect();
+        self.probes.iter().for_each(|p| p.set_enabled(true));
+        let baseline: Vec<Option<Sample>> =
+            self.tracked.iter_mut().map(|t| t.previous.take()).collect();
+        let record = self.preflight_record(forward);
+        for (t, previous) in self.tracked.iter_mut().zip(baseline) {
+            t.previous = previous;
         }
-        self.history.push_back(record);
-        Ok(self.history.back())
+        for (p, on) in self.probes.iter().zip(enabled) {
+            p.set_enabled(on);
+        }
+        Preflight::from_record(&record?, config)
+    }
+
+    fn preflight_record<F>(&mut self, forward: F) -> Result<StepRecord>
+    where
+        F: FnOnce() -> candle_core::Result<Tensor>,
+    {
+        let loss = forward()?;
+        let context = StepContext {
+            loss: Some(&loss),
+            ..StepContext::default()
+        };
+        let value = scalar_loss("preflight", &loss)?.to_dtype(candle_core::DType::F64)?;
+        if !value.to_scalar::<f64>()?.is_finite() {
+            return Err(Error::Core(grad_core::Error::NonFinite {
+                op: "preflight",
+                what: "the loss at initialisation".into(),
+                count: 1,
+            }));
+        }
+        let grads = loss.sum_all()?.backward()?;
+        self.measure(0, &grads, context)
     }
 
     /// One parallel pass over gradients and weights; update-ratio samples gathered on the host.
@@ -774,6 +832,20 @@ impl GradMonitor {
     pub fn config(&self) -> &MonitorConfig {
         &self.config
     }
+}
+
+/// `loss` as a rank-0 tensor, checked to be a one-element float tensor.
+fn scalar_loss(op: &'static str, loss: &Tensor) -> Result<Tensor> {
+    grad_core::validate::ensure_float(op, "loss", loss.dtype())?;
+    if loss.elem_count() != 1 {
+        return Err(Error::Core(grad_core::Error::shape_mismatch(
+            op,
+            "loss",
+            "a scalar (one element)",
+            loss.dims(),
+        )));
+    }
+    Ok(loss.flatten_all()?.reshape(())?)
 }
 
 /// A parameter's update since the last observation: the sampled squared difference and the

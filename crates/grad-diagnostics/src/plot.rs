@@ -9,6 +9,8 @@
 //! - [`noise_scale`]: the simple noise scale over steps against the batch size, and
 //!   [`signal_to_noise`]: each layer's gradient signal-to-noise ratio (from the records'
 //!   [`NoiseRecord`](crate::NoiseRecord)s);
+//! - [`preflight`]: several runs' gradient profile at initialisation, against the vanishing
+//!   threshold;
 //! - [`gradient_histograms`]: per layer, the distribution of `|g|` over steps (TensorBoard's
 //!   "distributions" view): a column per step, a row per factor-of-two bin, shaded by the share
 //!   of that step's elements in the bin.
@@ -20,6 +22,7 @@ use std::path::{Path, PathBuf};
 use plotters::prelude::*;
 
 use crate::histogram::{BINS, FIRST_EXPONENT};
+use crate::preflight::{Preflight, PreflightConfig};
 use crate::record::{ProbeKind, ProbeStats, StepRecord};
 use crate::{Error, Result};
 
@@ -512,6 +515,48 @@ pub fn signal_to_noise(records: &[StepRecord], path: &Path) -> Result<PathBuf> {
         y_label: "|G|² / (tr(Σ) / b)",
         series,
         threshold: Some(("signal = noise", 1.0)),
+        log_y: true,
+    }
+    .draw(path)
+}
+
+/// Preflights overlaid: each layer's gradient norm at initialisation over the last layer's,
+/// one series per run, with the vanishing threshold `1 / gradient_ratio` as a dashed line. A
+/// run whose line falls towards the input side (depth 0) through the line vanishes.
+///
+/// # Errors
+/// [`Error::Plot`] when the file cannot be drawn.
+///
+/// ```no_run
+/// # fn demo(sick: &gradkit::diagnostics::Preflight, fixed: &gradkit::diagnostics::Preflight) -> gradkit::diagnostics::Result<()> {
+/// use gradkit::diagnostics::{PreflightConfig, plot};
+/// let runs = [("sigmoid".to_owned(), sick), ("batch norm".to_owned(), fixed)];
+/// plot::preflight(&runs, &PreflightConfig::default(), std::path::Path::new("preflight.svg"))?;
+/// # Ok(()) }
+/// ```
+pub fn preflight(
+    runs: &[(String, &Preflight)],
+    config: &PreflightConfig,
+    path: &Path,
+) -> Result<PathBuf> {
+    let series = runs
+        .iter()
+        .map(|(name, pre)| {
+            #[allow(clippy::cast_precision_loss, reason = "depths are small")]
+            let pts = pre
+                .layers
+                .iter()
+                .filter_map(|l| l.relative.map(|r| (l.depth as f64, r)))
+                .collect();
+            (name.clone(), pts)
+        })
+        .collect();
+    Chart {
+        title: "preflight: gradient norm at initialisation",
+        x_label: "layer depth (0 = input side)",
+        y_label: "gradient norm / last layer's",
+        series,
+        threshold: Some(("vanishing below", 1.0 / config.gradient_ratio)),
         log_y: true,
     }
     .draw(path)

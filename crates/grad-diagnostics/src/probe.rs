@@ -313,6 +313,16 @@ fn summarise(inner: &Inner, state: &State) -> ProbeStats {
             .count();
         dead as f64 / state.last_positive.len() as f64
     });
+    let inactive_fraction =
+        (inner.kind == ProbeKind::Relu && state.forwards > 0 && !state.last_positive.is_empty())
+            .then(|| {
+                let inactive = state
+                    .last_positive
+                    .iter()
+                    .filter(|&&seen| seen != state.forwards)
+                    .count();
+                inactive as f64 / state.last_positive.len() as f64
+            });
     ProbeStats {
         name: inner.name.clone(),
         kind: inner.kind,
@@ -321,6 +331,7 @@ fn summarise(inner: &Inner, state: &State) -> ProbeStats {
         std: last.std,
         nonpositive_fraction: last.nonpositive,
         dead_fraction,
+        inactive_fraction,
         saturated_fraction: last.saturated,
         grad_norm: state.grad_norm,
         forwards: state.forwards,

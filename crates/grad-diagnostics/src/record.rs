@@ -200,6 +200,11 @@ pub struct ProbeStats {
     /// a window has passed).
     #[serde(with = "float::opt")]
     pub dead_fraction: Option<f64>,
+    /// Fraction of units not positive on any sample of the last forward pass: dead on that
+    /// batch (ReLU kind after a forward; `None` otherwise, and in logs written before the field
+    /// existed).
+    #[serde(default, with = "float::opt")]
+    pub inactive_fraction: Option<f64>,
     /// Fraction of the last activation's elements saturated (`None` for ReLU and linear kinds).
     #[serde(with = "float::opt")]
     pub saturated_fraction: Option<f64>,

@@ -281,3 +281,44 @@ fn plots_of_values_at_the_f64_limits_return() -> TestResult {
     std::fs::remove_dir_all(dir)?;
     Ok(())
 }
+
+#[test]
+fn gradscope_preflight_reads_the_first_record() -> TestResult {
+    let dir = temp_dir("preflight");
+    let (sick, healthy) = (dir.join("sick.jsonl"), dir.join("healthy.jsonl"));
+    let net = Mlp::new(12, 16, Style::Sigmoid, 2);
+    let mut m = net.monitor();
+    net.train(3, 0.1, &mut m);
+    write_log(&sick, &m.history().cloned().collect::<Vec<_>>());
+    write_log(&healthy, &records(Style::Remedied));
+
+    let (code, out, _) = gradscope(&["preflight", sick.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.starts_with("preflight at step 0"), "{out}");
+    assert!(
+        out.contains("VANISHING") && out.contains("layer.0"),
+        "{out}"
+    );
+    assert!(out.contains("layer.1.act"), "the probe's row: {out}");
+    let (code, out, _) = gradscope(&["preflight", sick.to_str().unwrap(), "--step", "2"]);
+    assert_eq!(code, 1);
+    assert!(out.starts_with("preflight at step 2"), "{out}");
+    let (code, out, _) = gradscope(&["preflight", healthy.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("healthy signal") && out.contains("no findings"));
+    // Thresholds from a file, checked like the detectors'.
+    let loose = dir.join("loose.json");
+    std::fs::write(&loose, r#"{"gradient_ratio": 1e30}"#)?;
+    let args = ["preflight", sick.to_str().unwrap(), "--thresholds"];
+    let (code, out, _) = gradscope(&[&args[..], &[loose.to_str().unwrap()]].concat());
+    assert_eq!(code, 0, "{out}");
+    std::fs::write(&loose, r#"{"gradient_ratio": 0.5}"#)?;
+    let (code, _, err) = gradscope(&[&args[..], &[loose.to_str().unwrap()]].concat());
+    assert_eq!(code, 2);
+    assert!(err.contains("gradient_ratio"), "{err}");
+    let (code, _, err) = gradscope(&["preflight", sick.to_str().unwrap(), "--step", "99"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("no record of step 99"), "{err}");
+    std::fs::remove_dir_all(dir)?;
+    Ok(())
+}

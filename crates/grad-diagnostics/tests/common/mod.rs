@@ -16,7 +16,12 @@ pub enum Style {
     ScaledRelu(f64),
     /// Linear -> BatchNorm -> LeakyReLU with Kaiming init.
     Remedied,
+    /// Linear -> LeakyReLU with Kaiming init for its slope, no normalisation.
+    KaimingLeaky,
 }
+
+/// Leaky ReLU's slope (PyTorch's default).
+const SLOPE: f64 = 0.01;
 
 pub struct Mlp {
     pub map: VarMap,
@@ -24,6 +29,9 @@ pub struct Mlp {
     norms: Vec<Option<grad_layers_shim::Bn>>,
     style: Style,
     pub probe: Probe,
+    /// A probe after every hidden activation (`hidden.{i}`), disabled until a monitor that
+    /// enables them ([`GradMonitor::preflight`]) runs.
+    pub hidden_probes: Vec<Probe>,
 }
 
 /// gradkit's BatchNorm lives in grad-layers, which grad-diagnostics must not depend on even in
@@ -49,6 +57,7 @@ impl Mlp {
                 Style::Sigmoid => 1.0 / (fan_in as f64).sqrt(),
                 Style::ScaledRelu(s) => s * (2.0 / fan_in as f64).sqrt(),
                 Style::Remedied => (2.0 / fan_in as f64).sqrt(),
+                Style::KaimingLeaky => (2.0 / (1.0 + SLOPE * SLOPE) / fan_in as f64).sqrt(),
             };
             let w = rng
                 .normal((fan_out, fan_in), 0.0, std, DType::F32, &Device::Cpu)
@@ -77,12 +86,25 @@ impl Mlp {
             Style::Sigmoid => ProbeKind::Sigmoid,
             _ => ProbeKind::Relu,
         };
+        // A leaky unit is never dead: its probes record moments and gradients only.
+        let hidden_kind = match style {
+            Style::Remedied | Style::KaimingLeaky => ProbeKind::Linear,
+            _ => kind,
+        };
+        let hidden_probes = (0..depth)
+            .map(|i| {
+                let p = Probe::new(format!("hidden.{i}"), hidden_kind, 4);
+                p.set_enabled(false);
+                p
+            })
+            .collect();
         Self {
             map,
             layers,
             norms,
             style,
             probe: Probe::new("layer.1.act", kind, 4),
+            hidden_probes,
         }
     }
 
@@ -100,8 +122,11 @@ impl Mlp {
             h = match self.style {
                 Style::Sigmoid => candle_nn::ops::sigmoid(&h).unwrap(),
                 Style::ScaledRelu(_) => h.relu().unwrap(),
-                Style::Remedied => candle_nn::ops::leaky_relu(&h, 0.01).unwrap(),
+                Style::Remedied | Style::KaimingLeaky => {
+                    candle_nn::ops::leaky_relu(&h, SLOPE).unwrap()
+                }
             };
+            h = self.hidden_probes[i].forward(&h).unwrap();
             if i == 1 {
                 h = self.probe.forward(&h).unwrap();
             }
@@ -132,6 +157,20 @@ impl Mlp {
             monitor.observe(step, &grads).unwrap();
             sgd.step(&grads).unwrap();
         }
+    }
+
+    /// A monitor with every hidden probe, in network order.
+    pub fn preflight_monitor(&self) -> GradMonitor {
+        let mut m = GradMonitor::new(self.params(), MonitorConfig::default()).unwrap();
+        for p in &self.hidden_probes {
+            m.add_probe(p);
+        }
+        m
+    }
+
+    /// A monitor with no probe at all.
+    pub fn monitor_without_probes(&self) -> GradMonitor {
+        GradMonitor::new(self.params(), MonitorConfig::default()).unwrap()
     }
 
     pub fn monitor(&self) -> GradMonitor {
