@@ -9,6 +9,13 @@
 //! network (16 sigmoid layers of width 64 on a digits batch of 32, f32); `floor` is one
 //! forward and backward of the same loss, so the ratio is the cost in training steps.
 //!
+//! `preflight/demo_mlp16x64`: `GradMonitor::preflight` on the same network with the demo's three
+//! sigmoid probes (layers 0, 8 and 15): one forward and backward, every layer's gradient norm
+//! and the probes' statistics. `candle` is what a candle user writes for the same numbers
+//! (keep the three activations, backward, then each gradient's squared sum and each
+//! activation's mean and variance as candle ops, read back); `floor` is the plain forward and
+//! backward.
+//!
 //! `gradient_noise/resnet50_k4`: `GradMonitor::gradient_noise` over 4 micro-batch gradient
 //! stores of ResNet-50's shapes (4 × 25.6M f32 values in 161 tensors each); `candle` is the
 //! same statistics as candle ops (each gradient's squared sum and the squared sum of their
@@ -25,13 +32,17 @@ use candle_nn::{VarBuilder, VarMap};
 use common::mlp::Mlp;
 use criterion::{Criterion, criterion_group};
 use grad_core::NamedVars;
-use grad_diagnostics::{GradMonitor, MonitorConfig, SharpnessConfig, sharpness};
+use grad_diagnostics::{
+    GradMonitor, MonitorConfig, PreflightConfig, Probe, ProbeKind, SharpnessConfig, sharpness,
+};
 
 /// The demo's set-up (1): 16 sigmoid layers of width 64 and a 10-way head, with a digits batch
-/// of 32 and its cross-entropy.
+/// of 32 and its cross-entropy; probes after hidden layers 0, 8 and 15, disabled until a
+/// preflight enables them.
 struct DemoMlp {
     params: NamedVars,
     layers: Vec<candle_nn::Linear>,
+    probes: Vec<(usize, Probe)>,
     x: Tensor,
     y: Tensor,
 }
@@ -48,23 +59,60 @@ impl DemoMlp {
             .collect();
         let data = grad_testkit::digits::load(&grad_testkit::digits::default_path(), &Device::Cpu)
             .expect("digits");
+        let probes = [0, 8, 15]
+            .into_iter()
+            .map(|i| {
+                let p = Probe::new(format!("layer.{i}.act"), ProbeKind::Sigmoid, 20);
+                p.set_enabled(false);
+                (i, p)
+            })
+            .collect();
         Self {
             params: NamedVars::from_var_map(&map),
             layers,
+            probes,
             x: data.train.images.narrow(0, 0, 32).expect("batch"),
             y: data.train.labels.narrow(0, 0, 32).expect("labels"),
         }
     }
 
     fn loss(&self) -> candle_core::Result<Tensor> {
+        self.loss_keeping(&mut Vec::new())
+    }
+
+    /// The loss, pushing the probed activations onto `kept`.
+    fn loss_keeping(&self, kept: &mut Vec<Tensor>) -> candle_core::Result<Tensor> {
         let mut h = self.x.clone();
         for (i, l) in self.layers.iter().enumerate() {
             h = l.forward(&h)?;
             if i + 1 < self.layers.len() {
                 h = candle_nn::ops::sigmoid(&h)?;
             }
+            if let Some((_, p)) = self.probes.iter().find(|(at, _)| *at == i) {
+                h = p.forward(&h)?;
+                kept.push(h.clone());
+            }
         }
         candle_nn::loss::cross_entropy(&h, &self.y)
+    }
+
+    /// The preflight's numbers with candle ops: each gradient's squared sum and each kept
+    /// activation's mean and variance, read back as one vector.
+    fn candle_preflight(&self) -> candle_core::Result<Vec<f32>> {
+        let mut kept = Vec::new();
+        let grads = self.loss_keeping(&mut kept)?.backward()?;
+        let mut parts = Vec::new();
+        for v in self.params.vars() {
+            if let Some(g) = grads.get(v.as_tensor()) {
+                parts.push(g.sqr()?.sum_all()?.reshape(1)?);
+            }
+        }
+        for a in &kept {
+            let mean = a.mean_all()?;
+            parts.push(mean.reshape(1)?);
+            parts.push(a.broadcast_sub(&mean)?.sqr()?.mean_all()?.reshape(1)?);
+        }
+        Tensor::cat(&parts, 0)?.to_vec1()
     }
 }
 
@@ -86,6 +134,29 @@ fn bench(c: &mut Criterion) {
     group.sample_size(20);
     group.bench_function("gradkit", |b| {
         b.iter(|| sharpness(&demo.params, || demo.loss(), &config).expect("sharpness"))
+    });
+    group.bench_function("floor", |b| {
+        b.iter(|| demo.loss().and_then(|l| l.backward()).expect("step"))
+    });
+    group.finish();
+
+    let mut monitor =
+        GradMonitor::new(demo.params.clone(), MonitorConfig::default()).expect("monitor");
+    for (_, p) in &demo.probes {
+        monitor.add_probe(p);
+    }
+    let preflight = PreflightConfig::default();
+    let mut group = c.benchmark_group("preflight/demo_mlp16x64");
+    group.sample_size(30);
+    group.bench_function("gradkit", |b| {
+        b.iter(|| {
+            monitor
+                .preflight(|| demo.loss(), &preflight)
+                .expect("preflight")
+        })
+    });
+    group.bench_function("candle", |b| {
+        b.iter(|| demo.candle_preflight().expect("candle preflight"))
     });
     group.bench_function("floor", |b| {
         b.iter(|| demo.loss().and_then(|l| l.backward()).expect("step"))

@@ -17,7 +17,7 @@ mod support;
 mod demo;
 
 use demo::{Options, Setup};
-use grad_diagnostics::FindingKind;
+use grad_diagnostics::{FindingKind, Verdict};
 
 #[test]
 fn the_sigmoid_net_vanishes_and_the_remedies_train() -> TestResult {
@@ -96,5 +96,33 @@ fn a_missing_or_corrupt_data_file_is_one_clear_error() -> TestResult {
     std::fs::write(&corrupt, b"not gzip at all")?;
     let e = support::load_digits(&corrupt).unwrap_err().to_string();
     assert!(e.contains("cannot read the digits data set"), "{e}");
+    Ok(())
+}
+
+#[test]
+fn preflight_flags_the_sigmoid_set_up_at_step_0() -> TestResult {
+    let data = support::load_digits(&support::default_data()).unwrap();
+    let options = Options::default();
+    for setup in Setup::ALL {
+        let pre = demo::preflight(setup, &data, &options).unwrap();
+        println!(
+            "{}: {:?} {:?}",
+            setup.title(),
+            pre.verdict,
+            pre.gradient_ratio
+        );
+        match setup {
+            Setup::NaiveSigmoid => {
+                assert_eq!(pre.verdict, Verdict::Vanishing, "{}", pre.report());
+                let f = &pre.findings[0];
+                assert_eq!((f.kind, f.steps), (FindingKind::Vanishing, [0, 0]));
+                // The input side's layers, not the last hidden one or the head.
+                assert_eq!(f.layers[0], "layer.0");
+                assert!(!f.layers.iter().any(|l| l == "layer.15" || l == "layer.16"));
+                assert!(f.remedy.contains("gradkit::layers::batch_norm"));
+            }
+            _ => assert!(pre.is_healthy(), "{}\n{}", setup.title(), pre.report()),
+        }
+    }
     Ok(())
 }

@@ -15,7 +15,9 @@
 //!    the first layer whole.
 //!
 //! A `GradMonitor` watches every run; three `Probe`s watch the first, middle and last hidden
-//! activations.
+//! activations. [`preflight`] runs the monitor's preflight on each set-up's network at
+//! initialisation, on the first batch its training run would take: the prediction before any
+//! step.
 
 use std::path::Path;
 use std::time::Instant;
@@ -24,8 +26,8 @@ use candle_core::{DType, Device, Module, ModuleT, Tensor};
 use candle_nn::{Linear, VarBuilder, VarMap};
 use grad_core::{NamedVars, Philox};
 use grad_diagnostics::{
-    Finding, GradMonitor, JsonlSink, LayerGrouping, MonitorConfig, Probe, ProbeKind, RunReport,
-    StepRecord,
+    Finding, GradMonitor, JsonlSink, LayerGrouping, MonitorConfig, Preflight, PreflightConfig,
+    Probe, ProbeKind, RunReport, StepRecord,
 };
 use grad_layers::init::{FanMode, Initializer, Nonlinearity, reinit};
 use grad_layers::{
@@ -329,6 +331,67 @@ impl Mlp {
     }
 }
 
+/// A set-up's network and monitor at initialisation, with the stream that draws its batches.
+struct Start {
+    rng: Philox,
+    mlp: Mlp,
+    params: NamedVars,
+    monitor: GradMonitor,
+    n_train: usize,
+}
+
+impl Start {
+    fn new(setup: Setup, data: &Digits, options: &Options) -> Result<Self> {
+        let mut rng = Philox::new(options.seed);
+        let map = VarMap::new();
+        let mlp = Mlp::new(setup, options, &map, &mut rng)?;
+        let params = NamedVars::from_var_map(&map);
+        let n_train = data.train.images.dim(0)?;
+        let steps_per_epoch = n_train.div_ceil(options.batch_size) as u64;
+        let total = steps_per_epoch * options.epochs as u64;
+        let config = MonitorConfig {
+            every: options.observe_every,
+            history: usize::try_from(total / options.observe_every + 1)?,
+            grouping: LayerGrouping::Components(2),
+            ..MonitorConfig::default()
+        };
+        let mut monitor = GradMonitor::new(params.clone(), config)?;
+        for p in mlp.probes() {
+            monitor.add_probe(p);
+        }
+        Ok(Self {
+            rng,
+            mlp,
+            params,
+            monitor,
+            n_train,
+        })
+    }
+}
+
+/// The monitor's preflight of `setup` at initialisation: one forward and backward on the first
+/// batch its training run takes, before any step.
+pub fn preflight(setup: Setup, data: &Digits, options: &Options) -> Result<Preflight> {
+    options.validate()?;
+    let Start {
+        mut rng,
+        mlp,
+        mut monitor,
+        n_train,
+        ..
+    } = Start::new(setup, data, options)?;
+    let batches = epoch_batches(n_train, options.batch_size, &mut rng)?;
+    let first = batches.first().ok_or("no training batch")?;
+    let (x, y) = rows(&data.train, first)?;
+    let loss_options = CrossEntropyConfig::default();
+    let forward =
+        || -> Result<Tensor> { Ok(cross_entropy(&mlp.forward_t(&x, true)?, &y, &loss_options)?) };
+    Ok(monitor.preflight(
+        || forward().map_err(candle_core::Error::wrap),
+        &PreflightConfig::default(),
+    )?)
+}
+
 /// Trains `setup` on `data`; appends each observed step to the JSON Lines log at `log` (when
 /// given); calls `on_step(step, loss)` after each SGD step.
 pub fn run(
@@ -340,23 +403,13 @@ pub fn run(
 ) -> Result<Outcome> {
     options.validate()?;
     let start = Instant::now();
-    let mut rng = Philox::new(options.seed);
-    let map = VarMap::new();
-    let mlp = Mlp::new(setup, options, &map, &mut rng)?;
-    let params = NamedVars::from_var_map(&map);
-    let n_train = data.train.images.dim(0)?;
-    let steps_per_epoch = n_train.div_ceil(options.batch_size) as u64;
-    let total = steps_per_epoch * options.epochs as u64;
-    let config = MonitorConfig {
-        every: options.observe_every,
-        history: usize::try_from(total / options.observe_every + 1)?,
-        grouping: LayerGrouping::Components(2),
-        ..MonitorConfig::default()
-    };
-    let mut monitor = GradMonitor::new(params.clone(), config)?;
-    for p in mlp.probes() {
-        monitor.add_probe(p);
-    }
+    let Start {
+        mut rng,
+        mlp,
+        params,
+        mut monitor,
+        n_train,
+    } = Start::new(setup, data, options)?;
     let clip = (setup == Setup::AllRemedies).then_some(CLIP_MAX_NORM);
     monitor.set_clip_threshold(clip);
     let mut optimizer = Sgd::new(&params, options.lr, clip)?;

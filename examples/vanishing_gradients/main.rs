@@ -5,7 +5,9 @@
 //! cargo run --release --example vanishing_gradients -- --epochs 30 --out target/gradkit-demo
 //! ```
 //!
-//! For each set-up it prints test accuracy, the first-to-last layer gradient-norm ratio, the
+//! First it runs the monitor's preflight on every set-up at initialisation (one forward and
+//! backward on its first batch) and prints what it predicts. For each set-up it then prints test
+//! accuracy, the first-to-last layer gradient-norm ratio, the
 //! detectors' findings in words and the wall time, then one comparison table; it writes each
 //! run's JSON report, JSON Lines log and SVG plots, and an overlay of the gradient flows.
 
@@ -19,7 +21,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use demo::{Options, Outcome, Setup};
-use grad_diagnostics::plot;
+use grad_diagnostics::{Preflight, PreflightConfig, plot};
 use support::{OutDir, Result};
 
 /// Train the same deep MLP on the digits data four ways and watch its gradients.
@@ -91,6 +93,22 @@ fn run(cli: &Cli) -> Result<()> {
         options.epochs,
         options.seed
     );
+    println!("preflight (one forward and backward at initialisation, before any step):");
+    let mut preflights = Vec::new();
+    for setup in Setup::ALL {
+        let pre = demo::preflight(setup, &data, &options)?;
+        describe_preflight(setup, &pre);
+        out.sub(setup.slug())?
+            .write("preflight.txt", pre.report().as_bytes())?;
+        preflights.push((setup.title().to_owned(), pre));
+    }
+    let runs: Vec<(String, &Preflight)> = preflights.iter().map(|(t, p)| (t.clone(), p)).collect();
+    plot::preflight(
+        &runs,
+        &PreflightConfig::default(),
+        &out.path().join("preflight.svg"),
+    )?;
+    println!();
     let mut outcomes = Vec::new();
     for setup in Setup::ALL {
         let dir = out.sub(setup.slug())?;
@@ -114,7 +132,7 @@ fn run(cli: &Cli) -> Result<()> {
     out.write_json("summary.json", &outcomes)?;
     println!("{table}");
     println!(
-        "wrote {}: summary.md, summary.json, gradient_flow.svg (overlay) and, per set-up, report.json, log.jsonl and SVG plots",
+        "wrote {}: summary.md, summary.json, gradient_flow.svg and preflight.svg (overlays) and, per set-up, preflight.txt, report.json, log.jsonl and SVG plots",
         out.path().display()
     );
     Ok(())
@@ -170,6 +188,30 @@ fn describe(o: &Outcome) {
         println!("  diagnostics: {f}");
     }
     println!();
+}
+
+/// One line per set-up: the preflight's verdict, the gradient ratio and the layers flagged.
+fn describe_preflight(setup: Setup, pre: &Preflight) {
+    let ratio = pre
+        .gradient_ratio
+        .map_or_else(|| "-".to_owned(), |r| format!("{r:.1e}"));
+    let flagged = pre
+        .findings
+        .iter()
+        .map(|f| {
+            let layers = match f.layers.as_slice() {
+                [] => "the whole model".to_owned(),
+                [one] => one.clone(),
+                [first, .., last] => format!("{} layers, {first} to {last}", f.layers.len()),
+            };
+            format!("; {:?} in {layers}", f.kind)
+        })
+        .collect::<String>();
+    println!(
+        "  {:<40} {:?}: first/last gradient norm {ratio}{flagged}",
+        setup.title(),
+        pre.verdict
+    );
 }
 
 /// The comparison table, as Markdown.
