@@ -15,9 +15,9 @@
 //!    the first layer whole.
 //!
 //! A `GradMonitor` watches every run; three `Probe`s watch the first, middle and last hidden
-//! activations. [`preflight`] runs the monitor's preflight on each set-up's network at
-//! initialisation, on the first batch its training run would take: the prediction before any
-//! step.
+//! activations. [`initial`] runs the monitor's preflight and the sharpness estimate on each
+//! set-up's network at initialisation, on the first batch its training run would take: the
+//! prediction before any step.
 
 use std::path::Path;
 use std::time::Instant;
@@ -27,7 +27,7 @@ use candle_nn::{Linear, VarBuilder, VarMap};
 use grad_core::{NamedVars, Philox};
 use grad_diagnostics::{
     Finding, GradMonitor, JsonlSink, LayerGrouping, MonitorConfig, Preflight, PreflightConfig,
-    Probe, ProbeKind, RunReport, StepRecord,
+    Probe, ProbeKind, RunReport, Sharpness, SharpnessConfig, StepRecord, sharpness,
 };
 use grad_layers::init::{FanMode, Initializer, Nonlinearity, reinit};
 use grad_layers::{
@@ -369,27 +369,51 @@ impl Start {
     }
 }
 
-/// The monitor's preflight of `setup` at initialisation: one forward and backward on the first
-/// batch its training run takes, before any step.
-pub fn preflight(setup: Setup, data: &Digits, options: &Options) -> Result<Preflight> {
+/// What the instruments say about a set-up at initialisation, before any step.
+#[derive(Debug, Clone)]
+pub struct Initial {
+    /// The monitor's preflight on the first batch.
+    pub preflight: Preflight,
+    /// The top Hessian eigenvalue of that batch's loss (10 power iterations); `None` for the
+    /// set-up with dropout, whose loss draws a new mask at every evaluation, so that the
+    /// finite differences would measure the mask's noise.
+    pub sharpness: Option<Sharpness>,
+}
+
+/// The monitor's preflight of `setup` at initialisation and the loss's sharpness, on the first
+/// batch its training run takes.
+pub fn initial(setup: Setup, data: &Digits, options: &Options) -> Result<Initial> {
     options.validate()?;
     let Start {
         mut rng,
         mlp,
+        params,
         mut monitor,
         n_train,
-        ..
     } = Start::new(setup, data, options)?;
     let batches = epoch_batches(n_train, options.batch_size, &mut rng)?;
     let first = batches.first().ok_or("no training batch")?;
     let (x, y) = rows(&data.train, first)?;
     let loss_options = CrossEntropyConfig::default();
-    let forward =
-        || -> Result<Tensor> { Ok(cross_entropy(&mlp.forward_t(&x, true)?, &y, &loss_options)?) };
-    Ok(monitor.preflight(
-        || forward().map_err(candle_core::Error::wrap),
-        &PreflightConfig::default(),
-    )?)
+    let forward = || {
+        let logits = mlp.forward_t(&x, true).map_err(candle_core::Error::wrap)?;
+        cross_entropy(&logits, &y, &loss_options).map_err(candle_core::Error::wrap)
+    };
+    let preflight = monitor.preflight(forward, &PreflightConfig::default())?;
+    let sharpness = (setup != Setup::AllRemedies)
+        .then(|| {
+            let config = SharpnessConfig {
+                iterations: 10,
+                grouping: LayerGrouping::Components(2),
+                ..SharpnessConfig::default()
+            };
+            sharpness(&params, forward, &config)
+        })
+        .transpose()?;
+    Ok(Initial {
+        preflight,
+        sharpness,
+    })
 }
 
 /// Trains `setup` on `data`; appends each observed step to the JSON Lines log at `log` (when

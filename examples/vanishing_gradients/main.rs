@@ -5,10 +5,11 @@
 //! cargo run --release --example vanishing_gradients -- --epochs 30 --out target/gradkit-demo
 //! ```
 //!
-//! First it runs the monitor's preflight on every set-up at initialisation (one forward and
-//! backward on its first batch) and prints what it predicts. For each set-up it then prints test
-//! accuracy, the first-to-last layer gradient-norm ratio, the
-//! detectors' findings in words and the wall time, then one comparison table; it writes each
+//! First it runs the monitor's preflight and the sharpness estimate on every set-up at
+//! initialisation (one forward and backward on its first batch, then 10 power iterations) and
+//! prints what they predict. For each set-up it then prints test accuracy, the first-to-last
+//! layer gradient-norm ratio, the detectors' findings in words and the wall time, then one
+//! comparison table; it writes each
 //! run's JSON report, JSON Lines log and SVG plots, and an overlay of the gradient flows.
 
 #[path = "../support/mod.rs"]
@@ -93,14 +94,16 @@ fn run(cli: &Cli) -> Result<()> {
         options.epochs,
         options.seed
     );
-    println!("preflight (one forward and backward at initialisation, before any step):");
+    println!(
+        "at initialisation, before any step (preflight: one forward and backward; sharpness: 10 power iterations):"
+    );
     let mut preflights = Vec::new();
     for setup in Setup::ALL {
-        let pre = demo::preflight(setup, &data, &options)?;
-        describe_preflight(setup, &pre);
+        let initial = demo::initial(setup, &data, &options)?;
+        describe_initial(setup, &initial, options.lr);
         out.sub(setup.slug())?
-            .write("preflight.txt", pre.report().as_bytes())?;
-        preflights.push((setup.title().to_owned(), pre));
+            .write("preflight.txt", initial.preflight.report().as_bytes())?;
+        preflights.push((setup.title().to_owned(), initial.preflight));
     }
     let runs: Vec<(String, &Preflight)> = preflights.iter().map(|(t, p)| (t.clone(), p)).collect();
     plot::preflight(
@@ -190,8 +193,10 @@ fn describe(o: &Outcome) {
     println!();
 }
 
-/// One line per set-up: the preflight's verdict, the gradient ratio and the layers flagged.
-fn describe_preflight(setup: Setup, pre: &Preflight) {
+/// One line per set-up: the preflight's verdict, the gradient ratio and the layers flagged, and
+/// the sharpness against the learning rate's limit.
+fn describe_initial(setup: Setup, initial: &demo::Initial, lr: f64) {
+    let pre = &initial.preflight;
     let ratio = pre
         .gradient_ratio
         .map_or_else(|| "-".to_owned(), |r| format!("{r:.1e}"));
@@ -207,8 +212,18 @@ fn describe_preflight(setup: Setup, pre: &Preflight) {
             format!("; {:?} in {layers}", f.kind)
         })
         .collect::<String>();
+    let curvature = initial.sharpness.as_ref().map_or_else(
+        || "sharpness not estimated (dropout)".to_owned(),
+        |s| {
+            format!(
+                "top Hessian eigenvalue {:.3} (2/lr = {:.0})",
+                s.top_eigenvalue,
+                2.0 / lr
+            )
+        },
+    );
     println!(
-        "  {:<40} {:?}: first/last gradient norm {ratio}{flagged}",
+        "  {:<40} {:?}: first/last gradient norm {ratio}; {curvature}{flagged}",
         setup.title(),
         pre.verdict
     );
