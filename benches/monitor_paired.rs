@@ -42,6 +42,7 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
 
 fn main() {
     grad_core::tune_allocator();
+    grad_core::tune_threads();
     let pairs = 40;
     let mut net = Mlp::new();
     block(&mut net, false);

@@ -10,8 +10,10 @@ use grad_core::{
 };
 
 fn main() -> grad_core::Result<()> {
-    // Keep freed step buffers for reuse (glibc): see README, "Training speed on the CPU".
+    // Keep freed step buffers for reuse (glibc) and stop candle recounting the cores on every
+    // matmul: see README, "Training speed on the CPU".
     grad_core::tune_allocator();
+    grad_core::tune_threads();
     let dev = Device::Cpu;
     let mut rng = Philox::new(7);
 

@@ -245,8 +245,10 @@ fn run(cli: &Cli) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    // Keep freed step buffers for reuse (glibc): see README, "Training speed on the CPU".
+    // Keep freed step buffers for reuse (glibc) and stop candle recounting the cores on every
+    // matmul: see README, "Training speed on the CPU".
     grad_core::tune_allocator();
+    grad_core::tune_threads();
     match run(&Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => support::fail(&e),

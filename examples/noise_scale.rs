@@ -107,6 +107,7 @@ fn run(data: &grad_testkit::digits::Split, micro_batch_size: usize, name: &str) 
 
 fn main() -> Result<()> {
     gradkit::core::tune_allocator();
+    gradkit::core::tune_threads();
     let data = grad_testkit::digits::load(&grad_testkit::digits::default_path(), &Device::Cpu)?;
     run(&data.train, 2, "batch8")?;
     run(&data.train, 64, "batch256")?;

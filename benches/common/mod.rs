@@ -5,14 +5,19 @@
 pub mod mlp;
 pub mod step;
 
-/// criterion's `criterion_main!` with [`grad_core::tune_allocator`] called first, as a
-/// training binary does. To time glibc's defaults instead, set one of its variables, e.g.
-/// `MALLOC_MMAP_MAX_=65536` (its default): the environment then stands.
+/// criterion's `criterion_main!` with [`grad_core::tune_allocator`] and
+/// [`grad_core::tune_threads`] called first, as a training binary does. To time glibc's
+/// defaults instead, set one of its variables, e.g. `MALLOC_MMAP_MAX_=65536` (its default): the
+/// environment then stands. To time candle recounting the cores on every matmul, set
+/// `GRADKIT_BENCH_UNTUNED_THREADS=1` (a bench-only switch).
 #[macro_export]
 macro_rules! tuned_main {
     ($($group:path),+ $(,)?) => {
         fn main() {
             grad_core::tune_allocator();
+            if std::env::var_os("GRADKIT_BENCH_UNTUNED_THREADS").is_none() {
+                grad_core::tune_threads();
+            }
             $($group();)+
             criterion::Criterion::default()
                 .configure_from_args()

@@ -62,8 +62,10 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
-    // Keep freed step buffers for reuse (glibc): see README, "Training speed on the CPU".
+    // Keep freed step buffers for reuse (glibc) and stop candle recounting the cores on every
+    // matmul: see README, "Training speed on the CPU".
     gradkit::core::tune_allocator();
+    gradkit::core::tune_threads();
     match run(&Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => support::fail(&e),

@@ -51,6 +51,7 @@ pub mod rng;
 pub mod step;
 #[cfg(feature = "proptest")]
 pub mod strategies;
+mod threads;
 pub mod validate;
 
 pub use alloc::{AllocatorTuning, tune_allocator};
@@ -68,6 +69,7 @@ pub use params::{
     BUFFER_NAMES, NamedGrad, NamedGrads, NamedVars, VarOrder, is_buffer_name, natural_cmp,
 };
 pub use rng::{Philox, PhiloxState};
+pub use threads::{ThreadTuning, tune_threads};
 
 #[cfg(test)]
 mod autotraits {
