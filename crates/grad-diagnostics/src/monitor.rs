@@ -395,7 +395,8 @@ impl GradMonitor {
     /// Preflight: one forward and backward at initialisation, before the first optimizer step.
     /// `forward` runs the model on a real batch and returns the loss (a scalar); the monitor
     /// takes the backward, reads every layer's gradient norm and every added probe's
-    /// activation statistics (probes are enabled for the pass and then left as they were), and
+    /// activation statistics (probes are enabled for the pass and then left as they were; the
+    /// pass counts in their forward counts, and a probe it does not reach is left out), and
     /// [`Preflight::from_record`] says whether the signal vanishes or explodes with depth, which
     /// layers are affected, which units are dead or saturated, and what to do. The history, the
     /// detectors and the update-ratio baseline stay as they were; the forward itself runs as
@@ -431,6 +432,11 @@ impl GradMonitor {
     where
         F: FnOnce() -> candle_core::Result<Tensor>,
     {
+        let before: std::collections::HashMap<String, u64> = self
+            .probes
+            .iter()
+            .map(|p| (p.name().to_owned(), p.stats().forwards))
+            .collect();
         let loss = forward()?;
         let context = StepContext {
             loss: Some(&loss),
@@ -445,7 +451,12 @@ impl GradMonitor {
             }));
         }
         let grads = loss.sum_all()?.backward()?;
-        self.measure(0, &grads, context)
+        let mut record = self.measure(0, &grads, context)?;
+        // Only the probes this forward reached: another's statistics are from earlier passes.
+        record
+            .probes
+            .retain(|p| before.get(&p.name).is_none_or(|&n| p.forwards > n));
+        Ok(record)
     }
 
     /// One parallel pass over gradients and weights; update-ratio samples gathered on the host.

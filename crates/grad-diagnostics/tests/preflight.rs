@@ -195,6 +195,31 @@ fn the_monitor_is_left_as_it_was() -> TestResult {
 }
 
 #[test]
+fn probes_the_pass_does_not_reach_are_left_out() -> TestResult {
+    let (x, y) = batch();
+    let mlp = Mlp::new(4, 16, Style::Sigmoid, 8);
+    let mut monitor = mlp.preflight_monitor();
+    // An earlier forward gave every probe statistics.
+    mlp.hidden_probes.iter().for_each(|p| p.set_enabled(true));
+    candle_nn::loss::cross_entropy(&mlp.forward(&x), &y)?;
+    mlp.hidden_probes.iter().for_each(|p| p.set_enabled(false));
+    // A loss that never runs the network's forward reaches none of them.
+    let w = mlp.params().vars()[0].clone();
+    let pre = monitor.preflight(
+        || w.as_tensor().sqr()?.sum_all(),
+        &PreflightConfig::default(),
+    )?;
+    assert!(pre.activations.is_empty(), "{:?}", pre.activations);
+    // The rest of the network gets no gradient from that loss: named as such, not vanishing.
+    assert!(
+        pre.findings
+            .iter()
+            .any(|f| f.kind == FindingKind::NoGradient)
+    );
+    Ok(())
+}
+
+#[test]
 fn a_log_record_gives_the_same_preflight() -> TestResult {
     let (x, y) = batch();
     let mlp = Mlp::new(10, 32, Style::Sigmoid, 5);
