@@ -125,36 +125,43 @@ def check_batch_norm(failures):
         compare_grads(t, c, failures)
 
 
-def check_layer_norm(failures):
-    for c in cases("layer_norm"):
-        a = c["attrs"]
-        t = with_grads(c["inputs"], {"x", "weight", "bias"})
-        shape = t["x"].shape[-a["normalized_ndim"]:]
-        y = F.layer_norm(t["x"], shape, t.get("weight"), t.get("bias"), a["eps"])
-        y.backward(t["grad_output"])
-        close(y, c["expected"]["y"], "y", failures, c["name"])
-        compare_grads(t, c, failures)
+def check_functional(op, forward, grads=("x", "weight", "bias"), output="y", select=None):
+    """A check of `op`'s conformance cases (those `select(attrs)` keeps): `forward(t, attrs)`
+    on the case's inputs `t`, its backward of `grad_output`, the output and every gradient
+    compared with the golden values. No selected case is a failure too."""
+
+    def check(failures):
+        found = 0
+        for c in cases(op):
+            a = c["attrs"]
+            if select is not None and not select(a):
+                continue
+            found += 1
+            t = with_grads(c["inputs"], set(grads))
+            y = forward(t, a)
+            y.backward(t["grad_output"])
+            close(y, c["expected"][output], output, failures, c["name"])
+            compare_grads(t, c, failures)
+        if found == 0:
+            failures.append(f"{op}: no conformance case selected")
+
+    return check
 
 
-def check_group_norm(failures):
-    for c in cases("group_norm"):
-        a = c["attrs"]
-        t = with_grads(c["inputs"], {"x", "weight", "bias"})
-        y = F.group_norm(t["x"], a["num_groups"], t.get("weight"), t.get("bias"), a["eps"])
-        y.backward(t["grad_output"])
-        close(y, c["expected"]["y"], "y", failures, c["name"])
-        compare_grads(t, c, failures)
+def trailing(t, a):
+    """The normalised shape: the last `normalized_ndim` dims of x."""
+    return t["x"].shape[-a["normalized_ndim"]:]
 
 
-def check_rms_norm(failures):
-    for c in cases("rms_norm"):
-        a = c["attrs"]
-        t = with_grads(c["inputs"], {"x", "weight"})
-        shape = t["x"].shape[-a["normalized_ndim"]:]
-        y = F.rms_norm(t["x"], shape, t.get("weight"), a["eps"])
-        y.backward(t["grad_output"])
-        close(y, c["expected"]["y"], "y", failures, c["name"])
-        compare_grads(t, c, failures)
+check_layer_norm = check_functional(
+    "layer_norm",
+    lambda t, a: F.layer_norm(t["x"], trailing(t, a), t.get("weight"), t.get("bias"), a["eps"]))
+check_group_norm = check_functional(
+    "group_norm",
+    lambda t, a: F.group_norm(t["x"], a["num_groups"], t.get("weight"), t.get("bias"), a["eps"]))
+check_rms_norm = check_functional(
+    "rms_norm",
+    lambda t, a: F.rms_norm(t["x"], trailing(t, a), t.get("weight"), a["eps"]))
 
 
 ACTIVATIONS = {
@@ -179,34 +186,17 @@ ACTIVATIONS = {
 
 
 def check_activation(name):
-    def check(failures):
-        found = 0
-        for c in cases("activations"):
-            a = c["attrs"]
-            if a["activation"] != name:
-                continue
-            found += 1
-            t = with_grads(c["inputs"], {"x"})
-            y = ACTIVATIONS[name](a)(t["x"])
-            y.backward(t["grad_output"])
-            close(y, c["expected"]["y"], "y", failures, c["name"])
-            compare_grads(t, c, failures)
-        if found == 0:
-            failures.append(f"activations: no conformance case for {name}")
-
-    return check
+    return check_functional(
+        "activations", lambda t, a: ACTIVATIONS[name](a)(t["x"]), grads=("x",),
+        select=lambda a: a["activation"] == name)
 
 
-def check_cross_entropy(failures):
-    for c in cases("cross_entropy"):
-        a = c["attrs"]
-        t = with_grads(c["inputs"], {"logits"})
-        loss = F.cross_entropy(t["logits"], t["target"], weight=t.get("weight"),
-                               ignore_index=a["ignore_index"], reduction=a["reduction"],
-                               label_smoothing=a["label_smoothing"])
-        loss.backward(t["grad_output"])
-        close(loss, c["expected"]["loss"], "loss", failures, c["name"])
-        compare_grads(t, c, failures)
+check_cross_entropy = check_functional(
+    "cross_entropy",
+    lambda t, a: F.cross_entropy(t["logits"], t["target"], weight=t.get("weight"),
+                                 ignore_index=a["ignore_index"], reduction=a["reduction"],
+                                 label_smoothing=a["label_smoothing"]),
+    grads=("logits",), output="loss")
 
 
 def check_clip_grad(failures):

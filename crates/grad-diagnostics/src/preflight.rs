@@ -237,19 +237,14 @@ impl Preflight {
     /// ```
     pub fn from_record(record: &StepRecord, config: &PreflightConfig) -> Result<Self> {
         config.validate()?;
-        let with_grad: Vec<f64> = record
+        // The last layer with a gradient, when that gradient is not 0: the reference.
+        let last = record
             .layers
             .iter()
-            .filter(|l| l.has_grad)
+            .rev()
+            .find(|l| l.has_grad)
             .map(|l| l.grad_norm)
-            .collect();
-        let last = with_grad.last().copied();
-        let gradient_ratio = match (with_grad.first(), last) {
-            (Some(&first), Some(last)) if with_grad.len() >= 2 && last != 0.0 => Some(first / last),
-            _ => None,
-        };
-        #[allow(clippy::cast_precision_loss, reason = "layer counts are small")]
-        let per_layer_factor = gradient_ratio.map(|r| r.powf(1.0 / (with_grad.len() - 1) as f64));
+            .filter(|&n| n != 0.0);
         let layers: Vec<LayerProfile> = record
             .layers
             .iter()
@@ -259,14 +254,17 @@ impl Preflight {
                     name: l.name.clone(),
                     depth: l.depth,
                     grad_norm,
-                    relative: grad_norm
-                        .zip(last)
-                        .filter(|&(_, last)| last != 0.0)
-                        .map(|(g, last)| g / last),
+                    relative: grad_norm.zip(last).map(|(g, last)| g / last),
                     weight_norm: l.weight_norm,
                 }
             })
             .collect();
+        let with_grad = layers.iter().filter(|l| l.grad_norm.is_some()).count();
+        let gradient_ratio = (with_grad >= 2)
+            .then(|| layers.iter().find_map(|l| l.relative))
+            .flatten();
+        #[allow(clippy::cast_precision_loss, reason = "layer counts are small")]
+        let per_layer_factor = gradient_ratio.map(|r| r.powf(1.0 / (with_grad - 1) as f64));
         let reached: Vec<_> = record.probes.iter().filter(|p| p.forwards > 0).collect();
         let first_variance = reached.first().map(|p| p.std * p.std);
         let activations: Vec<ActivationProfile> = reached
