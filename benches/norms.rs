@@ -13,6 +13,10 @@
 //! gradient accumulators, a broadcast add, two products), which every function pays. The norm's
 //! own share of a step is its time minus `floor`.
 //!
+//! `fused_block/bn2d_leaky_dropout` is batch norm, leaky ReLU and dropout: gradkit's fused
+//! block (`gradkit`), gradkit's three layers in sequence (`separate`) and candle-nn's three
+//! (`candle`).
+//!
 //! `composed` (where present) is gradkit's composed path, what CUDA and Metal tensors run, timed
 //! here on the CPU (`grad_core::device::with_path(Path::Composed, ..)`): what a GPU user's path
 //! costs in passes.
@@ -21,12 +25,12 @@
 
 mod common;
 
-use candle_core::{DType, Device, ModuleT, Tensor, Var};
+use candle_core::{DType, Device, Module, ModuleT, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use common::step::{floor, step};
 use criterion::{Criterion, criterion_group};
 use grad_core::device::{Path, with_path};
-use grad_layers::{BatchNormConfig, ops};
+use grad_layers::{Activation, BatchNormBlockConfig, BatchNormConfig, DropoutConfig, ops};
 use rayon::prelude::*;
 
 fn randn(shape: &[usize], seed: u64) -> Tensor {
@@ -122,6 +126,80 @@ fn batch_norm_benches(c: &mut Criterion) {
     }
 }
 
+/// `BatchNorm2d -> LeakyReLU(0.01) -> Dropout(0.2)` training steps: gradkit's fused block, the
+/// same three gradkit layers in sequence (`separate`), and candle-nn's batch norm, leaky ReLU and
+/// dropout (`candle`). `bandwidth` is the block's unavoidable traffic, as for batch norm.
+fn fused_block_benches(c: &mut Criterion) {
+    let dev = Device::Cpu;
+    let dims = [32, 64, 56, 56];
+    let channels = dims[1];
+    let (slope, p) = (0.01, 0.2);
+    let x = Var::from_tensor(&randn(&dims, 1)).expect("x");
+    let upstream = randn(&dims, 2);
+    let vb = |map: &VarMap| VarBuilder::from_varmap(map, DType::F32, &dev);
+    let act = Activation::LeakyRelu {
+        negative_slope: slope,
+    };
+    let drop = DropoutConfig {
+        p,
+        seed: Some(5),
+        ..Default::default()
+    };
+    let block_map = VarMap::new();
+    let config = BatchNormBlockConfig {
+        norm: BatchNormConfig::default(),
+        activation: act,
+        dropout: Some(drop),
+    };
+    let block = grad_layers::batch_norm_block(channels, config, vb(&block_map)).expect("block");
+    let layers_map = VarMap::new();
+    let norm = grad_layers::batch_norm(channels, BatchNormConfig::default(), vb(&layers_map))
+        .expect("gradkit batch norm");
+    let dropout = grad_layers::dropout(drop, vb(&layers_map).pp("dropout")).expect("dropout");
+    let candle_map = VarMap::new();
+    let theirs = candle_nn::batch_norm(
+        channels,
+        candle_nn::BatchNormConfig::default(),
+        vb(&candle_map),
+    )
+    .expect("candle-nn batch norm");
+
+    let mut group = c.benchmark_group("fused_block/bn2d_leaky_dropout/32x64x56x56");
+    group.sample_size(10);
+    group.bench_function("gradkit", |b| {
+        b.iter(|| step(block.forward_t(x.as_tensor(), true), &upstream))
+    });
+    group.bench_function("separate", |b| {
+        b.iter(|| {
+            let y = norm
+                .forward_t(x.as_tensor(), true)
+                .and_then(|y| act.forward(&y))
+                .and_then(|y| dropout.forward_t(&y, true));
+            step(y, &upstream)
+        })
+    });
+    group.bench_function("candle", |b| {
+        b.iter(|| {
+            let y = theirs
+                .forward_t(x.as_tensor(), true)
+                .and_then(|y| candle_nn::ops::leaky_relu(&y, slope))
+                .and_then(|y| candle_nn::ops::dropout(&y, p as f32));
+            step(y, &upstream)
+        })
+    });
+    group.bench_function("floor", |b| b.iter(|| floor(&x, &upstream)));
+    let xs = grad_testkit::values(x.as_tensor()).expect("host x");
+    let xs: Vec<f32> = xs.into_iter().map(|v| v as f32).collect();
+    let (mut y, mut dx) = (vec![0f32; xs.len()], vec![0f32; xs.len()]);
+    group.bench_function("bandwidth", |b| {
+        b.iter(|| {
+            pass(&mut y, &xs, &xs);
+            pass(&mut dx, &y, &xs);
+        })
+    });
+    group.finish();
+}
+
 fn row_norm_benches(c: &mut Criterion) {
     let dev = Device::Cpu;
     {
@@ -171,7 +249,7 @@ fn row_norm_benches(c: &mut Criterion) {
         )
         .expect("gradkit group norm");
         grouped_norm_bench(c, "group_norm_train/32x256x28x28", &dims, 32, &|x| {
-            candle_core::Module::forward(&ours, x)
+            Module::forward(&ours, x)
         });
     }
     {
@@ -264,11 +342,16 @@ fn grouped_norm_bench(
     group.sample_size(10);
     group.bench_function("gradkit", |bch| bch.iter(|| step(ours(x.as_tensor()), &up)));
     group.bench_function("candle", |bch| {
-        bch.iter(|| step(candle_core::Module::forward(&theirs, x.as_tensor()), &up))
+        bch.iter(|| step(Module::forward(&theirs, x.as_tensor()), &up))
     });
     group.bench_function("floor", |bch| bch.iter(|| floor(&x, &up)));
     group.finish();
 }
 
-criterion_group!(benches, batch_norm_benches, row_norm_benches);
+criterion_group!(
+    benches,
+    batch_norm_benches,
+    fused_block_benches,
+    row_norm_benches
+);
 tuned_main!(benches);

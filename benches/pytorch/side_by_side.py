@@ -235,6 +235,13 @@ def check_dropout(failures):
         failures.append("dropout: the backward's mask differs from the forward's")
 
 
+def check_block(failures):
+    # The block's parts: batch norm, leaky ReLU and dropout.
+    check_batch_norm(failures)
+    check_activation("leaky_relu")(failures)
+    check_dropout(failures)
+
+
 # ---------------------------------------------------------------------- the timed workloads
 
 
@@ -320,6 +327,9 @@ def workloads():
     out = [
         ("batch_norm2d_train/32x64x56x56", "norms", check_batch_norm,
          lambda: norm_step((32, 64, 56, 56), torch.nn.BatchNorm2d(64))),
+        ("fused_block/bn2d_leaky_dropout/32x64x56x56", "norms", check_block,
+         lambda: norm_step((32, 64, 56, 56), torch.nn.Sequential(
+             torch.nn.BatchNorm2d(64), torch.nn.LeakyReLU(0.01), torch.nn.Dropout(0.2)))),
         ("batch_norm1d_train/512x1024", "norms", check_batch_norm,
          lambda: norm_step((512, 1024), torch.nn.BatchNorm1d(1024))),
         ("layer_norm_train/4096x1024", "norms", check_layer_norm,

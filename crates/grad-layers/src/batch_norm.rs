@@ -7,11 +7,11 @@
 //! training forward. Evaluation normalises with the running statistics. Without running
 //! statistics (`track_running_stats = false`) batch statistics are used in both modes.
 
-use candle_core::{ModuleT, Tensor};
+use candle_core::{DType, ModuleT, Tensor};
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use crate::ops::{BatchMoments, BatchNormStats, batch_norm as batch_norm_fn};
+use crate::ops::{BatchMoments, BatchNormOutput, BatchNormStats, batch_norm as batch_norm_fn};
 use crate::running::Running;
 use crate::{Error, Result};
 
@@ -135,6 +135,22 @@ impl BatchNorm {
     /// As [`ops::batch_norm`](crate::ops::batch_norm()), plus a channel count that differs from
     /// the layer's.
     pub fn try_forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.check_channels(x)?;
+        crate::check::in_param_precision(x, self.param_dtype(), |x| {
+            let out = batch_norm_fn(
+                x,
+                self.weight.as_ref(),
+                self.bias.as_ref(),
+                self.stats(train),
+                self.config.eps,
+            )?;
+            self.after_forward(train, &out)?;
+            Ok(out.y)
+        })
+    }
+
+    /// Checks that dim 1 of `x` is the layer's channel count (when `x` has a dim 1).
+    pub(crate) fn check_channels(&self, x: &Tensor) -> Result<()> {
         if x.rank() >= 2 && x.dim(1)? != self.num_features {
             return Err(Error::Core(grad_core::Error::shape_mismatch(
                 "BatchNorm",
@@ -143,31 +159,34 @@ impl BatchNorm {
                 x.dims(),
             )));
         }
-        let stats = match (&self.running, train) {
+        Ok(())
+    }
+
+    /// The statistics a forward in mode `train` normalises with.
+    pub(crate) fn stats(&self, train: bool) -> BatchNormStats<'_> {
+        match (&self.running, train) {
             (Some(r), false) => BatchNormStats::Running {
                 mean: r.mean(),
                 var: r.var(),
             },
             _ => BatchNormStats::Batch,
-        };
-        let param_dtype = self
-            .weight
+        }
+    }
+
+    /// The dtype of the parameters (or of the running statistics without them).
+    pub(crate) fn param_dtype(&self) -> Option<DType> {
+        self.weight
             .as_ref()
             .map(Tensor::dtype)
-            .or_else(|| self.running.as_ref().map(|r| r.mean().dtype()));
-        crate::check::in_param_precision(x, param_dtype, |x| {
-            let out = batch_norm_fn(
-                x,
-                self.weight.as_ref(),
-                self.bias.as_ref(),
-                stats,
-                self.config.eps,
-            )?;
-            if let (true, Some(running), Some(batch)) = (train, &self.running, &out.batch_stats) {
-                self.update_running(running, batch)?;
-            }
-            Ok(out.y)
-        })
+            .or_else(|| self.running.as_ref().map(|r| r.mean().dtype()))
+    }
+
+    /// Updates the running statistics after a training forward that produced `out`.
+    pub(crate) fn after_forward(&self, train: bool, out: &BatchNormOutput) -> Result<()> {
+        if let (true, Some(running), Some(batch)) = (train, &self.running, &out.batch_stats) {
+            self.update_running(running, batch)?;
+        }
+        Ok(())
     }
 
     /// Blends the batch statistics into the running ones with tensor ops on their device (no

@@ -97,15 +97,20 @@ impl Dropout {
             return Ok(x.clone());
         }
         let (p, kind) = (self.config.p, self.config.kind);
-        // Reserve this call's words under the lock, then compute without it: threads sharing a
-        // layer get disjoint ranges of the stream and do not wait for each other's kernels.
-        let words = dropout_words(x, p, kind)?;
+        dropout_fn(x, p, kind, &mut self.reserve(x)?)
+    }
+
+    /// Reserves the words a training forward on `x` draws, under the lock, and returns a stream
+    /// at the first of them: threads sharing a layer get disjoint ranges of the stream and do
+    /// not wait for each other's kernels.
+    pub(crate) fn reserve(&self, x: &Tensor) -> Result<Philox> {
+        let words = dropout_words(x, self.config.p, self.config.kind)?;
         let at = self
             .rng
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .reserve(words as u64);
-        dropout_fn(x, p, kind, &mut Philox::from_state(at))
+        Ok(Philox::from_state(at))
     }
 
     /// The position of the layer's random stream: save it with a checkpoint.

@@ -11,7 +11,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use grad_core::device::{Path, with_path};
 use grad_layers::{
-    BatchNormConfig, InstanceNormConfig, InstanceNormDims, batch_norm, instance_norm, ops,
+    Activation, BatchNormBlockConfig, BatchNormConfig, InstanceNormConfig, InstanceNormDims,
+    batch_norm, batch_norm_block, instance_norm, ops,
 };
 use grad_testkit::{Case, CaseError, Outputs, Precision, grads_of, run, run_as};
 
@@ -49,6 +50,17 @@ fn with_grads(
 }
 
 fn batch_norm_case(case: &Case, p: Precision) -> Result<Outputs, CaseError> {
+    batch_norm_layer_case(case, p, false)
+}
+
+/// The batch-norm cases through a batch-norm block whose activation is the identity (leaky ReLU
+/// with slope 1) and without dropout.
+fn batch_norm_block_case(case: &Case, p: Precision) -> Result<Outputs, CaseError> {
+    batch_norm_layer_case(case, p, true)
+}
+
+/// A batch-norm case through the layer, or through a block (`block`) holding it.
+fn batch_norm_layer_case(case: &Case, p: Precision, block: bool) -> Result<Outputs, CaseError> {
     let x = var(case, "x", p)?;
     let c = x.dim(1)?;
     let config = BatchNormConfig {
@@ -60,7 +72,19 @@ fn batch_norm_case(case: &Case, p: Precision) -> Result<Outputs, CaseError> {
     // Build the layer in a VarMap, then overwrite its parameters and buffers with the case's.
     let mut map = VarMap::new();
     let vb = VarBuilder::from_varmap(&map, p.dtype(), &Device::Cpu);
-    let bn = batch_norm(c, config, vb)?;
+    let (bn, block) = if block {
+        let config = BatchNormBlockConfig {
+            norm: config,
+            activation: Activation::LeakyRelu {
+                negative_slope: 1.0,
+            },
+            dropout: None,
+        };
+        let block = batch_norm_block(c, config, vb)?;
+        (block.norm().clone(), Some(block))
+    } else {
+        (batch_norm(c, config, vb)?, None)
+    };
     for name in ["weight", "bias", "running_mean", "running_var"] {
         if let Some(t) = case.input_opt(name) {
             map.set_one(name, t.to_tensor(p.dtype())?)?;
@@ -70,7 +94,11 @@ fn batch_norm_case(case: &Case, p: Precision) -> Result<Outputs, CaseError> {
         "num_batches_tracked",
         case.input("num_batches_tracked")?.to_tensor(DType::I64)?,
     )?;
-    let y = bn.try_forward(x.as_tensor(), case.attr_bool("training")?)?;
+    let train = case.attr_bool("training")?;
+    let y = match &block {
+        Some(block) => block.try_forward(x.as_tensor(), train)?,
+        None => bn.try_forward(x.as_tensor(), train)?,
+    };
     let mut wrt = vec![("x", x.as_tensor())];
     if let (Some(w), Some(b)) = (bn.weight(), bn.bias()) {
         wrt.extend([("weight", w), ("bias", b)]);
@@ -214,6 +242,24 @@ fn batch_norm_composed_f32() -> TestResult {
         )
     })
     .assert_all_passed();
+    Ok(())
+}
+
+/// The batch-norm vectors through a batch-norm block (identity activation, no dropout), on
+/// the fused and the composed path.
+#[test]
+fn batch_norm_block_f64() -> TestResult {
+    let run = |label| run_as("batch_norm", label, Precision::F64, batch_norm_block_case);
+    run("batch_norm_block").assert_all_passed();
+    with_path(Path::Composed, || run("batch_norm_block_composed")).assert_all_passed();
+    Ok(())
+}
+
+#[test]
+fn batch_norm_block_f32() -> TestResult {
+    let run = |label| run_as("batch_norm", label, Precision::F32, batch_norm_block_case);
+    run("batch_norm_block").assert_all_passed();
+    with_path(Path::Composed, || run("batch_norm_block_composed")).assert_all_passed();
     Ok(())
 }
 

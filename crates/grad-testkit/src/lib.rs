@@ -31,5 +31,5 @@ pub use bounds::judge_row;
 pub use case::{
     Case, ConformanceFile, Expected, LoadError, RawData, RawTensor, conformance_dir, load,
 };
-pub use runner::{CaseError, Outputs, Precision, Summary, compare_tensor, run, run_as};
+pub use runner::{CaseError, Outputs, Precision, Summary, compare_tensor, run, run_as, run_subset};
 pub use values::{grads_of, values};

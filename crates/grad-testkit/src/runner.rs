@@ -97,7 +97,24 @@ where
 /// [`run`] on the cases of `<op>.json`, reporting as `label` (for example `batch_norm_composed`
 /// for the same vectors through the composed path): `conformance <label> <f64|f32>: N passed,
 /// M failed`.
-pub fn run_as<F>(op: &str, label: &str, precision: Precision, mut op_fn: F) -> Summary
+pub fn run_as<F>(op: &str, label: &str, precision: Precision, op_fn: F) -> Summary
+where
+    F: FnMut(&Case, Precision) -> Result<Outputs, CaseError>,
+{
+    run_subset(op, label, precision, |_| true, op_fn)
+}
+
+/// [`run_as`] on the cases `applies` accepts: for a composite that owns only some of a file's
+/// ops (a block whose activation can be any of grad-layers' activations, but not PReLU). The
+/// line printed also counts the cases left out, so none is dropped silently:
+/// `conformance <label> <f64|f32>: N passed, M failed, K left out (not this op's)`.
+pub fn run_subset<F>(
+    op: &str,
+    label: &str,
+    precision: Precision,
+    applies: impl Fn(&Case) -> bool,
+    mut op_fn: F,
+) -> Summary
 where
     F: FnMut(&Case, Precision) -> Result<Outputs, CaseError>,
 {
@@ -105,6 +122,7 @@ where
         op: format!("{label} {}", precision.name()),
         ..Summary::default()
     };
+    let mut left_out = 0;
     match load(op) {
         Err(e) => summary
             .failures
@@ -115,6 +133,10 @@ where
                 if precision == Precision::F32 && f64_only.contains(&case.name.as_str()) {
                     continue;
                 }
+                if !applies(case) {
+                    left_out += 1;
+                    continue;
+                }
                 match check_case(op, case, precision, op_fn(case, precision)) {
                     Ok(()) => summary.passed += 1,
                     Err(why) => summary.failures.push(format!("  {}: {why}", case.name)),
@@ -122,11 +144,16 @@ where
             }
         }
     }
+    let left_out = if left_out == 0 {
+        String::new()
+    } else {
+        format!(", {left_out} left out (not this op's)")
+    };
     // Written to the process's stderr directly: the test harness captures `eprintln!`, not this.
     let mut err = std::io::stderr().lock();
     let _ = writeln!(
         err,
-        "conformance {label} {}: {} passed, {} failed",
+        "conformance {label} {}: {} passed, {} failed{left_out}",
         precision.name(),
         summary.passed,
         summary.failures.len()

@@ -20,7 +20,7 @@ use rayon::prelude::*;
 const GROUP_ELEMENTS: usize = 16 * 1024;
 
 /// Channels per work item: enough that each row contributes 64 contiguous elements.
-fn block_width(c: usize, s: usize) -> usize {
+pub(crate) fn block_width(c: usize, s: usize) -> usize {
     64usize.div_ceil(s).clamp(1, c.max(1))
 }
 
@@ -145,12 +145,8 @@ fn channel_grad_sums<T: Float>(
             )
         })
         .collect();
-    let (mut sg, mut sgx) = (Vec::with_capacity(c), Vec::with_capacity(c));
-    for (a, b) in blocks {
-        sg.extend(a);
-        sgx.extend(b);
-    }
-    (sg, sgx)
+    let (sg, sgx): (Vec<Vec<f64>>, Vec<Vec<f64>>) = blocks.into_iter().unzip();
+    (sg.concat(), sgx.concat())
 }
 
 /// Writes `out = f(a, b, channel constants)` over `[n, c, s]` data, in parallel.
@@ -225,19 +221,76 @@ pub(crate) struct BatchNormOp {
     pub has_bias: bool,
 }
 
+impl BatchNormOp {
+    /// The forward's per-channel mean and `[invstd * weight, bias, 0]`, in `T`'s arithmetic type.
+    pub(crate) fn forward_constants<T: Float>(
+        &self,
+        w: &[T],
+        b: &[T],
+    ) -> (Vec<T::Acc>, Vec<[T::Acc; 3]>) {
+        let k = (0..self.c)
+            .map(|ch| {
+                let scale = self.invstd[ch] * w[ch].as_f64();
+                [T::Acc::of(scale), T::Acc::of(b[ch].as_f64()), T::Acc::ZERO]
+            })
+            .collect();
+        (self.means::<T>(), k)
+    }
+
+    /// The mean per channel in `T`'s arithmetic type.
+    pub(crate) fn means<T: Float>(&self) -> Vec<T::Acc> {
+        self.mean.iter().map(|&m| T::Acc::of(m)).collect()
+    }
+
+    /// The backward's per-channel `[A, B, D]` of `grad_x = A g + B (x - mean) + D`, from the
+    /// sums `sum g` and `sum g (x - mean)` of the gradient at the norm's output.
+    pub(crate) fn backward_constants<T: Float>(
+        &self,
+        w: &[T],
+        sum_g: &[f64],
+        sum_gx: &[f64],
+    ) -> Vec<[T::Acc; 3]> {
+        let count = (self.n * self.s) as f64;
+        (0..self.c)
+            .map(|ch| {
+                let (wc, s) = (w[ch].as_f64(), self.invstd[ch]);
+                let a = wc * s;
+                let (b, d) = if self.batch_stats {
+                    (-wc * s * s * sum_gx[ch] * s / count, -a * sum_g[ch] / count)
+                } else {
+                    (0.0, 0.0)
+                };
+                [T::Acc::of(a), T::Acc::of(b), T::Acc::of(d)]
+            })
+            .collect()
+    }
+
+    /// The weight's and bias's gradients (where they are parameters) from the same sums.
+    pub(crate) fn parameter_grads<T: Float>(
+        &self,
+        sum_g: Vec<f64>,
+        sum_gx: &[f64],
+    ) -> [Option<Grad<T>>; 2] {
+        let grad_w = self.has_weight.then(|| {
+            Grad::F64(
+                sum_gx
+                    .iter()
+                    .zip(&self.invstd)
+                    .map(|(a, s)| a * s)
+                    .collect(),
+            )
+        });
+        [grad_w, self.has_bias.then_some(Grad::F64(sum_g))]
+    }
+}
+
 impl Kernel<3> for BatchNormOp {
     fn name(&self) -> &'static str {
         "gradkit-batch-norm"
     }
 
     fn forward<T: Float>(&self, [x, w, b]: [&[T]; 3]) -> grad_core::Result<Vec<T>> {
-        let mean: Vec<T::Acc> = self.mean.iter().map(|&m| T::Acc::of(m)).collect();
-        let k: Vec<[T::Acc; 3]> = (0..self.c)
-            .map(|ch| {
-                let scale = self.invstd[ch] * w[ch].as_f64();
-                [T::Acc::of(scale), T::Acc::of(b[ch].as_f64()), T::Acc::ZERO]
-            })
-            .collect();
+        let (mean, k) = self.forward_constants(w, b);
         Ok(channel_map(
             x,
             x,
@@ -255,33 +308,17 @@ impl Kernel<3> for BatchNormOp {
         g: &[T],
     ) -> grad_core::Result<[Option<Grad<T>>; 3]> {
         let (sum_g, sum_gx) = channel_grad_sums(g, x, self.n, self.c, self.s, &self.mean);
-        let count = (self.n * self.s) as f64;
-        let mean: Vec<T::Acc> = self.mean.iter().map(|&m| T::Acc::of(m)).collect();
-        let k: Vec<[T::Acc; 3]> = (0..self.c)
-            .map(|ch| {
-                let (wc, s) = (w[ch].as_f64(), self.invstd[ch]);
-                let a = wc * s;
-                let (b, d) = if self.batch_stats {
-                    (-wc * s * s * sum_gx[ch] * s / count, -a * sum_g[ch] / count)
-                } else {
-                    (0.0, 0.0)
-                };
-                [T::Acc::of(a), T::Acc::of(b), T::Acc::of(d)]
-            })
-            .collect();
-        let dx = channel_map(g, x, self.c, self.s, &mean, &k, |gv, xv, m, k| {
-            k[0] * gv + k[1] * (xv - m) + k[2]
-        });
-        let grad_w = self.has_weight.then(|| {
-            Grad::F64(
-                sum_gx
-                    .iter()
-                    .zip(&self.invstd)
-                    .map(|(a, s)| a * s)
-                    .collect(),
-            )
-        });
-        let grad_b = self.has_bias.then_some(Grad::F64(sum_g));
+        let k = self.backward_constants(w, &sum_g, &sum_gx);
+        let dx = channel_map(
+            g,
+            x,
+            self.c,
+            self.s,
+            &self.means::<T>(),
+            &k,
+            |gv, xv, m, k| k[0] * gv + k[1] * (xv - m) + k[2],
+        );
+        let [grad_w, grad_b] = self.parameter_grads(sum_g, &sum_gx);
         Ok([Some(Grad::Elem(dx)), grad_w, grad_b])
     }
 }

@@ -40,6 +40,34 @@ impl DropoutOp {
         }
     }
 
+    /// The words of elements `start .. start + len` into `out`, one per element (a plane's word
+    /// repeated over its elements); `units` is scratch for the planes' words.
+    pub(crate) fn element_words(
+        &self,
+        start: usize,
+        len: usize,
+        out: &mut Vec<u32>,
+        units: &mut Vec<u32>,
+    ) {
+        out.clear();
+        let plane = self.plane;
+        if plane == 1 {
+            out.resize(len, 0);
+            self.stream
+                .fill(self.state.advanced(start as u64).offset, out);
+            return;
+        }
+        let (first, end) = (start / plane, (start + len).div_ceil(plane));
+        units.resize(end - first, 0);
+        self.stream
+            .fill(self.state.advanced(first as u64).offset, units);
+        for (i, &word) in units.iter().enumerate() {
+            let from = (first + i) * plane;
+            let span = (from + plane).min(start + len) - from.max(start);
+            out.extend(std::iter::repeat_n(word, span));
+        }
+    }
+
     fn apply<T: Float>(&self, x: &[T]) -> Vec<T> {
         let (ka, kb, kd) = (
             T::Acc::of(self.keep_scale),

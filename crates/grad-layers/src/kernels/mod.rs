@@ -6,4 +6,5 @@ pub(crate) mod batch_norm;
 pub(crate) mod channel;
 pub(crate) mod dropout;
 pub(crate) mod elementwise;
+pub(crate) mod norm_block;
 pub(crate) mod row_norm;

@@ -92,6 +92,8 @@ macro_rules! with_elementwise {
     };
 }
 
+pub(crate) use with_elementwise;
+
 /// Applies `act` element-wise.
 ///
 /// On the CPU a fused kernel (one read and one write each way, PyTorch's derivative at the

@@ -95,8 +95,24 @@ fn fused(
     bias: Option<&Tensor>,
     stats: BatchNormStats<'_>,
     eps: f64,
-    (n, c, s): (usize, usize, usize),
+    dims: (usize, usize, usize),
 ) -> Result<BatchNormOutput> {
+    let (op, x, batch_stats) = fused_op(x, weight, bias, stats, eps, dims)?;
+    let (w, b) = fused_params(weight, bias, &x)?;
+    let y = x.apply_op3(&w, &b, Fused(op))?;
+    Ok(BatchNormOutput { y, batch_stats })
+}
+
+/// The fused kernel for a validated call (the batch statistics taken when they are used), the
+/// contiguous input it applies to, and the batch's moments.
+pub(crate) fn fused_op(
+    x: &Tensor,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    stats: BatchNormStats<'_>,
+    eps: f64,
+    (n, c, s): (usize, usize, usize),
+) -> Result<(BatchNormOp, Tensor, Option<BatchMoments>)> {
     let x = x.contiguous()?;
     let (mean, var, batch_stats) = match stats {
         BatchNormStats::Batch => {
@@ -120,10 +136,20 @@ fn fused(
         has_weight: weight.is_some(),
         has_bias: bias.is_some(),
     };
-    let w = check::or_const(weight, 1.0, &[c], &x)?;
-    let b = check::or_const(bias, 0.0, &[c], &x)?;
-    let y = x.apply_op3(&w, &b, Fused(op))?;
-    Ok(BatchNormOutput { y, batch_stats })
+    Ok((op, x, batch_stats))
+}
+
+/// The weight and bias inputs of the fused kernel: the parameters, or ones and zeros.
+pub(crate) fn fused_params(
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    x: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let c = x.dim(1)?;
+    Ok((
+        check::or_const(weight, 1.0, &[c], x)?,
+        check::or_const(bias, 0.0, &[c], x)?,
+    ))
 }
 
 /// [`batch_norm`] written with candle ops: the test oracle, and the path for devices without a
@@ -192,7 +218,7 @@ fn composed(
 }
 
 /// Checks everything and returns `(N, C, S)`.
-fn validate(
+pub(crate) fn validate(
     x: &Tensor,
     weight: Option<&Tensor>,
     bias: Option<&Tensor>,

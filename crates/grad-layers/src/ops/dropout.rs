@@ -175,9 +175,9 @@ pub fn dropout_words(x: &Tensor, p: f64, kind: DropoutKind) -> Result<usize> {
 }
 
 /// What a validated dropout call does.
-struct Plan {
+pub(crate) struct Plan {
     /// Masked units (words drawn).
-    units: usize,
+    pub(crate) units: usize,
     /// Elements per unit.
     plane: usize,
     threshold: u64,
@@ -187,7 +187,7 @@ struct Plan {
 }
 
 /// Validates, or `None` when dropout is the identity.
-fn plan(x: &Tensor, p: f64, kind: DropoutKind) -> Result<Option<Plan>> {
+pub(crate) fn plan(x: &Tensor, p: f64, kind: DropoutKind) -> Result<Option<Plan>> {
     grad_core::validate::unit_interval("p", p)?;
     grad_core::validate::ensure_float("dropout", "input", x.dtype())?;
     let (units, plane) = kind.units(x.dims())?;
@@ -205,17 +205,23 @@ fn plan(x: &Tensor, p: f64, kind: DropoutKind) -> Result<Option<Plan>> {
     }))
 }
 
+impl Plan {
+    /// The fused kernel's mask, drawn from stream position `at`.
+    pub(crate) fn op(&self, at: PhiloxState) -> DropoutOp {
+        DropoutOp {
+            state: at,
+            stream: Arc::new(MaskStream::at(at)),
+            threshold: self.threshold,
+            plane: self.plane,
+            keep_scale: self.keep_scale,
+            keep_shift: self.keep_shift,
+            drop_value: self.drop_value,
+        }
+    }
+}
+
 fn fused(x: &Tensor, plan: &Plan, at: PhiloxState) -> Result<Tensor> {
-    let op = DropoutOp {
-        state: at,
-        stream: Arc::new(MaskStream::at(at)),
-        threshold: plan.threshold,
-        plane: plan.plane,
-        keep_scale: plan.keep_scale,
-        keep_shift: plan.keep_shift,
-        drop_value: plan.drop_value,
-    };
-    Ok(x.contiguous()?.apply_op1(Fused(op))?)
+    Ok(x.contiguous()?.apply_op1(Fused(plan.op(at)))?)
 }
 
 /// `x * a + b` with `(a, b)` per unit from the device-built mask: `(scale, shift)` where kept,

@@ -7,6 +7,7 @@ mod batch_norm;
 mod dropout;
 mod group_norm;
 mod layer_norm;
+mod norm_block;
 mod prelu;
 mod reparam;
 mod rms_norm;
@@ -21,6 +22,8 @@ pub use dropout::{DropoutKind, dropout, dropout_composed, dropout_words};
 pub(crate) use group_norm::group_norm_with_moments;
 pub use group_norm::{group_norm, group_norm_composed};
 pub use layer_norm::{layer_norm, layer_norm_composed};
+pub(crate) use norm_block::check_block;
+pub use norm_block::{BlockDropout, batch_norm_block, batch_norm_block_composed};
 pub use prelu::{prelu, prelu_composed};
 pub use reparam::{
     SpectralNormOutput, SpectralNormStep, norm_except_dim, power_vector_lengths, spectral_norm,
