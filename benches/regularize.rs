@@ -25,15 +25,6 @@ use grad_regularize::{
 };
 use rayon::prelude::*;
 
-fn candle_clip(grads: &[Tensor], max_norm: f64) -> candle_core::Result<Vec<Tensor>> {
-    let mut total = 0f32;
-    for g in grads {
-        total += g.sqr()?.sum_all()?.to_scalar::<f32>()?;
-    }
-    let coef = (max_norm / (f64::from(total.sqrt()) + 1e-6)).min(1.0);
-    grads.iter().map(|g| g * coef).collect()
-}
-
 fn bandwidth(data: &mut [Vec<f32>], factor: f32) -> f32 {
     let sum: f32 = data
         .par_iter()
@@ -98,7 +89,7 @@ fn clip_bench(c: &mut Criterion) {
         )
     });
     group.bench_function("candle", |b| {
-        b.iter(|| candle_clip(&grads, max_norm).expect("clip"))
+        b.iter(|| common::candle_clip(&grads, max_norm).expect("clip"))
     });
     group.bench_function("bandwidth", |b| b.iter(|| bandwidth(&mut host, 0.999_999)));
     group.finish();

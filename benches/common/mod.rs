@@ -76,3 +76,14 @@ pub fn plain_sum(data: &[Vec<f32>]) -> f32 {
         })
         .sum()
 }
+
+/// Clipping as a candle user writes it: per-tensor `sqr().sum_all()` read back, then
+/// `g * coefficient` per gradient (new tensors).
+pub fn candle_clip(grads: &[Tensor], max_norm: f64) -> candle_core::Result<Vec<Tensor>> {
+    let mut total = 0f32;
+    for g in grads {
+        total += g.sqr()?.sum_all()?.to_scalar::<f32>()?;
+    }
+    let coef = (max_norm / (f64::from(total.sqrt()) + 1e-6)).min(1.0);
+    grads.iter().map(|g| g * coef).collect()
+}
