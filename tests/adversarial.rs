@@ -395,6 +395,20 @@ fn every_op(t: &mut Tally, h: &Hostile) -> TestResult {
         t.check_norm("batch_norm", h, &|x| {
             boxed(ops::batch_norm(x, None, None, ops::BatchNormStats::Batch, 1e-5).map(|o| o.y))
         });
+        t.check_norm("batch_norm_block", h, &|x| {
+            // The same stream position on both paths: the same mask.
+            let mut rng = Philox::new(3);
+            let dropout = Some(ops::BlockDropout {
+                p: 0.3,
+                kind: DropoutKind::Element,
+                rng: &mut rng,
+            });
+            let act = Activation::LeakyRelu {
+                negative_slope: 0.01,
+            };
+            let stats = ops::BatchNormStats::Batch;
+            boxed(ops::batch_norm_block(x, None, None, stats, 1e-5, act, dropout).map(|o| o.y))
+        });
         t.check("global_norm", h, Promise::ScalarNanKept, &|x| {
             boxed(
                 gradkit::core::global_norm(std::slice::from_ref(x), NormType::L2)

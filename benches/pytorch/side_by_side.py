@@ -235,6 +235,48 @@ def check_dropout(failures):
         failures.append("dropout: the backward's mask differs from the forward's")
 
 
+def check_instance_norm(failures):
+    for c in cases("instance_norm"):
+        a = c["attrs"]
+        t = with_grads(c["inputs"], {"x", "weight", "bias"})
+        rank = t["x"].dim()
+        module = {2: torch.nn.InstanceNorm1d, 3: torch.nn.InstanceNorm1d,
+                  4: torch.nn.InstanceNorm2d, 5: torch.nn.InstanceNorm3d}[rank]
+        channels = t["x"].shape[0 if rank == 2 else 1]
+        m = module(channels, eps=a["eps"], momentum=a["momentum"], affine=a["affine"],
+                   track_running_stats=a["track_running_stats"], dtype=torch.float64)
+        if a["affine"]:
+            m.weight = torch.nn.Parameter(t["weight"])
+            m.bias = torch.nn.Parameter(t["bias"])
+            t["weight"], t["bias"] = m.weight, m.bias
+        if a["track_running_stats"]:
+            with torch.no_grad():
+                m.running_mean.copy_(t["running_mean"])
+                m.running_var.copy_(t["running_var"])
+        m.train(a["training"])
+        y = m(t["x"])
+        y.backward(t["grad_output"])
+        close(y, c["expected"]["y"], "y", failures, c["name"])
+        for name in ("running_mean", "running_var"):
+            if name in c["expected"]:
+                close(getattr(m, name), c["expected"][name], name, failures, c["name"])
+        compare_grads(t, c, failures)
+
+
+def check_channel_scale(failures):
+    # No conformance file: the scale is a broadcast product over the last axis, and its
+    # gradient with respect to the scale is the sum of upstream * x over the other axes.
+    x = torch.randn(3, 4, 5, dtype=torch.float64)
+    g = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(3, 4, 5, dtype=torch.float64)
+    (x * g * up).sum().backward()
+    want = torch.stack([x[..., k] * g.detach()[k] for k in range(5)], dim=-1)
+    if not torch.allclose(x * g.detach(), want):
+        failures.append("channel_scale: x * gamma is not the per-channel product")
+    if not torch.allclose(g.grad, (up * x).sum(dim=(0, 1))):
+        failures.append("channel_scale: the scale's gradient is not sum(upstream * x)")
+
+
 def check_block(failures):
     # The block's parts: batch norm, leaky ReLU and dropout.
     check_batch_norm(failures)
@@ -319,7 +361,31 @@ ACT_16M = {
     "softsign/16M": ("softsign", F.softsign),
     "log_sigmoid/16M": ("logsigmoid", F.logsigmoid),
     "leaky_relu/16M": ("leaky_relu", lambda x: F.leaky_relu(x, 0.01)),
+    "softplus/16M": ("softplus", F.softplus),
 }
+
+
+def total_norm_resnet50():
+    shapes = json.loads((ROOT / "data" / "resnet50_shapes.json").read_text())["shapes"]
+    grads = [torch.randn(s) * 1e-2 for s in shapes]
+    return lambda: torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
+
+
+def eval_step(shape, module):
+    x = randn(*shape)
+    module.eval()
+
+    def run():
+        with torch.no_grad():
+            return module(x)
+
+    return run
+
+
+def layer_scale_forward():
+    x = randn(16 * 1024, 1024)
+    gamma = torch.full((1024,), 1e-5)
+    return lambda: x * gamma
 
 
 def workloads():
@@ -330,6 +396,19 @@ def workloads():
         ("fused_block/bn2d_leaky_dropout/32x64x56x56", "norms", check_block,
          lambda: norm_step((32, 64, 56, 56), torch.nn.Sequential(
              torch.nn.BatchNorm2d(64), torch.nn.LeakyReLU(0.01), torch.nn.Dropout(0.2)))),
+        ("batch_norm2d_eval/32x64x56x56", "norms", check_batch_norm,
+         lambda: eval_step((32, 64, 56, 56), torch.nn.BatchNorm2d(64))),
+        ("instance_norm_train/32x64x56x56", "norms", check_instance_norm,
+         lambda: norm_step((32, 64, 56, 56), torch.nn.InstanceNorm2d(64, affine=True))),
+        ("instance_norm_train_tracked/32x64x56x56", "norms", check_instance_norm,
+         lambda: norm_step((32, 64, 56, 56),
+                           torch.nn.InstanceNorm2d(64, affine=True, track_running_stats=True))),
+        ("global_norm/resnet50", "global_norm", check_clip_grad, total_norm_resnet50),
+        ("layer_scale/16M", "activations", check_channel_scale, layer_scale_forward),
+        ("layer_scale_fwdbwd/32x196x384", "activations", check_channel_scale,
+         lambda: functional_step((32, 196, 384), lambda t, g: t * g, [(384,)])),
+        ("rezero_fwdbwd/32x196x384", "activations", check_channel_scale,
+         lambda: functional_step((32, 196, 384), lambda t, a: t * a, [()])),
         ("batch_norm1d_train/512x1024", "norms", check_batch_norm,
          lambda: norm_step((512, 1024), torch.nn.BatchNorm1d(1024))),
         ("layer_norm_train/4096x1024", "norms", check_layer_norm,
