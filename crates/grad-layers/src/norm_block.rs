@@ -5,7 +5,9 @@
 //! The block is exactly its three layers in sequence: the same parameters and running
 //! statistics as a [`BatchNorm`] built under the same prefix, the same mask stream as a
 //! [`Dropout`] with the same seed, the same outputs and gradients. It costs less because it
-//! stores only its output: a training step through it moves about half the bytes.
+//! stores only its output and runs one op instead of three through candle's autograd: on
+//! `[32, 64, 56, 56]` with leaky ReLU and dropout 0.2 a training step took 58 ms against the
+//! three layers' 68 ms (`BENCHMARKS.md`, `fused_block`).
 
 use candle_core::{ModuleT, Tensor};
 use candle_nn::VarBuilder;
