@@ -409,6 +409,34 @@ fn every_op(t: &mut Tally, h: &Hostile) -> TestResult {
             let stats = ops::BatchNormStats::Batch;
             boxed(ops::batch_norm_block(x, None, None, stats, 1e-5, act, dropout).map(|o| o.y))
         });
+        t.check_norm("layer_norm_block", h, &|x| {
+            let mut rng = Philox::new(3);
+            let dropout = Some(ops::BlockDropout {
+                p: 0.3,
+                kind: DropoutKind::Element,
+                rng: &mut rng,
+            });
+            let act = Activation::Silu;
+            boxed(ops::layer_norm_block(
+                x,
+                &[last],
+                None,
+                None,
+                1e-5,
+                act,
+                dropout,
+            ))
+        });
+        t.check_norm("group_norm_block", h, &|x| {
+            let mut rng = Philox::new(3);
+            let dropout = Some(ops::BlockDropout {
+                p: 0.3,
+                kind: DropoutKind::Element,
+                rng: &mut rng,
+            });
+            let act = Activation::Tanh;
+            boxed(ops::group_norm_block(x, 1, None, None, 1e-5, act, dropout))
+        });
         t.check("global_norm", h, Promise::ScalarNanKept, &|x| {
             boxed(
                 gradkit::core::global_norm(std::slice::from_ref(x), NormType::L2)

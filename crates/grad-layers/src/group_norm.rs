@@ -99,14 +99,7 @@ impl GroupNorm {
     /// As [`ops::group_norm`](crate::ops::group_norm()), plus a channel count that differs from
     /// the layer's.
     pub fn try_forward(&self, x: &Tensor) -> Result<Tensor> {
-        if x.rank() >= 2 && x.dim(1)? != self.num_channels {
-            return Err(Error::Core(grad_core::Error::shape_mismatch(
-                "GroupNorm",
-                "input",
-                format!("[N, {}, *]", self.num_channels),
-                x.dims(),
-            )));
-        }
+        self.check_channels(x)?;
         let param_dtype = self.weight.as_ref().map(Tensor::dtype);
         crate::check::in_param_precision(x, param_dtype, |x| {
             crate::ops::group_norm(
@@ -117,6 +110,34 @@ impl GroupNorm {
                 self.eps,
             )
         })
+    }
+
+    /// An error unless `x` (of rank 2 or more) has the layer's channel count in dim 1.
+    pub(crate) fn check_channels(&self, x: &Tensor) -> Result<()> {
+        if x.rank() >= 2 && x.dim(1)? != self.num_channels {
+            return Err(Error::Core(grad_core::Error::shape_mismatch(
+                "GroupNorm",
+                "input",
+                format!("[N, {}, *]", self.num_channels),
+                x.dims(),
+            )));
+        }
+        Ok(())
+    }
+
+    /// The number of groups.
+    pub fn num_groups(&self) -> usize {
+        self.num_groups
+    }
+
+    /// The number of channels.
+    pub fn num_channels(&self) -> usize {
+        self.num_channels
+    }
+
+    /// The `eps` added to the variance.
+    pub fn eps(&self) -> f64 {
+        self.eps
     }
 
     /// The per-channel weight, when affine.

@@ -125,6 +125,16 @@ impl LayerNorm {
         })
     }
 
+    /// The trailing dims it normalises over.
+    pub fn normalized_shape(&self) -> &[usize] {
+        &self.normalized_shape
+    }
+
+    /// The `eps` added to the variance.
+    pub fn eps(&self) -> f64 {
+        self.eps
+    }
+
     /// The weight, when affine.
     pub fn weight(&self) -> Option<&Tensor> {
         self.weight.as_ref()

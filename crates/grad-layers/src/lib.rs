@@ -46,6 +46,7 @@ mod prelu;
 mod residual;
 mod reweight;
 mod rms_norm;
+mod row_norm_block;
 mod running;
 mod spectral_norm;
 mod weight_norm;
@@ -63,6 +64,10 @@ pub use prelu::{PRelu, PReluConfig, prelu};
 pub use residual::{ChannelAxis, LayerScale, LayerScaleConfig, ResidualScale, layer_scale, rezero};
 pub use reweight::Reweight;
 pub use rms_norm::{RmsNorm, RmsNormConfig, rms_norm};
+pub use row_norm_block::{
+    GroupNormBlock, GroupNormBlockConfig, LayerNormBlock, LayerNormBlockConfig, group_norm_block,
+    layer_norm_block,
+};
 pub use spectral_norm::{
     SpectralNorm, SpectralNormConfig, spectral_norm_conv2d, spectral_norm_linear,
 };

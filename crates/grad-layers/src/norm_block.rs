@@ -14,9 +14,7 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use crate::ops::{BlockDropout, batch_norm_block as batch_norm_block_fn, check_block};
-use crate::{
-    Activation, BatchNorm, BatchNormConfig, Dropout, DropoutConfig, Result, batch_norm, dropout,
-};
+use crate::{Activation, BatchNorm, BatchNormConfig, Dropout, DropoutConfig, Result, batch_norm};
 
 /// Configuration of a [`BatchNormBlock`].
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -48,11 +46,62 @@ impl BatchNormBlockConfig {
     /// [`grad_core::Error::InvalidHyperParameter`] naming the field.
     pub fn validate(&self) -> Result<()> {
         self.norm.validate()?;
-        self.activation.validate()?;
-        if let Some(d) = &self.dropout {
-            grad_core::validate::unit_interval("p", d.p)?;
-        }
-        Ok(())
+        validate_tail(self.activation, self.dropout.as_ref())
+    }
+}
+
+/// Checks a block's activation parameters and dropout `p`.
+pub(crate) fn validate_tail(activation: Activation, dropout: Option<&DropoutConfig>) -> Result<()> {
+    activation.validate()?;
+    if let Some(d) = dropout {
+        grad_core::validate::unit_interval("p", d.p)?;
+    }
+    Ok(())
+}
+
+/// The activation and dropout layer of a block, shared by the batch-, layer- and group-norm
+/// blocks.
+#[derive(Debug)]
+pub(crate) struct BlockTail {
+    pub activation: Activation,
+    pub dropout: Option<Dropout>,
+}
+
+impl BlockTail {
+    /// The tail of a block under `vb`: its dropout stream named `dropout` there.
+    pub(crate) fn new(
+        activation: Activation,
+        dropout: Option<DropoutConfig>,
+        vb: &VarBuilder,
+    ) -> Result<Self> {
+        validate_tail(activation, dropout.as_ref())?;
+        let dropout = dropout
+            .map(|d| crate::dropout(d, vb.pp("dropout")))
+            .transpose()?;
+        Ok(Self {
+            activation,
+            dropout,
+        })
+    }
+
+    /// Runs `op` with the dropout of a forward on `x`: in training, the words it draws reserved
+    /// from the layer's stream; otherwise none. Call it after the norm's arguments are checked
+    /// (a failing reservation draws no words).
+    pub(crate) fn run<R>(
+        &self,
+        x: &Tensor,
+        train: bool,
+        op: impl FnOnce(Option<BlockDropout<'_>>) -> Result<R>,
+    ) -> Result<R> {
+        let mut drawn = match (&self.dropout, train) {
+            (Some(d), true) => Some((d.config(), d.reserve(x)?)),
+            _ => None,
+        };
+        op(drawn.as_mut().map(|(c, rng)| BlockDropout {
+            p: c.p,
+            kind: c.kind,
+            rng,
+        }))
     }
 }
 
@@ -68,8 +117,7 @@ impl BatchNormBlockConfig {
 #[derive(Debug)]
 pub struct BatchNormBlock {
     norm: BatchNorm,
-    activation: Activation,
-    dropout: Option<Dropout>,
+    tail: BlockTail,
 }
 
 /// Builds a [`BatchNormBlock`] over `num_features` channels, its parameters taken from or created
@@ -105,14 +153,9 @@ pub fn batch_norm_block(
     vb: VarBuilder,
 ) -> Result<BatchNormBlock> {
     config.validate()?;
-    let dropout = config
-        .dropout
-        .map(|d| dropout(d, vb.pp("dropout")))
-        .transpose()?;
     Ok(BatchNormBlock {
+        tail: BlockTail::new(config.activation, config.dropout, &vb)?,
         norm: batch_norm(num_features, config.norm, vb)?,
-        activation: config.activation,
-        dropout,
     })
 }
 
@@ -133,25 +176,11 @@ impl BatchNormBlock {
         let (norm, stats) = (&self.norm, self.norm.stats(train));
         let eps = norm.config().eps;
         crate::check::in_param_precision(x, norm.param_dtype(), |x| {
-            check_block(x, norm.weight(), norm.bias(), stats, eps, self.activation)?;
-            let mut drawn = match (&self.dropout, train) {
-                (Some(d), true) => Some((d.config(), d.reserve(x)?)),
-                _ => None,
-            };
-            let dropout = drawn.as_mut().map(|(c, rng)| BlockDropout {
-                p: c.p,
-                kind: c.kind,
-                rng,
-            });
-            let out = batch_norm_block_fn(
-                x,
-                norm.weight(),
-                norm.bias(),
-                stats,
-                eps,
-                self.activation,
-                dropout,
-            )?;
+            let act = self.tail.activation;
+            check_block(x, norm.weight(), norm.bias(), stats, eps, act)?;
+            let out = self.tail.run(x, train, |dropout| {
+                batch_norm_block_fn(x, norm.weight(), norm.bias(), stats, eps, act, dropout)
+            })?;
             norm.after_forward(train, &out)?;
             Ok(out.y)
         })
@@ -164,12 +193,12 @@ impl BatchNormBlock {
 
     /// The activation.
     pub fn activation(&self) -> Activation {
-        self.activation
+        self.tail.activation
     }
 
     /// The dropout layer, when there is one: its stream's `state`/`set_state`.
     pub fn dropout(&self) -> Option<&Dropout> {
-        self.dropout.as_ref()
+        self.tail.dropout.as_ref()
     }
 }
 

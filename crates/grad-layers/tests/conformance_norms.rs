@@ -153,37 +153,60 @@ fn instance_norm_case(case: &Case, p: Precision) -> Result<Outputs, CaseError> {
 }
 
 fn layer_norm_case(case: &Case, p: Precision) -> Result<Outputs, CaseError> {
+    layer_norm_op_case(case, p, false)
+}
+
+/// The identity as a block's activation: leaky ReLU with slope 1.
+const IDENTITY: Activation = Activation::LeakyRelu {
+    negative_slope: 1.0,
+};
+
+/// A layer-norm case through the op, or through a layer-norm block (`block`: identity
+/// activation, no dropout).
+fn layer_norm_op_case(case: &Case, p: Precision, block: bool) -> Result<Outputs, CaseError> {
     let x = var(case, "x", p)?;
     let k = usize::try_from(case.attr_i64("normalized_ndim")?.ok_or("normalized_ndim")?)?;
     let shape = x.dims()[x.rank() - k..].to_vec();
     let (w, b) = (opt_var(case, "weight", p)?, opt_var(case, "bias", p)?);
-    let y = ops::layer_norm(
-        x.as_tensor(),
-        &shape,
+    let (w, b) = (
         w.as_ref().map(Var::as_tensor),
         b.as_ref().map(Var::as_tensor),
-        case.attr_f64("eps")?.ok_or("eps is null")?,
-    )?;
+    );
+    let eps = case.attr_f64("eps")?.ok_or("eps is null")?;
+    let y = if block {
+        ops::layer_norm_block(x.as_tensor(), &shape, w, b, eps, IDENTITY, None)?
+    } else {
+        ops::layer_norm(x.as_tensor(), &shape, w, b, eps)?
+    };
     let mut wrt = vec![("x", x.as_tensor())];
-    wrt.extend(w.as_ref().map(|w| ("weight", w.as_tensor())));
-    wrt.extend(b.as_ref().map(|b| ("bias", b.as_tensor())));
+    wrt.extend(w.map(|w| ("weight", w)));
+    wrt.extend(b.map(|b| ("bias", b)));
     with_grads(case, p, y, &wrt)
 }
 
 fn group_norm_case(case: &Case, p: Precision) -> Result<Outputs, CaseError> {
+    group_norm_op_case(case, p, false)
+}
+
+/// A group-norm case through the op, or through a group-norm block (`block`: identity
+/// activation, no dropout).
+fn group_norm_op_case(case: &Case, p: Precision, block: bool) -> Result<Outputs, CaseError> {
     let x = var(case, "x", p)?;
     let groups = usize::try_from(case.attr_i64("num_groups")?.ok_or("num_groups")?)?;
     let (w, b) = (opt_var(case, "weight", p)?, opt_var(case, "bias", p)?);
-    let y = ops::group_norm(
-        x.as_tensor(),
-        groups,
+    let (w, b) = (
         w.as_ref().map(Var::as_tensor),
         b.as_ref().map(Var::as_tensor),
-        case.attr_f64("eps")?.ok_or("eps is null")?,
-    )?;
+    );
+    let eps = case.attr_f64("eps")?.ok_or("eps is null")?;
+    let y = if block {
+        ops::group_norm_block(x.as_tensor(), groups, w, b, eps, IDENTITY, None)?
+    } else {
+        ops::group_norm(x.as_tensor(), groups, w, b, eps)?
+    };
     let mut wrt = vec![("x", x.as_tensor())];
-    wrt.extend(w.as_ref().map(|w| ("weight", w.as_tensor())));
-    wrt.extend(b.as_ref().map(|b| ("bias", b.as_tensor())));
+    wrt.extend(w.map(|w| ("weight", w)));
+    wrt.extend(b.map(|b| ("bias", b)));
     with_grads(case, p, y, &wrt)
 }
 
@@ -260,6 +283,26 @@ fn batch_norm_block_f32() -> TestResult {
     let run = |label| run_as("batch_norm", label, Precision::F32, batch_norm_block_case);
     run("batch_norm_block").assert_all_passed();
     with_path(Path::Composed, || run("batch_norm_block_composed")).assert_all_passed();
+    Ok(())
+}
+
+/// The layer-norm and group-norm vectors through their blocks (identity activation, no
+/// dropout), on the fused and the composed path, in f64 and f32.
+#[test]
+fn row_norm_blocks() -> TestResult {
+    type CaseFn = fn(&Case, Precision) -> Result<Outputs, CaseError>;
+    let cases: [(&str, CaseFn); 2] = [
+        ("layer_norm", |c, p| layer_norm_op_case(c, p, true)),
+        ("group_norm", |c, p| group_norm_op_case(c, p, true)),
+    ];
+    for (op, case) in cases {
+        for p in [Precision::F64, Precision::F32] {
+            let label = format!("{op}_block");
+            run_as(op, &label, p, case).assert_all_passed();
+            let label = format!("{op}_block_composed");
+            with_path(Path::Composed, || run_as(op, &label, p, case)).assert_all_passed();
+        }
+    }
     Ok(())
 }
 

@@ -81,6 +81,20 @@ impl<T> Slots<'_, T> {
     }
 }
 
+/// [`Slots::extend`] as the standard trait, so one routine can write a kernel's output or a
+/// scratch `Vec`.
+///
+/// ```
+/// let (v, _) = gradkit::core::cpu::fill(3, 3, |_, out| Extend::extend(out, [1u8, 2, 3]));
+/// assert_eq!(v, [1, 2, 3]);
+/// ```
+impl<T> Extend<T> for Slots<'_, T> {
+    #[inline(always)]
+    fn extend<I: IntoIterator<Item = T>>(&mut self, values: I) {
+        Slots::extend(self, values);
+    }
+}
+
 /// A vector of `len` elements written by `f`, one call per `chunk`-element piece (the last may
 /// be shorter), in parallel when `len` exceeds [`INLINE_MAX`]; also what each call returned, in
 /// chunk order. `f` gets the chunk's index and its [`Slots`].

@@ -8,3 +8,4 @@ pub(crate) mod dropout;
 pub(crate) mod elementwise;
 pub(crate) mod norm_block;
 pub(crate) mod row_norm;
+pub(crate) mod row_norm_block;

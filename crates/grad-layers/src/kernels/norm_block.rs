@@ -40,7 +40,7 @@ pub(crate) struct BatchNormBlockOp<F> {
 /// The dropout mask as kernel constants: an element is kept when its word is below
 /// `threshold`. Without dropout every word is 0 and the threshold 1.
 #[derive(Debug, Clone, Copy)]
-struct Keep<A> {
+pub(crate) struct Keep<A> {
     threshold: u64,
     scale: A,
     shift: A,
@@ -48,7 +48,7 @@ struct Keep<A> {
 }
 
 impl<A: Real> Keep<A> {
-    fn of(mask: Option<&DropoutOp>) -> Self {
+    pub(crate) fn of(mask: Option<&DropoutOp>) -> Self {
         match mask {
             Some(m) => Self {
                 threshold: m.threshold,
@@ -67,7 +67,7 @@ impl<A: Real> Keep<A> {
 
     /// The forward's `(a, b)` of `a * value + b` for an element with mask word `word`.
     #[inline(always)]
-    fn forward(self, word: u32) -> (A, A) {
+    pub(crate) fn forward(self, word: u32) -> (A, A) {
         if u64::from(word) < self.threshold {
             (self.scale, self.shift)
         } else {
@@ -77,7 +77,7 @@ impl<A: Real> Keep<A> {
 
     /// The backward's factor of the upstream gradient.
     #[inline(always)]
-    fn backward(self, word: u32) -> A {
+    pub(crate) fn backward(self, word: u32) -> A {
         if u64::from(word) < self.threshold {
             self.scale
         } else {
@@ -88,7 +88,7 @@ impl<A: Real> Keep<A> {
 
 /// Where a pass takes the mask from.
 #[derive(Debug, Clone, Copy)]
-enum Source<'a> {
+pub(crate) enum Source<'a> {
     /// The mask stream (the forward, and the backward's first pass); `None` without dropout.
     Stream(Option<&'a DropoutOp>),
     /// The keep bits the backward's first pass packed (bit `e % 32` of word `e / 32` for
@@ -98,7 +98,7 @@ enum Source<'a> {
 
 /// A thread's scratch: one mask word per element of the current span, and per plane.
 #[derive(Debug, Default)]
-struct Words {
+pub(crate) struct Words {
     elements: Vec<u32>,
     units: Vec<u32>,
 }
@@ -106,7 +106,7 @@ struct Words {
 impl Words {
     /// The words of elements `start .. start + len`: the stream's, all 0 without a mask, or from
     /// the bits 0 where kept and `u32::MAX` where dropped.
-    fn of(&mut self, source: Source<'_>, start: usize, len: usize) -> &[u32] {
+    pub(crate) fn of(&mut self, source: Source<'_>, start: usize, len: usize) -> &[u32] {
         self.elements.clear();
         match source {
             Source::Stream(Some(m)) => {

@@ -19,7 +19,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use grad_core::cpu::{CHUNK, Float, Grad, Kernel, Real, Slots, fill, with_avx2};
+use grad_core::cpu::{CHUNK, Float, Grad, Kernel, Real, Slots, fill_with, with_avx2};
 use grad_core::cpu::{Moments, sum_by, sum_by2, sum_by3};
 
 /// How a row position maps to an affine parameter.
@@ -38,7 +38,7 @@ pub(crate) enum AffineIndex {
 
 /// A row's statistics, kept from the forward for the backward.
 #[derive(Debug, Clone, Copy, Default)]
-struct RowStat {
+pub(crate) struct RowStat {
     mean: f64,
     /// The biased variance (the mean square for RMS norm).
     var: f64,
@@ -108,15 +108,9 @@ impl RowNorm {
         self.spec.statistic == Statistic::Variance
     }
 
+    /// A row's statistics.
     #[inline(always)]
-    fn row_forward<T: Float>(
-        &self,
-        r: usize,
-        x: &[T],
-        y: &mut Slots<'_, T>,
-        w: &[T],
-        b: &[T],
-    ) -> RowStat {
+    fn row_stat<T: Float>(&self, x: &[T]) -> RowStat {
         let n = x.len() as f64;
         let (mean, var) = if self.center() {
             let first = sum_by(x, |v| v) / n;
@@ -128,7 +122,20 @@ impl RowNorm {
             (0.0, sum_by(x, |v| v * v) / n)
         };
         let invstd = 1.0 / (var + self.spec.eps).sqrt();
-        let (m, s) = (T::Acc::of(mean), T::Acc::of(invstd));
+        RowStat { mean, var, invstd }
+    }
+
+    /// Row `r`'s normalised, scaled and shifted values (the norm's output) into `y`.
+    #[inline(always)]
+    pub(crate) fn normalize<T: Float>(
+        &self,
+        r: usize,
+        x: &[T],
+        st: RowStat,
+        (w, b): (&[T], &[T]),
+        y: &mut impl Extend<T>,
+    ) {
+        let (m, s) = (T::Acc::of(st.mean), T::Acc::of(st.invstd));
         match self.spec.index {
             AffineIndex::Element => {
                 y.extend(x.iter().zip(w).zip(b).map(|((xj, wj), bj)| {
@@ -152,7 +159,6 @@ impl RowNorm {
                 }
             }
         }
-        RowStat { mean, var, invstd }
     }
 
     /// Writes the row's input gradient and adds its weight/bias gradients into `gw`/`gb`.
@@ -227,56 +233,122 @@ impl RowNorm {
         }
     }
 
-    fn forward_rows<T: Float>(&self, x: &[T], w: &[T], b: &[T]) -> (Vec<T>, Vec<RowStat>) {
+    /// The output and each row's statistics; `post(scratch, r, y)` runs on each row's output
+    /// once written, while it is in cache (a fused block's activation and dropout).
+    pub(crate) fn forward_rows<T: Float, S: Send>(
+        &self,
+        [x, w, b]: [&[T]; 3],
+        init: impl Fn() -> S + Sync + Send,
+        post: impl Fn(&mut S, usize, &mut [T]) + Sync + Send,
+    ) -> (Vec<T>, Vec<RowStat>) {
         let d = self.spec.row_len;
-        fill(x.len(), d, |r, yr| {
+        fill_with(x.len(), d, init, |scratch, r, yr| {
             let xr = &x[r * d..r * d + yr.len()];
             with_avx2(
                 #[inline(always)]
-                || self.row_forward(r, xr, yr, w, b),
+                || {
+                    let st = self.row_stat(xr);
+                    self.normalize(r, xr, st, (w, b), yr);
+                    post(scratch, r, yr.filled_mut());
+                    st
+                },
             )
         })
     }
 
-    fn backward_rows<T: Float>(
+    /// The input gradient and the f64 weight and bias gradients, row `r`'s gradient at the norm's
+    /// output given by `upstream` from that row of `g`.
+    pub(crate) fn backward_rows<T: Float, U: Upstream<T>>(
         &self,
-        x: &[T],
-        g: &[T],
-        w: &[T],
+        [x, g, w]: [&[T]; 3],
         stats: &[RowStat],
+        upstream: &U,
     ) -> (Vec<T>, Vec<f64>, Vec<f64>) {
         let d = self.spec.row_len;
         let wlen = w.len();
         let rows_per_block = (CHUNK / d).max(1);
-        let (dx, partials) = fill(x.len(), rows_per_block * d, |blk, dxb| {
-            let (mut gw, mut gb) = (vec![0.0; wlen], vec![0.0; wlen]);
-            for i in 0..dxb.len() / d {
-                let r = blk * rows_per_block + i;
-                let span = r * d..(r + 1) * d;
-                with_avx2(
-                    #[inline(always)]
-                    || {
-                        self.row_backward(
-                            r,
-                            &x[span.clone()],
-                            &g[span.clone()],
-                            w,
-                            stats[r],
-                            dxb,
-                            &mut gw,
-                            &mut gb,
-                        );
-                    },
-                );
-            }
-            (gw, gb)
-        });
+        let (dx, partials) = fill_with(
+            x.len(),
+            rows_per_block * d,
+            U::Scratch::default,
+            |scratch, blk, dxb| {
+                let (mut gw, mut gb) = (vec![0.0; wlen], vec![0.0; wlen]);
+                for i in 0..dxb.len() / d {
+                    let r = blk * rows_per_block + i;
+                    let span = r * d..(r + 1) * d;
+                    let xr = &x[span.clone()];
+                    with_avx2(
+                        #[inline(always)]
+                        || {
+                            let gr = upstream.row(scratch, r, xr, &g[span.clone()], stats[r]);
+                            self.row_backward(r, xr, gr, w, stats[r], dxb, &mut gw, &mut gb);
+                        },
+                    );
+                }
+                (gw, gb)
+            },
+        );
         let (mut gw, mut gb) = (vec![0.0; wlen], vec![0.0; wlen]);
         for (pw, pb) in partials {
             gw.iter_mut().zip(pw).for_each(|(a, b)| *a += b);
             gb.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
         }
         (dx, gw, gb)
+    }
+
+    /// Keeps the rows' statistics for the backward and the moments' readers.
+    pub(crate) fn keep(&self, stats: Vec<RowStat>) {
+        // A second forward through the same op cannot happen (candle runs each op once).
+        let _ = self.stats.set(stats);
+    }
+
+    /// The statistics the forward kept.
+    pub(crate) fn kept(&self) -> candle_core::Result<&[RowStat]> {
+        self.stats.get().map(Vec::as_slice).ok_or_else(|| {
+            candle_core::Error::Msg(format!("{}: backward before forward", self.spec.name))
+        })
+    }
+
+    /// The gradients of the weight and bias inputs that are parameters.
+    pub(crate) fn parameter_grads<T>(&self, gw: Vec<f64>, gb: Vec<f64>) -> [Option<Grad<T>>; 2] {
+        [
+            self.spec.weight_is_param.then_some(Grad::F64(gw)),
+            self.spec.bias_is_param.then_some(Grad::F64(gb)),
+        ]
+    }
+
+    /// Elements per row.
+    pub(crate) fn row_len(&self) -> usize {
+        self.spec.row_len
+    }
+}
+
+/// Where a row's gradient at the norm's output comes from, in the backward.
+pub(crate) trait Upstream<T>: Sync {
+    /// A thread's scratch space.
+    type Scratch: Default + Send;
+    /// Row `r`'s gradient at the norm's output, from its input `x`, its upstream gradient `g`
+    /// and its statistics.
+    fn row<'a>(
+        &self,
+        scratch: &'a mut Self::Scratch,
+        r: usize,
+        x: &[T],
+        g: &'a [T],
+        st: RowStat,
+    ) -> &'a [T];
+}
+
+/// The norm on its own: the upstream gradient is the gradient at its output.
+#[derive(Debug)]
+struct Given;
+
+impl<T: Sync> Upstream<T> for Given {
+    type Scratch = ();
+
+    #[inline(always)]
+    fn row<'a>(&self, (): &'a mut (), _: usize, _: &[T], g: &'a [T], _: RowStat) -> &'a [T] {
+        g
     }
 }
 
@@ -285,10 +357,9 @@ impl Kernel<3> for RowNorm {
         self.spec.name
     }
 
-    fn forward<T: Float>(&self, [x, w, b]: [&[T]; 3]) -> grad_core::Result<Vec<T>> {
-        let (y, stats) = self.forward_rows(x, w, b);
-        // A second forward through the same op cannot happen (candle runs each op once).
-        let _ = self.stats.set(stats);
+    fn forward<T: Float>(&self, xwb: [&[T]; 3]) -> grad_core::Result<Vec<T>> {
+        let (y, stats) = self.forward_rows(xwb, || (), |(), _, _| {});
+        self.keep(stats);
         Ok(y)
     }
 
@@ -297,12 +368,8 @@ impl Kernel<3> for RowNorm {
         [x, w, _]: [&[T]; 3],
         g: &[T],
     ) -> grad_core::Result<[Option<Grad<T>>; 3]> {
-        let stats = self.stats.get().ok_or_else(|| {
-            candle_core::Error::Msg(format!("{}: backward before forward", self.spec.name))
-        })?;
-        let (dx, gw, gb) = self.backward_rows(x, g, w, stats);
-        let gw = self.spec.weight_is_param.then_some(Grad::F64(gw));
-        let gb = self.spec.bias_is_param.then_some(Grad::F64(gb));
+        let (dx, gw, gb) = self.backward_rows([x, g, w], self.kept()?, &Given);
+        let [gw, gb] = self.parameter_grads(gw, gb);
         Ok([Some(Grad::Elem(dx)), gw, gb])
     }
 }

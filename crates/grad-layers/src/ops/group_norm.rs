@@ -63,6 +63,22 @@ pub(crate) fn group_norm_with_moments(
         let y = composed(x, num_groups, (per_group, spatial), weight, bias, eps)?;
         return Ok((y, None));
     }
+    let (x, w, b, op) = fused_inputs(x, num_groups, (per_group, spatial), weight, bias, eps)?;
+    let moments = op.moments();
+    let y = x.apply_op3(&w, &b, Fused(op))?;
+    Ok((y, moments.get().map(Iterator::collect)))
+}
+
+/// The fused kernel's inputs for a checked call (`(per_group, spatial)` from [`validate`]): `x`
+/// contiguous, the weight and bias (ones and zeros where absent) and the row norm.
+pub(super) fn fused_inputs(
+    x: &Tensor,
+    num_groups: usize,
+    (per_group, spatial): (usize, usize),
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f64,
+) -> Result<(Tensor, Tensor, Tensor, RowNorm)> {
     let x = x.contiguous()?;
     let c = x.dim(1)?;
     let op = RowNorm::new(RowNormSpec {
@@ -78,11 +94,9 @@ pub(crate) fn group_norm_with_moments(
         weight_is_param: weight.is_some(),
         bias_is_param: bias.is_some(),
     });
-    let moments = op.moments();
     let w = check::or_const(weight, 1.0, &[c], &x)?;
     let b = check::or_const(bias, 0.0, &[c], &x)?;
-    let y = x.apply_op3(&w, &b, Fused(op))?;
-    Ok((y, moments.get().map(Iterator::collect)))
+    Ok((x, w, b, op))
 }
 
 /// [`group_norm`] written with candle ops: the test oracle and the path for other devices.
@@ -125,7 +139,7 @@ fn composed(
 }
 
 /// Checks everything and returns `(channels per group, spatial size)`.
-fn validate(
+pub(super) fn validate(
     x: &Tensor,
     num_groups: usize,
     weight: Option<&Tensor>,

@@ -46,10 +46,23 @@ pub fn layer_norm(
     if Path::of(x.device()) == Path::Composed {
         return composed(x, row_len, weight, bias, eps);
     }
+    let (x, w, b, op) = fused_inputs(x, normalized_shape, weight, bias, eps)?;
+    Ok(x.apply_op3(&w, &b, Fused(op))?)
+}
+
+/// The fused kernel's inputs for a checked call: `x` contiguous, the weight and bias (ones and
+/// zeros where absent) and the row norm.
+pub(super) fn fused_inputs(
+    x: &Tensor,
+    normalized_shape: &[usize],
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f64,
+) -> Result<(Tensor, Tensor, Tensor, RowNorm)> {
     let x = x.contiguous()?;
     let op = RowNorm::new(RowNormSpec {
         name: "gradkit-layer-norm",
-        row_len,
+        row_len: normalized_shape.iter().product(),
         statistic: Statistic::Variance,
         eps,
         index: AffineIndex::Element,
@@ -58,7 +71,7 @@ pub fn layer_norm(
     });
     let w = check::or_const(weight, 1.0, normalized_shape, &x)?;
     let b = check::or_const(bias, 0.0, normalized_shape, &x)?;
-    Ok(x.apply_op3(&w, &b, Fused(op))?)
+    Ok((x, w, b, op))
 }
 
 /// [`layer_norm`] written with candle ops: the test oracle and the path for other devices.

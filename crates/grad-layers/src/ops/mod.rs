@@ -11,6 +11,7 @@ mod norm_block;
 mod prelu;
 mod reparam;
 mod rms_norm;
+mod row_norm_block;
 mod rows;
 mod scale;
 
@@ -30,4 +31,8 @@ pub use reparam::{
     standardize_weight, weight_norm,
 };
 pub use rms_norm::{default_rms_eps, rms_norm, rms_norm_composed};
+pub(crate) use row_norm_block::{check_group_block, check_layer_block};
+pub use row_norm_block::{
+    group_norm_block, group_norm_block_composed, layer_norm_block, layer_norm_block_composed,
+};
 pub use scale::{channel_scale, channel_scale_composed};

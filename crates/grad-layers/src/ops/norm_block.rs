@@ -15,6 +15,7 @@ use super::activation::with_elementwise;
 use super::batch_norm::{BatchNormOutput, BatchNormStats, fused_op, fused_params, validate};
 use super::dropout::{DropoutKind, plan};
 use super::{activation_composed, batch_norm_composed, dropout_composed};
+use crate::kernels::dropout::DropoutOp;
 use crate::kernels::norm_block::BatchNormBlockOp;
 use crate::{Activation, Result};
 
@@ -75,10 +76,7 @@ pub fn batch_norm_block(
     if Path::of(x.device()) == Path::Composed {
         return composed(x, weight, bias, stats, eps, act, dropout);
     }
-    let mask = match dropout {
-        Some(d) => plan(x, d.p, d.kind)?.map(|plan| plan.op(d.rng.reserve(plan.units as u64))),
-        None => None,
-    };
+    let mask = mask_op(x, dropout)?;
     let (norm, x, batch_stats) = fused_op(x, weight, bias, stats, eps, dims)?;
     let (w, b) = fused_params(weight, bias, &x)?;
     let y = with_elementwise!(act, |f| x.apply_op3(
@@ -133,18 +131,41 @@ fn composed(
     act: Activation,
     dropout: Option<BlockDropout<'_>>,
 ) -> Result<BatchNormOutput> {
-    // Dropout's arguments are checked before the norm runs, as on the fused path.
-    if let Some(d) = &dropout {
+    check_dropout(x, dropout.as_ref())?;
+    let out = batch_norm_composed(x, weight, bias, stats, eps)?;
+    Ok(BatchNormOutput {
+        y: activate_and_drop(&out.y, act, dropout)?,
+        batch_stats: out.batch_stats,
+    })
+}
+
+/// Checks a block's dropout arguments for `x` without drawing: the composed paths call it
+/// before the norm runs, as the fused ones check them before their kernel.
+pub(super) fn check_dropout(x: &Tensor, dropout: Option<&BlockDropout<'_>>) -> Result<()> {
+    if let Some(d) = dropout {
         plan(x, d.p, d.kind)?;
     }
-    let out = batch_norm_composed(x, weight, bias, stats, eps)?;
-    let y = activation_composed(&out.y, act)?;
-    let y = match dropout {
+    Ok(())
+}
+
+/// A fused block's dropout mask over `x`, its words reserved from the stream; `None` without
+/// dropout or with nothing to drop.
+pub(super) fn mask_op(x: &Tensor, dropout: Option<BlockDropout<'_>>) -> Result<Option<DropoutOp>> {
+    Ok(match dropout {
+        Some(d) => plan(x, d.p, d.kind)?.map(|plan| plan.op(d.rng.reserve(plan.units as u64))),
+        None => None,
+    })
+}
+
+/// The composed tail of a block: `act`, then the dropout when there is one.
+pub(super) fn activate_and_drop(
+    y: &Tensor,
+    act: Activation,
+    dropout: Option<BlockDropout<'_>>,
+) -> Result<Tensor> {
+    let y = activation_composed(y, act)?;
+    Ok(match dropout {
         Some(d) => dropout_composed(&y, d.p, d.kind, d.rng)?,
         None => y,
-    };
-    Ok(BatchNormOutput {
-        y,
-        batch_stats: out.batch_stats,
     })
 }
