@@ -13,9 +13,9 @@
 //! gradient accumulators, a broadcast add, two products), which every function pays. The norm's
 //! own share of a step is its time minus `floor`.
 //!
-//! `fused_block/bn2d_leaky_dropout` is batch norm, leaky ReLU and dropout: gradkit's fused
-//! block (`gradkit`), gradkit's three layers in sequence (`separate`) and candle-nn's three
-//! (`candle`).
+//! `fused_block/*` are a norm, an activation and dropout (batch norm and leaky ReLU, group norm
+//! and SiLU, layer norm and GELU): gradkit's fused block (`gradkit`), gradkit's three layers in
+//! sequence (`separate`) and candle-nn's three (`candle`).
 //!
 //! `composed` (where present) is gradkit's composed path, what CUDA and Metal tensors run, timed
 //! here on the CPU (`grad_core::device::with_path(Path::Composed, ..)`): what a GPU user's path
@@ -30,7 +30,10 @@ use candle_nn::{VarBuilder, VarMap};
 use common::step::{floor, step};
 use criterion::{Criterion, criterion_group};
 use grad_core::device::{Path, with_path};
-use grad_layers::{Activation, BatchNormBlockConfig, BatchNormConfig, DropoutConfig, ops};
+use grad_layers::{
+    Activation, BatchNormBlockConfig, BatchNormConfig, DropoutConfig, GroupNormBlockConfig,
+    LayerNormBlockConfig, ops,
+};
 use rayon::prelude::*;
 
 fn randn(shape: &[usize], seed: u64) -> Tensor {
@@ -126,67 +129,31 @@ fn batch_norm_benches(c: &mut Criterion) {
     }
 }
 
-/// `BatchNorm2d -> LeakyReLU(0.01) -> Dropout(0.2)` training steps: gradkit's fused block, the
-/// same three gradkit layers in sequence (`separate`), and candle-nn's batch norm, leaky ReLU and
-/// dropout (`candle`). `bandwidth` is the block's unavoidable traffic, as for batch norm.
-fn fused_block_benches(c: &mut Criterion) {
-    let dev = Device::Cpu;
-    let dims = [32, 64, 56, 56];
-    let channels = dims[1];
-    let (slope, p) = (0.01, 0.2);
-    let x = Var::from_tensor(&randn(&dims, 1)).expect("x");
-    let upstream = randn(&dims, 2);
-    let vb = |map: &VarMap| VarBuilder::from_varmap(map, DType::F32, &dev);
-    let act = Activation::LeakyRelu {
-        negative_slope: slope,
-    };
-    let drop = DropoutConfig {
-        p,
-        seed: Some(5),
-        ..Default::default()
-    };
-    let block_map = VarMap::new();
-    let config = BatchNormBlockConfig {
-        norm: BatchNormConfig::default(),
-        activation: act,
-        dropout: Some(drop),
-    };
-    let block = grad_layers::batch_norm_block(channels, config, vb(&block_map)).expect("block");
-    let layers_map = VarMap::new();
-    let norm = grad_layers::batch_norm(channels, BatchNormConfig::default(), vb(&layers_map))
-        .expect("gradkit batch norm");
-    let dropout = grad_layers::dropout(drop, vb(&layers_map).pp("dropout")).expect("dropout");
-    let candle_map = VarMap::new();
-    let theirs = candle_nn::batch_norm(
-        channels,
-        candle_nn::BatchNormConfig::default(),
-        vb(&candle_map),
-    )
-    .expect("candle-nn batch norm");
+/// The three ways to run a block's training step, on an input.
+type Forward<'a> = &'a dyn Fn(&Tensor) -> candle_core::Result<Tensor>;
 
-    let mut group = c.benchmark_group("fused_block/bn2d_leaky_dropout/32x64x56x56");
+/// One `fused_block` group: the fused block (`gradkit`), gradkit's three layers in sequence
+/// (`separate`), candle-nn's three (`candle`), the `floor` and the `bandwidth` (the block's
+/// unavoidable traffic, as for batch norm).
+fn block_group(
+    c: &mut Criterion,
+    name: &str,
+    dims: &[usize],
+    [ours, separate, theirs]: [Forward<'_>; 3],
+) {
+    let x = Var::from_tensor(&randn(dims, 1)).expect("x");
+    let upstream = randn(dims, 2);
+    let mut group = c.benchmark_group(name);
     group.sample_size(10);
-    group.bench_function("gradkit", |b| {
-        b.iter(|| step(block.forward_t(x.as_tensor(), true), &upstream))
-    });
-    group.bench_function("separate", |b| {
-        b.iter(|| {
-            let y = norm
-                .forward_t(x.as_tensor(), true)
-                .and_then(|y| act.forward(&y))
-                .and_then(|y| dropout.forward_t(&y, true));
-            step(y, &upstream)
-        })
-    });
-    group.bench_function("candle", |b| {
-        b.iter(|| {
-            let y = theirs
-                .forward_t(x.as_tensor(), true)
-                .and_then(|y| candle_nn::ops::leaky_relu(&y, slope))
-                .and_then(|y| candle_nn::ops::dropout(&y, p as f32));
-            step(y, &upstream)
-        })
-    });
+    for (function, forward) in [
+        ("gradkit", ours),
+        ("separate", separate),
+        ("candle", theirs),
+    ] {
+        group.bench_function(function, |b| {
+            b.iter(|| step(forward(x.as_tensor()), &upstream))
+        });
+    }
     group.bench_function("floor", |b| b.iter(|| floor(&x, &upstream)));
     let xs = grad_testkit::values(x.as_tensor()).expect("host x");
     let xs: Vec<f32> = xs.into_iter().map(|v| v as f32).collect();
@@ -198,6 +165,128 @@ fn fused_block_benches(c: &mut Criterion) {
         })
     });
     group.finish();
+}
+
+/// Norm, activation and dropout training steps (`block_group`):
+/// - `bn2d_leaky_dropout`: `BatchNorm2d -> LeakyReLU(0.01) -> Dropout(0.2)`;
+/// - `gn_silu_dropout`: `GroupNorm(32, 256) -> SiLU -> Dropout(0.1)`;
+/// - `ln_gelu_dropout`: `LayerNorm(1024) -> GELU -> Dropout(0.1)`, candle's norm its composed
+///   `layer_norm_slow` (its fused one has no backward).
+fn fused_block_benches(c: &mut Criterion) {
+    let dev = Device::Cpu;
+    let vb = |map: &VarMap| VarBuilder::from_varmap(map, DType::F32, &dev);
+    let drop = |p| DropoutConfig {
+        p,
+        seed: Some(5),
+        ..Default::default()
+    };
+    let maps: [VarMap; 3] = std::array::from_fn(|_| VarMap::new());
+    {
+        let (channels, slope, p) = (64, 0.01, 0.2);
+        let act = Activation::LeakyRelu {
+            negative_slope: slope,
+        };
+        let config = BatchNormBlockConfig {
+            norm: BatchNormConfig::default(),
+            activation: act,
+            dropout: Some(drop(p)),
+        };
+        let block = grad_layers::batch_norm_block(channels, config, vb(&maps[0])).expect("block");
+        let norm = grad_layers::batch_norm(channels, BatchNormConfig::default(), vb(&maps[1]))
+            .expect("gradkit batch norm");
+        let dropout = grad_layers::dropout(drop(p), vb(&maps[1]).pp("dropout")).expect("dropout");
+        let theirs = candle_nn::batch_norm(
+            channels,
+            candle_nn::BatchNormConfig::default(),
+            vb(&maps[2]),
+        )
+        .expect("candle-nn batch norm");
+        block_group(
+            c,
+            "fused_block/bn2d_leaky_dropout/32x64x56x56",
+            &[32, channels, 56, 56],
+            [
+                &|x| block.forward_t(x, true),
+                &|x| {
+                    norm.forward_t(x, true)
+                        .and_then(|y| act.forward(&y))
+                        .and_then(|y| dropout.forward_t(&y, true))
+                },
+                &|x| {
+                    theirs
+                        .forward_t(x, true)
+                        .and_then(|y| candle_nn::ops::leaky_relu(&y, slope))
+                        .and_then(|y| candle_nn::ops::dropout(&y, p as f32))
+                },
+            ],
+        );
+    }
+    let maps: [VarMap; 3] = std::array::from_fn(|_| VarMap::new());
+    {
+        let (groups, channels, p) = (32, 256, 0.1);
+        let config = GroupNormBlockConfig {
+            activation: Activation::Silu,
+            dropout: Some(drop(p)),
+            ..Default::default()
+        };
+        let block =
+            grad_layers::group_norm_block(groups, channels, config, vb(&maps[0])).expect("block");
+        let norm = grad_layers::group_norm(groups, channels, config.norm, vb(&maps[1]))
+            .expect("gradkit group norm");
+        let dropout = grad_layers::dropout(drop(p), vb(&maps[1]).pp("dropout")).expect("dropout");
+        let theirs = candle_nn::group_norm(groups, channels, 1e-5, vb(&maps[2]))
+            .expect("candle-nn group norm");
+        block_group(
+            c,
+            "fused_block/gn_silu_dropout/32x256x28x28",
+            &[32, channels, 28, 28],
+            [
+                &|x| block.forward_t(x, true),
+                &|x| {
+                    Module::forward(&norm, x)
+                        .and_then(|y| Activation::Silu.forward(&y))
+                        .and_then(|y| dropout.forward_t(&y, true))
+                },
+                &|x| {
+                    Module::forward(&theirs, x)
+                        .and_then(|y| candle_nn::ops::silu(&y))
+                        .and_then(|y| candle_nn::ops::dropout(&y, p as f32))
+                },
+            ],
+        );
+    }
+    let maps: [VarMap; 3] = std::array::from_fn(|_| VarMap::new());
+    {
+        let (d, p) = (1024, 0.1);
+        let config = LayerNormBlockConfig {
+            dropout: Some(drop(p)),
+            ..Default::default()
+        };
+        let gelu = config.activation;
+        let block = grad_layers::layer_norm_block(d, config, vb(&maps[0])).expect("block");
+        let norm = grad_layers::layer_norm(d, config.norm, vb(&maps[1])).expect("layer norm");
+        let dropout = grad_layers::dropout(drop(p), vb(&maps[1]).pp("dropout")).expect("dropout");
+        let w = Var::ones(d, DType::F32, &dev).expect("w");
+        let b = Var::zeros(d, DType::F32, &dev).expect("b");
+        block_group(
+            c,
+            "fused_block/ln_gelu_dropout/4096x1024",
+            &[4096, d],
+            [
+                &|x| block.forward_t(x, true),
+                &|x| {
+                    Module::forward(&norm, x)
+                        .and_then(|y| gelu.forward(&y))
+                        .and_then(|y| dropout.forward_t(&y, true))
+                },
+                &|x| {
+                    candle_nn::ops::layer_norm_slow(x, w.as_tensor(), b.as_tensor(), 1e-5)
+                        .and_then(|y| y.gelu_erf())
+                        .and_then(|y| candle_nn::ops::dropout(&y, p as f32))
+                },
+            ],
+        );
+    }
 }
 
 fn row_norm_benches(c: &mut Criterion) {

@@ -284,6 +284,20 @@ def check_block(failures):
     check_dropout(failures)
 
 
+def check_group_block(failures):
+    # The group-norm block's parts: group norm, SiLU and dropout.
+    check_group_norm(failures)
+    check_activation("silu")(failures)
+    check_dropout(failures)
+
+
+def check_layer_block(failures):
+    # The layer-norm block's parts: layer norm, GELU and dropout.
+    check_layer_norm(failures)
+    check_activation("gelu")(failures)
+    check_dropout(failures)
+
+
 # ---------------------------------------------------------------------- the timed workloads
 
 
@@ -396,6 +410,12 @@ def workloads():
         ("fused_block/bn2d_leaky_dropout/32x64x56x56", "norms", check_block,
          lambda: norm_step((32, 64, 56, 56), torch.nn.Sequential(
              torch.nn.BatchNorm2d(64), torch.nn.LeakyReLU(0.01), torch.nn.Dropout(0.2)))),
+        ("fused_block/gn_silu_dropout/32x256x28x28", "norms", check_group_block,
+         lambda: norm_step((32, 256, 28, 28), torch.nn.Sequential(
+             torch.nn.GroupNorm(32, 256), torch.nn.SiLU(), torch.nn.Dropout(0.1)))),
+        ("fused_block/ln_gelu_dropout/4096x1024", "norms", check_layer_block,
+         lambda: norm_step((4096, 1024), torch.nn.Sequential(
+             torch.nn.LayerNorm(1024), torch.nn.GELU(), torch.nn.Dropout(0.1)))),
         ("batch_norm2d_eval/32x64x56x56", "norms", check_batch_norm,
          lambda: eval_step((32, 64, 56, 56), torch.nn.BatchNorm2d(64))),
         ("instance_norm_train/32x64x56x56", "norms", check_instance_norm,
