@@ -518,15 +518,18 @@ proptest! {
     ) {
         let x = build_tensor(&dims, data, dtype, layout)?;
         let last = dims[dims.len() - 1];
+        // Rows can be two near-equal values: an eps this size keeps f32's variance well
+        // conditioned on both paths (as in norm_properties.rs).
+        const EPS: f64 = 1e-3;
         let run = |composed: bool| -> Vec<Vec<f64>> {
             let xv = candle_core::Var::from_tensor(&x).unwrap();
             let mut rng = Philox::new(21);
             let dropout = train.then_some(BlockDropout { p, kind, rng: &mut rng });
             let y = match (group, composed) {
-                (true, false) => ops::group_norm_block(xv.as_tensor(), 2, None, None, 1e-5, act, dropout),
-                (true, true) => ops::group_norm_block_composed(xv.as_tensor(), 2, None, None, 1e-5, act, dropout),
-                (false, false) => ops::layer_norm_block(xv.as_tensor(), &[last], None, None, 1e-5, act, dropout),
-                (false, true) => ops::layer_norm_block_composed(xv.as_tensor(), &[last], None, None, 1e-5, act, dropout),
+                (true, false) => ops::group_norm_block(xv.as_tensor(), 2, None, None, EPS, act, dropout),
+                (true, true) => ops::group_norm_block_composed(xv.as_tensor(), 2, None, None, EPS, act, dropout),
+                (false, false) => ops::layer_norm_block(xv.as_tensor(), &[last], None, None, EPS, act, dropout),
+                (false, true) => ops::layer_norm_block_composed(xv.as_tensor(), &[last], None, None, EPS, act, dropout),
             }.unwrap();
             let g = y.ones_like().unwrap();
             let gx = grads_of(&y, &g, &[xv.as_tensor()]).unwrap().remove(0).unwrap();
