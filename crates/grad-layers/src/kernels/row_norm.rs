@@ -16,6 +16,10 @@
 //! are summed per block of rows in f64 and the blocks combined in order, so results do not
 //! depend on the thread count. The rows' means and biased variances stay readable through
 //! [`RowNorm::moments`] (instance norm's running statistics, without a second pass).
+//!
+//! The fused blocks (`row_norm_block.rs`) reuse both row loops: the forward takes a hook run on
+//! each row's output while it is in cache, and the backward takes the row's gradient at the
+//! norm's output from an [`Upstream`] (the upstream gradient itself for the plain norm).
 
 use std::sync::{Arc, OnceLock};
 
