@@ -77,6 +77,24 @@ pub fn layer_norm_block(
 ///
 /// # Errors
 /// As [`layer_norm_block`].
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use gradkit::core::Philox;
+/// use gradkit::layers::Activation;
+/// use gradkit::layers::ops::{BlockDropout, DropoutKind};
+/// use gradkit::layers::ops::{layer_norm_block, layer_norm_block_composed};
+/// let x = Tensor::randn(0f64, 1.0, (4, 16), &Device::Cpu)?;
+/// // Two streams at the same position: the same mask on both paths.
+/// let (mut a, mut b) = (Philox::new(5), Philox::new(5));
+/// let drop = |rng| Some(BlockDropout { p: 0.5, kind: DropoutKind::Element, rng });
+/// let act = Activation::Tanh;
+/// let fused = layer_norm_block(&x, &[16], None, None, 1e-5, act, drop(&mut a))?;
+/// let composed = layer_norm_block_composed(&x, &[16], None, None, 1e-5, act, drop(&mut b))?;
+/// let diff = (fused - composed)?.abs()?.max_all()?.to_scalar::<f64>()?;
+/// assert!(diff < 1e-12);
+/// # Ok::<(), gradkit::layers::Error>(())
+/// ```
 pub fn layer_norm_block_composed(
     x: &Tensor,
     normalized_shape: &[usize],
@@ -148,6 +166,18 @@ pub fn group_norm_block(
 ///
 /// # Errors
 /// As [`group_norm_block`].
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use gradkit::layers::Activation;
+/// use gradkit::layers::ops::{group_norm_block, group_norm_block_composed};
+/// let x = Tensor::randn(0f64, 1.0, (2, 6, 5), &Device::Cpu)?;
+/// let fused = group_norm_block(&x, 3, None, None, 1e-5, Activation::Silu, None)?;
+/// let composed = group_norm_block_composed(&x, 3, None, None, 1e-5, Activation::Silu, None)?;
+/// let diff = (fused - composed)?.abs()?.max_all()?.to_scalar::<f64>()?;
+/// assert!(diff < 1e-12);
+/// # Ok::<(), gradkit::layers::Error>(())
+/// ```
 pub fn group_norm_block_composed(
     x: &Tensor,
     num_groups: usize,
